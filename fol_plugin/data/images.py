@@ -1,0 +1,75 @@
+"""Images in: decoding (kornia-rs), ImageNet normalisation and resizing, as FoL's evaluation does."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import kornia
+import torch
+from kornia.io import ImageLoadType
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("original", "antialias")
+# File signatures and the extension kornia.io decodes each with.
+_SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
+_KORNIA_SUFFIXES = {".jpg": (".jpg", ".jpeg"), ".png": (".png",)}
+
+
+def _content_suffix(path: Path) -> str | None:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    return next((suffix for magic, suffix in _SIGNATURES.items() if head.startswith(magic)), None)
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to RGB.
+
+    The format is read from the file's content, so a PNG named ``.jpg`` still loads.
+
+    Returns:
+        [3, H, W] float32 in [0, 1].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    suffix = _content_suffix(path)
+    try:
+        if suffix is None or path.suffix.lower() in _KORNIA_SUFFIXES[suffix]:
+            return kornia.io.load_image(path, ImageLoadType.RGB32)
+        with tempfile.TemporaryDirectory() as folder:
+            alias = Path(folder) / f"image{suffix}"
+            alias.symlink_to(path.resolve())
+            return kornia.io.load_image(alias, ImageLoadType.RGB32)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}; re-save it as JPEG or PNG or remove it") from error
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of [B, 3, H, W] images in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype)
+    return kornia.enhance.normalize(images, mean, std)
+
+
+def preprocess(images: torch.Tensor, size: tuple[int, int] | None, resize_mode: str = "original") -> torch.Tensor:
+    """Network input from RGB images in [0, 1].
+
+    Args:
+        images: [3, H, W] or [B, 3, H, W] in [0, 1].
+        size: target (H, W), or None to keep the size.
+        resize_mode: "original" reproduces FoL's evaluation (normalise, then bilinear resize without
+            antialiasing, align_corners=False); "antialias" resizes with antialiasing.
+
+    Returns:
+        [B, 3, H', W'] ImageNet-normalised.
+    """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode={resize_mode!r}; choose one of {RESIZE_MODES}")
+    batch = normalize(images if images.ndim == 4 else images.unsqueeze(0))
+    if size is None or tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return kornia.geometry.transform.resize(
+        batch, tuple(size), interpolation="bilinear", align_corners=False, antialias=resize_mode == "antialias"
+    )

@@ -1,0 +1,110 @@
+"""The FoL model: DINOv2 backbone -> FoL aggregator -> global descriptor + selected local features."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aggregator import GLOBAL_DIM, MIN_PATCHES, AggregatorOutput, FoLAggregator
+from .backbone import PATCH_SIZE, VIT_CONFIGS, BackboneOutput, DINOv2Backbone, ViTConfig
+from .local_features import LOCAL_DIM, UPCONV_DIM, gather_selected, make_upconv, select_patches
+
+
+@dataclass
+class FoLFeatures:
+    """Everything FoL computes for a batch of B images (h x w patches each)."""
+
+    global_descriptors: torch.Tensor  # [B, 8448], L2-normalised
+    local_descriptors: list[torch.Tensor]  # B x [N_i, 128], L2-normalised, raster order of the local grid
+    keypoints: list[torch.Tensor]  # B x [N_i, 2], (x, y) in network-input pixels
+    region_scores: torch.Tensor  # [B, h, w], the test-time selection score
+
+
+def nearest_valid_sizes(size: int) -> tuple[int, int]:
+    """The multiples of the patch size just below and just above ``size``."""
+    below = max(PATCH_SIZE, size // PATCH_SIZE * PATCH_SIZE)
+    return below, below + PATCH_SIZE
+
+
+def check_images(images: torch.Tensor) -> tuple[int, int]:
+    """Validate a [B, 3, H, W] batch and return its patch grid (h, w)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"FoL expects images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    for name, size in (("height", height), ("width", width)):
+        if size % PATCH_SIZE:
+            below, above = nearest_valid_sizes(size)
+            raise ValueError(
+                f"image {name} {size} is not a multiple of the patch size {PATCH_SIZE}; "
+                f"resize to {below} or {above} (or use the model from get_trained_model(), which rounds sizes)"
+            )
+    h, w = height // PATCH_SIZE, width // PATCH_SIZE
+    if h * w < MIN_PATCHES:
+        raise ValueError(
+            f"image size {height}x{width} gives {h * w} patches, but FoL's optimal transport needs more than "
+            f"{MIN_PATCHES - 1} (for example 126x126 or larger)"
+        )
+    return h, w
+
+
+class FoLModel(nn.Module):
+    """FoL ("Focus on Local", AAAI 2025) for visual place recognition.
+
+    State-dict keys match the published checkpoints (``backbone.model.*``, ``aggregator.*``,
+    ``upconv``, ``upconv2``).
+
+    Args:
+        backbone: "vitb", "vitl", or a :class:`ViTConfig` (tests use tiny ones).
+        num_trainable_blocks: last ViT blocks that receive gradients during fine-tuning
+            (None: 4, or all blocks of a shallower ViT).
+    """
+
+    def __init__(self, backbone: str | ViTConfig = "vitl", num_trainable_blocks: int | None = None) -> None:
+        super().__init__()
+        if isinstance(backbone, str):
+            if backbone not in VIT_CONFIGS:
+                raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(VIT_CONFIGS)}")
+            backbone = VIT_CONFIGS[backbone]
+        self.config = backbone
+        self.backbone = DINOv2Backbone(backbone, num_trainable_blocks=num_trainable_blocks)
+        channels = backbone.embed_dim
+        self.aggregator = FoLAggregator(channels)
+        self.upconv = make_upconv(channels, UPCONV_DIM)
+        self.upconv2 = make_upconv(UPCONV_DIM, LOCAL_DIM)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return GLOBAL_DIM
+
+    def encode(self, images: torch.Tensor) -> tuple[BackboneOutput, AggregatorOutput]:
+        """Backbone and aggregator outputs for [B, 3, H, W] ImageNet-normalised images."""
+        check_images(images)
+        tokens = self.backbone(images)
+        return tokens, self.aggregator(tokens.feature_map, tokens.class_token, tokens.region_cue)
+
+    def dense_local_map(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, 128, 4h - 3, 4w - 3], not normalised."""
+        return self.upconv2(F.relu(self.upconv(feature_map)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Global descriptors: [B, 3, H, W] ImageNet-normalised -> [B, 8448] float32, L2-normalised."""
+        return self.encode(images)[1].global_descriptor.float()
+
+    def extract(self, images: torch.Tensor) -> FoLFeatures:
+        """Global descriptors plus the selected local features used for re-ranking.
+
+        Args:
+            images: [B, 3, H, W] ImageNet-normalised, H and W multiples of 14, more than 64 patches.
+        """
+        tokens, aggregated = self.encode(images)
+        _, _, h, w = tokens.feature_map.shape
+        patch_mask = select_patches(aggregated.selection_score, h, w)
+        descriptors, keypoints = gather_selected(self.dense_local_map(tokens.feature_map), patch_mask)
+        return FoLFeatures(
+            global_descriptors=aggregated.global_descriptor.float(),
+            local_descriptors=[d.float() for d in descriptors],
+            keypoints=keypoints,
+            region_scores=aggregated.selection_score.view(-1, h, w),
+        )

@@ -1,0 +1,66 @@
+"""FoL's re-ranking score: thresholded mutual nearest neighbours between local descriptors.
+
+Implements FOL_SPEC section 5 exactly, as the original computes it: arg-max both ways over the
+float32 similarity matrix, and the threshold applied to the matched pair's own dot product.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MATCH_THRESHOLD = 0.7
+
+
+def _check_descriptors(name: str, descriptors: torch.Tensor, dim: int | None = None) -> None:
+    if descriptors.ndim != 2 or (dim is not None and descriptors.shape[1] != dim):
+        expected = f"[N, {dim}]" if dim is not None else "[N, D]"
+        raise ValueError(f"{name} must be {expected} local descriptors, got shape {tuple(descriptors.shape)}")
+
+
+def mutual_matches(
+    query: torch.Tensor, candidate: torch.Tensor, threshold: float = MATCH_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FoL's counted matches between two images.
+
+    Args:
+        query: [n, D] L2-normalised query descriptors.
+        candidate: [m, D] L2-normalised candidate descriptors.
+        threshold: a mutual match counts when its cosine similarity is strictly above this.
+
+    Returns:
+        query_indices [K] and candidate_indices [K] (int64) of the counted matches, by query index.
+    """
+    _check_descriptors("query", query)
+    _check_descriptors("candidate", candidate, query.shape[1])
+    empty = torch.zeros(0, dtype=torch.long, device=query.device)
+    if len(query) == 0 or len(candidate) == 0:
+        return empty, empty
+    candidate = candidate.to(device=query.device, dtype=query.dtype)
+    similarity = candidate @ query.T  # [m, n]
+    best_candidate = similarity.argmax(dim=0)  # [n]
+    best_query = similarity.argmax(dim=1)  # [m]
+    query_indices = torch.arange(len(query), device=query.device)
+    mutual = best_query[best_candidate] == query_indices
+    cosine = (query * candidate[best_candidate]).sum(dim=-1)
+    keep = mutual & (cosine > threshold)
+    return query_indices[keep], best_candidate[keep]
+
+
+def mutual_match_scores(
+    query: torch.Tensor, candidates: Sequence[torch.Tensor], threshold: float = MATCH_THRESHOLD
+) -> torch.Tensor:
+    """FoL re-ranking scores of one query against several candidates.
+
+    Args:
+        query: [n, 128] L2-normalised local descriptors of the query.
+        candidates: one [m_j, 128] L2-normalised tensor per candidate image.
+        threshold: cosine similarity a mutual match must exceed to count.
+
+    Returns:
+        [len(candidates)] float32 on the query's device: the number of counted mutual matches.
+    """
+    scores = torch.zeros(len(candidates), dtype=torch.float32, device=query.device)
+    for index, candidate in enumerate(candidates):
+        scores[index] = len(mutual_matches(query, candidate, threshold)[0])
+    return scores

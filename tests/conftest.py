@@ -1,0 +1,96 @@
+"""Shared test fixtures. Data and reference runs live in ../shared beside the clone; tests that
+need them skip with a reason when it is absent."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fol_plugin.models import FoLModel, ViTConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+DATA = SHARED / "data"
+TINY_VIT = ViTConfig(embed_dim=32, depth=2, num_heads=2)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: clone the project beside ../shared to run this test")
+    return path
+
+
+@pytest.fixture
+def tiny_model() -> FoLModel:
+    torch.manual_seed(0)
+    return FoLModel(TINY_VIT).eval()
+
+
+@pytest.fixture
+def hub_home(tmp_path, monkeypatch) -> Path:
+    """An empty TORCH_HOME; returns its hub/checkpoints folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test on any attempt to open a network connection."""
+
+    def refuse(self, address):
+        raise AssertionError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+def closed_port_url(name: str) -> str:
+    """A URL on a local port nobody listens on: connecting fails at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def save_upstream_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    """Save weights as the original repository does: DataParallel keys under "model_state_dict"."""
+    torch.save({"model_state_dict": {"module." + key: value for key, value in state_dict.items()}}, path)
+    return path
+
+
+def imagenet_input(images_uint8: np.ndarray) -> torch.Tensor:
+    """The fixture's network input: (uint8 / 255 - mean) / std in float32."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (torch.from_numpy(images_uint8).float() / 255 - mean) / std
+
+
+@pytest.fixture(scope="session")
+def parity_fixture() -> dict:
+    """The reference run of the original code (ViT-B, 322x322) and the weights it used."""
+    folder = require(FIXTURES / "parity-vitb-322")
+    spec = importlib.util.spec_from_file_location("detweights", FIXTURES / "detweights.py")
+    detweights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(detweights)
+    meta = json.loads((folder / "meta.json").read_text())
+    keys = json.loads((FIXTURES / "keys_vitb.json").read_text())
+    expected = dict(np.load(folder / "expected.npz"))
+    return {"meta": meta, "expected": expected, "state_dict": detweights.make_state_dict(keys, meta["seed"])}
+
+
+@pytest.fixture(scope="session")
+def parity_torch_home(parity_fixture, tmp_path_factory) -> Path:
+    """A TORCH_HOME whose hub cache holds the fixture weights as FoL_base.pth, upstream format."""
+    home = tmp_path_factory.mktemp("parity_torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    save_upstream_checkpoint(parity_fixture["state_dict"], checkpoints / "FoL_base.pth")
+    return home

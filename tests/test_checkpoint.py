@@ -1,0 +1,152 @@
+"""Checkpoint loading: upstream format, torch.hub cache, strictness and every error path."""
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+import torch
+
+import hubconf
+from fol_plugin import CheckpointDownloadError, CheckpointError, load_model
+from fol_plugin.checkpoint import WEIGHT_URLS, cache_path, checkpoint_backbone, extract_state_dict
+
+from .conftest import TINY_VIT, closed_port_url, save_upstream_checkpoint
+
+
+@pytest.fixture
+def tiny_weights(tiny_model) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in tiny_model.state_dict().items()}
+
+
+def assert_same_weights(model, state_dict):
+    loaded = model.state_dict()
+    assert loaded.keys() == state_dict.keys()
+    assert all(torch.equal(loaded[key], state_dict[key]) for key in state_dict)
+
+
+def test_upstream_format_loads_exactly(tmp_path, tiny_weights, no_network):
+    path = save_upstream_checkpoint(tiny_weights, tmp_path / "fol.pth")
+    model = load_model(TINY_VIT, weights=path, device="cpu")
+    assert_same_weights(model, tiny_weights)
+    assert not model.training
+
+
+def test_plain_state_dict_loads(tmp_path, tiny_weights):
+    torch.save(tiny_weights, tmp_path / "plain.pth")
+    assert_same_weights(load_model(TINY_VIT, weights=tmp_path / "plain.pth", device="cpu"), tiny_weights)
+
+
+def test_training_checkpoint_with_extra_entries_loads(tmp_path, tiny_weights):
+    checkpoint = {"model_state_dict": tiny_weights, "epoch_num": 3, "recalls": [91.2, 95.0], "optimizer_state_dict": {}}
+    torch.save(checkpoint, tmp_path / "train.pth")
+    assert_same_weights(load_model(TINY_VIT, weights=tmp_path / "train.pth", device="cpu"), tiny_weights)
+
+
+def test_cached_download_is_used_without_network(hub_home, tiny_weights, no_network):
+    url = closed_port_url("FoL_tiny.pth")
+    save_upstream_checkpoint(tiny_weights, hub_home / "FoL_tiny.pth")
+    assert cache_path(url) == hub_home / "FoL_tiny.pth"
+    assert_same_weights(load_model(TINY_VIT, weights=url, device="cpu"), tiny_weights)
+
+
+def test_unreachable_url_fails_fast_with_the_fix(hub_home):
+    url = closed_port_url("FoL_base.pth")
+    start = time.monotonic()
+    with pytest.raises(CheckpointDownloadError) as error:
+        load_model(TINY_VIT, weights=url)
+    assert time.monotonic() - start < 30
+    message = str(error.value)
+    assert url in message
+    assert str(hub_home / "FoL_base.pth") in message
+    assert "weights=" in message
+    assert not (hub_home / "FoL_base.pth").exists()
+
+
+def test_corrupt_cached_file_is_named(hub_home, no_network):
+    (hub_home / "FoL_tiny.pth").write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(CheckpointError, match=r"FoL_tiny\.pth.*not a readable PyTorch checkpoint.*delete it"):
+        load_model(TINY_VIT, weights=closed_port_url("FoL_tiny.pth"))
+
+
+def test_truncated_file_is_named(tmp_path, tiny_weights):
+    path = save_upstream_checkpoint(tiny_weights, tmp_path / "fol.pth")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"fol\.pth is not a readable PyTorch checkpoint.*truncated"):
+        load_model(TINY_VIT, weights=path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pth does not exist"):
+        load_model(TINY_VIT, weights=tmp_path / "nope.pth")
+
+
+def test_non_fol_checkpoint_is_rejected(tmp_path):
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match=r"resnet\.pth is not a FoL checkpoint"):
+        load_model(TINY_VIT, weights=tmp_path / "resnet.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_model(TINY_VIT, weights=tmp_path / "list.pth")
+
+
+def test_missing_keys_are_an_error_listing_them(tmp_path, tiny_weights):
+    del tiny_weights["upconv2.weight"], tiny_weights["aggregator.score.3.bias"]
+    save_upstream_checkpoint(tiny_weights, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"lacks 2 .*aggregator\.score\.3\.bias, upconv2\.weight"):
+        load_model(TINY_VIT, weights=tmp_path / "partial.pth")
+
+
+def test_unexpected_keys_warn_listing_them(tmp_path, tiny_weights):
+    tiny_weights["backbone.model.register_tokens"] = torch.zeros(1, 4, 32)
+    save_upstream_checkpoint(tiny_weights, tmp_path / "extra.pth")
+    with pytest.warns(UserWarning, match=r"1 keys the model does not use: backbone\.model\.register_tokens"):
+        model = load_model(TINY_VIT, weights=tmp_path / "extra.pth", device="cpu")
+    del tiny_weights["backbone.model.register_tokens"]
+    assert_same_weights(model, tiny_weights)
+
+
+def test_wrong_architecture_names_the_shapes(tmp_path, tiny_weights):
+    save_upstream_checkpoint(tiny_weights, tmp_path / "tiny.pth")
+    wider = TINY_VIT.__class__(embed_dim=48, depth=2, num_heads=2)
+    with pytest.raises(CheckpointError, match=r"wrong shapes for backbone\.model\.cls_token \(1, 1, 32\) \(model: \(1, 1, 48\)\)"):
+        load_model(wider, weights=tmp_path / "tiny.pth")
+
+
+def test_backbone_is_recognised_from_the_weights():
+    assert checkpoint_backbone({"backbone.model.cls_token": torch.zeros(1, 1, 1024)}) == "vitl"
+    assert checkpoint_backbone({"backbone.model.cls_token": torch.zeros(1, 1, 768)}) == "vitb"
+    assert checkpoint_backbone({"backbone.model.cls_token": torch.zeros(1, 1, 32)}) is None
+
+
+def test_module_prefix_is_stripped(tiny_weights):
+    upstream = {"model_state_dict": {"module." + key: value for key, value in tiny_weights.items()}}
+    assert extract_state_dict(upstream, "x").keys() == tiny_weights.keys()
+
+
+def test_auto_weights_need_a_published_backbone():
+    with pytest.raises(ValueError, match="no published FoL weights"):
+        load_model(TINY_VIT, weights="auto")
+
+
+def test_random_initialisation_without_weights():
+    model = load_model(TINY_VIT, weights=None, device="cpu")
+    assert not model.training and model.backbone.model.pos_embed.abs().sum() > 0
+
+
+def test_hub_entrypoints_keep_the_original_signatures():
+    for name in ("FoL", "fol_vitl14", "fol_vitb14"):
+        parameters = inspect.signature(getattr(hubconf, name)).parameters
+        assert parameters["pretrained"].default is True
+        assert parameters["progress"].default is True
+        assert parameters["map_location"].default == "cpu"
+        assert any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    assert inspect.signature(hubconf.FoL).parameters["backbone"].default == "vitl"
+    assert inspect.signature(hubconf.get_trained_model).parameters["backbone"].default == "vitl"
+
+
+def test_hub_entrypoint_reports_unreachable_published_url(hub_home, monkeypatch):
+    url = closed_port_url("FoL_base.pth")
+    monkeypatch.setitem(WEIGHT_URLS, "vitb", url)
+    with pytest.raises(CheckpointDownloadError, match="weights="):
+        hubconf.fol_vitb14(pretrained=True)

@@ -1,0 +1,71 @@
+"""Image decoding and FoL's evaluation pre-processing (kornia)."""
+from __future__ import annotations
+
+import shutil
+
+import kornia
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fol_plugin.data import load_image, normalize, preprocess
+
+from .conftest import DATA, require
+
+
+@pytest.fixture
+def png_image(tmp_path):
+    pixels = (torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    path = tmp_path / "image.png"
+    kornia.io.write_image(path, pixels)
+    return path, pixels
+
+
+def test_png_roundtrip(png_image):
+    path, pixels = png_image
+    image = load_image(path)
+    assert image.shape == (3, 20, 30) and image.dtype == torch.float32
+    assert torch.equal((image * 255).round().to(torch.uint8), pixels)
+
+
+def test_format_comes_from_content_not_extension(png_image):
+    path, pixels = png_image
+    renamed = path.with_name("really_a_png.jpg")
+    shutil.copy(path, renamed)
+    assert torch.equal(load_image(renamed), load_image(path))
+
+
+def test_shared_jpeg_and_mislabelled_png_load():
+    data = require(DATA)
+    assert load_image(data / "toy_dataset" / "queries" / "q1.jpg").shape == (3, 480, 614)
+    assert load_image(data / "match_pair" / "query.jpg").shape == (3, 1270, 1706)  # PNG data named .jpg
+
+
+def test_missing_image_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"image .*missing\.jpg does not exist"):
+        load_image(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("content", [b"not an image", b"\xff\xd8\xff\xe0 truncated jpeg"])
+def test_corrupt_image_is_named(tmp_path, content):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot decode image .*broken\.jpg"):
+        load_image(path)
+
+
+def test_original_preprocessing_normalises_then_resizes_without_antialias():
+    image = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = F.interpolate(((image - mean) / std)[None], size=(28, 42), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(preprocess(image, (28, 42)), expected)
+    antialiased = preprocess(image, (28, 42), resize_mode="antialias")
+    assert antialiased.shape == expected.shape and not torch.allclose(antialiased, expected)
+
+
+def test_preprocess_keeps_size_and_rejects_unknown_modes():
+    images = torch.rand(2, 3, 28, 28)
+    torch.testing.assert_close(preprocess(images, (28, 28)), normalize(images))
+    with pytest.raises(ValueError, match="resize_mode='nearest'"):
+        preprocess(images, (14, 14), resize_mode="nearest")

@@ -1,0 +1,84 @@
+"""The FoL re-ranking score against a literal reading of FOL_SPEC section 5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fol_plugin import mutual_match_scores
+from fol_plugin.rerank import mutual_matches
+
+
+def reference_score(query: np.ndarray, candidate: np.ndarray, threshold: float = 0.7) -> int:
+    """Spec section 5 with explicit loops, in float64."""
+    similarity = candidate.astype(np.float64) @ query.astype(np.float64).T  # [m, n]
+    count = 0
+    for j in range(query.shape[0]):
+        i = int(np.argmax(similarity[:, j]))
+        if int(np.argmax(similarity[i, :])) == j and similarity[i, j] > threshold:
+            count += 1
+    return count
+
+
+def correlated_descriptors(generator: torch.Generator, n: int, base: torch.Tensor, noise: float) -> torch.Tensor:
+    picks = torch.randint(len(base), (n,), generator=generator)
+    return F.normalize(base[picks] + noise * torch.randn(n, base.shape[1], generator=generator), dim=-1)
+
+
+def test_scores_match_the_literal_definition():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 128, generator=generator)
+    query = correlated_descriptors(generator, 250, base, 0.4)
+    candidates = [correlated_descriptors(generator, m, base, noise) for m, noise in [(200, 0.4), (310, 0.8), (50, 0.3)]]
+    scores = mutual_match_scores(query, candidates)
+    expected = [reference_score(query.numpy(), c.numpy()) for c in candidates]
+    assert scores.tolist() == expected
+    assert scores.dtype == torch.float32 and expected[0] > 0
+
+
+def test_threshold_is_strict():
+    query = torch.tensor([[1.0, 0.0]])
+    candidate = F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)  # cosine 0.7071...
+    assert mutual_match_scores(query, [candidate], threshold=0.7).item() == 1
+    assert mutual_match_scores(query, [candidate], threshold=0.75).item() == 0
+
+
+def test_only_mutual_matches_count():
+    query = F.normalize(torch.tensor([[1.0, 0.05], [1.0, -0.05]]), dim=-1)
+    candidate = torch.tensor([[1.0, 0.0]])  # nearest to both; only query 0 (first arg-max) is mutual
+    q_idx, c_idx = mutual_matches(query, candidate)
+    assert q_idx.tolist() == [0] and c_idx.tolist() == [0]
+
+
+def test_zero_padding_never_changes_a_score():
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(100, 128, generator=generator)
+    query = correlated_descriptors(generator, 80, base, 0.5)
+    candidate = correlated_descriptors(generator, 90, base, 0.5)
+    padded_query = torch.cat([query, torch.zeros(40, 128)])
+    padded_candidate = torch.cat([candidate, torch.zeros(60, 128)])
+    assert mutual_match_scores(query, [candidate]).item() == mutual_match_scores(padded_query, [padded_candidate]).item()
+
+
+def test_empty_inputs_score_zero():
+    query = F.normalize(torch.randn(5, 128), dim=-1)
+    assert mutual_match_scores(query, [torch.zeros(0, 128), query]).tolist() == [0.0, 5.0]
+    assert mutual_match_scores(torch.zeros(0, 128), [query]).tolist() == [0.0]
+    assert mutual_match_scores(query, []).shape == (0,)
+
+
+def test_mismatched_dimensions_are_rejected():
+    with pytest.raises(ValueError, match=r"candidate must be \[N, 128\] local descriptors, got shape \(4, 64\)"):
+        mutual_match_scores(torch.zeros(3, 128), [torch.zeros(4, 64)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(200, 128, generator=generator)
+    query = correlated_descriptors(generator, 150, base, 0.4)
+    candidates = [correlated_descriptors(generator, 160, base, 0.4) for _ in range(3)]
+    cpu = mutual_match_scores(query, candidates)
+    cuda = mutual_match_scores(query.cuda(), [c.cuda() for c in candidates])
+    assert cuda.device.type == "cuda" and cuda.cpu().tolist() == cpu.tolist()
