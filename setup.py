@@ -17,6 +17,7 @@ setup(
         "kornia>=0.7.2",
         "kornia-rs>=0.1.2",
         "numpy>=1.23",
+        "numba>=0.59",
         "tqdm>=4.60",
         "faiss-cpu>=1.7.4",
         "scikit-learn>=1.1",

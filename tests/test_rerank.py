@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from fol_plugin import mutual_match_scores
-from fol_plugin.rerank import mutual_matches
+from fol_plugin.rerank import mutual_matches, reference_match_scores
+from fol_plugin.rerank.engine import bf16_error_bound
 
 
 def reference_score(query: np.ndarray, candidate: np.ndarray, threshold: float = 0.7) -> int:
@@ -82,3 +83,56 @@ def test_cuda_matches_cpu():
     cpu = mutual_match_scores(query, candidates)
     cuda = mutual_match_scores(query.cuda(), [c.cuda() for c in candidates])
     assert cuda.device.type == "cuda" and cuda.cpu().tolist() == cpu.tolist()
+
+
+def structured_set(seed: int, n: int = 600, candidates: int = 6):
+    """A query and candidates sharing a low-rank structure, so many cells are near-ties."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(24, 128, generator=generator)
+    base = F.normalize(torch.randn(n, 24, generator=generator) @ basis, dim=-1)
+    query = correlated_descriptors(generator, n, base, 0.05)
+    others = [correlated_descriptors(generator, n - 37 * k, base, 0.05 + 0.05 * k) for k in range(candidates)]
+    return query, others
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_exact_engine_equals_the_float32_algorithm(seed):
+    query, candidates = structured_set(seed)
+    fast = mutual_match_scores(query, candidates)
+    reference = reference_match_scores(query, candidates)
+    assert fast.tolist() == reference.tolist()
+    assert fast.sum() > 0
+
+
+def test_exact_ties_go_to_the_first_index():
+    query, (candidate, *_) = structured_set(3)
+    duplicated = torch.cat([candidate[:200], candidate])  # rows 0-199 tie exactly with 200-399
+    for candidates in ([duplicated], [torch.cat([query[:100], query])]):
+        assert mutual_match_scores(query, candidates).tolist() == reference_match_scores(query, candidates).tolist()
+    _, c_idx = mutual_matches(query, duplicated)
+    assert len(c_idx) > 0 and not bool(((c_idx >= 200) & (c_idx < 400)).any())  # the later copy never wins
+
+
+def test_bf16_error_bound_holds():
+    query, candidates = structured_set(4, n=400)
+    for candidate in candidates:
+        exact = candidate.double() @ query.double().T
+        approximate = (candidate.bfloat16() @ query.bfloat16().T).double()
+        assert (approximate - exact).abs().max() <= bf16_error_bound(query, candidate)
+
+
+def test_bf16_mode_is_close_and_documented_as_approximate():
+    query, candidates = structured_set(5)
+    exact = mutual_match_scores(query, candidates)
+    approximate = mutual_match_scores(query, candidates, precision="bf16")
+    assert approximate.shape == exact.shape
+    assert ((approximate - exact).abs() <= 0.1 * exact + 5).all()
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        mutual_match_scores(query, candidates, precision="fp8")
+
+
+def test_engine_accepts_half_precision_storage():
+    query, candidates = structured_set(6, n=300, candidates=2)
+    half = [candidate.half() for candidate in candidates]
+    expected = reference_match_scores(query, [candidate.float() for candidate in half])
+    assert mutual_match_scores(query, half).tolist() == expected.tolist()

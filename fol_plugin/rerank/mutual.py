@@ -12,7 +12,7 @@ import torch
 MATCH_THRESHOLD = 0.7
 
 
-def _check_descriptors(name: str, descriptors: torch.Tensor, dim: int | None = None) -> None:
+def check_descriptors(name: str, descriptors: torch.Tensor, dim: int | None = None) -> None:
     if descriptors.ndim != 2 or (dim is not None and descriptors.shape[1] != dim):
         expected = f"[N, {dim}]" if dim is not None else "[N, D]"
         raise ValueError(f"{name} must be {expected} local descriptors, got shape {tuple(descriptors.shape)}")
@@ -31,8 +31,8 @@ def mutual_matches(
     Returns:
         query_indices [K] and candidate_indices [K] (int64) of the counted matches, by query index.
     """
-    _check_descriptors("query", query)
-    _check_descriptors("candidate", candidate, query.shape[1])
+    check_descriptors("query", query)
+    check_descriptors("candidate", candidate, query.shape[1])
     empty = torch.zeros(0, dtype=torch.long, device=query.device)
     if len(query) == 0 or len(candidate) == 0:
         return empty, empty
@@ -47,15 +47,10 @@ def mutual_matches(
     return query_indices[keep], best_candidate[keep]
 
 
-def mutual_match_scores(
+def reference_match_scores(
     query: torch.Tensor, candidates: Sequence[torch.Tensor], threshold: float = MATCH_THRESHOLD
 ) -> torch.Tensor:
-    """FoL re-ranking scores of one query against several candidates.
-
-    Args:
-        query: [n, 128] L2-normalised local descriptors of the query.
-        candidates: one [m_j, 128] L2-normalised tensor per candidate image.
-        threshold: cosine similarity a mutual match must exceed to count.
+    """FoL re-ranking scores by the plain float32 algorithm, one candidate at a time (any device).
 
     Returns:
         [len(candidates)] float32 on the query's device: the number of counted mutual matches.
