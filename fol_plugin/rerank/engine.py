@@ -1,20 +1,23 @@
 """Fast FoL re-ranking scores on the CPU: a bf16 product, then float32 only where it matters.
 
-Exact mode gives the scores of the float32 algorithm (:func:`.mutual.mutual_matches`):
+Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`):
 
 1. ``S~ = bf16(Q) bf16(D)^T`` with float32 accumulation. For L2-normalised rows, every entry is
-   within ``eps = ((1 + u)^3 (1 + gamma_K) - 1) |q| |d|`` of the float32 similarity
-   (u = 2^-8 for bf16 inputs and output, gamma_K for the K-term float32 sum): about 0.0118.
-2. One scan of ``S~`` gives every row and column maximum. A query cell can only count when its
-   row maximum exceeds ``threshold - eps``, and its true best candidate lies among the cells
-   within ``2 eps`` of that maximum (likewise for candidate cells and columns).
-3. Those few cells are re-computed in float32 (the same dot product the original thresholds
-   with), and the arg-maxima, ties to the first index, are taken over them.
+   within ``eps = ((1 + u)^3 (1 + gamma_K) - 1) |q| |d|`` of the exact similarity (u = 2^-8
+   for the bf16 inputs and output, gamma_K for the K-term float32 sum): about 0.0118.
+2. One pass over ``S~`` (:func:`.kernels.exact_row_best`) finds each row's maximum; a query
+   cell can only count when it exceeds ``threshold - eps``, and its true best candidate then
+   lies among the cells within ``2 eps`` of it, which are re-computed exactly (float32 products
+   summed in float64), ties to the first index.
+3. The count threshold is applied to each pair's float32 dot product, as the original does.
+4. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
+   is mutual unless a cell of that column within ``eps`` of the anchor in bf16 beats it exactly
+   (:func:`.kernels.beaten_anchors`, ties to the first index).
 
-Entries whose float32 similarities differ only by float32 rounding of a dot product (about
-1e-7) can order differently from a GEMM's rounding; no such case changed a score in the
-benchmarks. ``precision="bf16"`` skips steps 2-3 and takes the arg-maxima of ``S~`` itself:
-faster, approximate (see the benchmarks for its agreement).
+The original compares its GEMM's float32 values where this compares exact sums, so two cells
+whose similarities differ by float32 rounding alone (about 1e-7) could order differently; no
+score differed in the tests or benchmarks. ``precision="bf16"`` takes the arg-maxima of ``S~``
+itself: faster, approximate (the benchmarks measure its agreement).
 """
 from __future__ import annotations
 
@@ -47,6 +50,10 @@ def _bf16_bits(similarity: torch.Tensor) -> np.ndarray:
     return similarity.view(torch.int16).numpy().view(np.uint16)
 
 
+NEGATIVE_INFINITY_KEY = 0xFF80 ^ 0xFFFF  # order keys of the bf16 infinities
+POSITIVE_INFINITY_KEY = 0x7F80 ^ 0x8000
+
+
 def _key_values() -> np.ndarray:
     """Float value of every order key [65536], non-decreasing: the NaN patterns at both ends of
     the key range take the neighbouring infinity."""
@@ -59,8 +66,6 @@ def _key_values() -> np.ndarray:
     return values
 
 
-NEGATIVE_INFINITY_KEY = 0xFF80 ^ 0xFFFF
-POSITIVE_INFINITY_KEY = 0x7F80 ^ 0x8000
 KEY_VALUES = _key_values()
 
 

@@ -34,6 +34,31 @@ def _dot(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
     return total
 
 
+@numba.njit(inline="always")
+def _scan_row(row: np.ndarray, chunk_key: np.ndarray, col_block_key: np.ndarray) -> np.int32:
+    """Maximum key of one row; writes each CHUNK block's maximum to ``chunk_key`` and raises
+    ``col_block_key`` (the running column maxima of the row's block of rows) to the row's keys."""
+    m = row.shape[0]
+    full_chunks = m // CHUNK
+    best = np.int32(-1)
+    for c in range(chunk_key.shape[0]):
+        start = c * CHUNK
+        chunk_best = np.int32(-1)
+        if c < full_chunks:  # a fixed trip count vectorises
+            for t in range(CHUNK):
+                k = _key(row[start + t])
+                chunk_best = max(chunk_best, k)
+                col_block_key[start + t] = max(col_block_key[start + t], k)
+        else:
+            for i in range(start, m):
+                k = _key(row[i])
+                chunk_best = max(chunk_best, k)
+                col_block_key[i] = max(col_block_key[i], k)
+        chunk_key[c] = chunk_best
+        best = max(best, chunk_best)
+    return best
+
+
 @numba.njit(nogil=True, cache=True)
 def scan_maxima(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Maximum keys of ``bits`` [n, m] per row, per column, and per block of CHUNK cells.
@@ -44,31 +69,12 @@ def scan_maxima(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     """
     n, m = bits.shape
     num_chunks = (m + CHUNK - 1) // CHUNK
-    full_chunks = m // CHUNK
     row_key = np.empty(n, np.int32)
     col_key = np.full(m, -1, np.int32)
     row_chunk_key = np.empty((n, num_chunks), np.int32)
     col_chunk_key = np.full(((n + CHUNK - 1) // CHUNK, m), -1, np.int32)
     for j in range(n):
-        row = bits[j]
-        block = col_chunk_key[j // CHUNK]
-        best = np.int32(-1)
-        for c in range(num_chunks):
-            start = c * CHUNK
-            chunk_best = np.int32(-1)
-            if c < full_chunks:  # a fixed trip count vectorises
-                for t in range(CHUNK):
-                    k = _key(row[start + t])
-                    chunk_best = max(chunk_best, k)
-                    block[start + t] = max(block[start + t], k)
-            else:
-                for i in range(start, m):
-                    k = _key(row[i])
-                    chunk_best = max(chunk_best, k)
-                    block[i] = max(block[i], k)
-            row_chunk_key[j, c] = chunk_best
-            best = max(best, chunk_best)
-        row_key[j] = best
+        row_key[j] = _scan_row(bits[j], row_chunk_key[j], col_chunk_key[j // CHUNK])
     for b in range(col_chunk_key.shape[0]):
         for i in range(m):
             col_key[i] = max(col_key[i], col_chunk_key[b, i])
@@ -120,30 +126,13 @@ def exact_row_best(
     """
     n, m = bits.shape
     num_chunks = (m + CHUNK - 1) // CHUNK
-    full_chunks = m // CHUNK
     chunk_key = np.empty(num_chunks, np.int32)
     col_chunk_key = np.full(((n + CHUNK - 1) // CHUNK, m), -1, np.int32)
     best_arg = np.full(n, -1, np.int64)
     best_value = np.full(n, -np.inf)
     for j in range(n):
         row = bits[j]
-        block = col_chunk_key[j // CHUNK]
-        best = np.int32(-1)
-        for c in range(num_chunks):
-            start = c * CHUNK
-            chunk_best = np.int32(-1)
-            if c < full_chunks:  # a fixed trip count vectorises
-                for t in range(CHUNK):
-                    k = _key(row[start + t])
-                    chunk_best = max(chunk_best, k)
-                    block[start + t] = max(block[start + t], k)
-            else:
-                for i in range(start, m):
-                    k = _key(row[i])
-                    chunk_best = max(chunk_best, k)
-                    block[i] = max(block[i], k)
-            chunk_key[c] = chunk_best
-            best = max(best, chunk_best)
+        best = _scan_row(row, chunk_key, col_chunk_key[j // CHUNK])
         if key_values[best] <= threshold - eps:
             continue
         # Any key at or below the window's lower end keeps every cell of the window.
