@@ -81,6 +81,19 @@ def scan_maxima(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return row_key, col_key, row_chunk_key, col_chunk_key
 
 
+@numba.njit(inline="always")
+def _first_reaching(line: np.ndarray, block_keys: np.ndarray, target: np.int32) -> int:
+    """Index of the first key of ``line`` equal to ``target``, its maximum, searching from the
+    first block of CHUNK cells whose maximum (``block_keys``) is the target."""
+    block = 0
+    while block_keys[block] != target:
+        block += 1
+    index = block * CHUNK
+    while _key(line[index]) != target:
+        index += 1
+    return index
+
+
 @numba.njit(nogil=True, cache=True)
 def first_arg_maxima(
     bits: np.ndarray, row_key: np.ndarray, col_key: np.ndarray, row_chunk_key: np.ndarray, col_chunk_key: np.ndarray
@@ -88,24 +101,12 @@ def first_arg_maxima(
     """First column reaching each row's maximum key [n], and first row reaching each column's
     [m], reading only the first block that holds the maximum."""
     n, m = bits.shape
-    row_arg = np.full(n, -1, np.int64)
-    col_arg = np.full(m, -1, np.int64)
+    row_arg = np.empty(n, np.int64)
+    col_arg = np.empty(m, np.int64)
     for j in range(n):
-        c = 0
-        while row_chunk_key[j, c] != row_key[j]:
-            c += 1
-        i = c * CHUNK
-        while _key(bits[j, i]) != row_key[j]:
-            i += 1
-        row_arg[j] = i
+        row_arg[j] = _first_reaching(bits[j], row_chunk_key[j], row_key[j])
     for i in range(m):
-        b = 0
-        while col_chunk_key[b, i] != col_key[i]:
-            b += 1
-        j = b * CHUNK
-        while _key(bits[j, i]) != col_key[i]:
-            j += 1
-        col_arg[i] = j
+        col_arg[i] = _first_reaching(bits[:, i], col_chunk_key[:, i], col_key[i])
     return row_arg, col_arg
 
 
