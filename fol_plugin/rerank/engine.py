@@ -2,13 +2,18 @@
 
 Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`):
 
-1. ``S~ = bf16(Q) bf16(D)^T`` with float32 accumulation. For L2-normalised rows, every entry is
-   within ``eps = ((1 + u)^3 (1 + gamma_K) - 1) |q| |d|`` of the exact similarity (u = 2^-8
-   for the bf16 inputs and output, gamma_K for the K-term float32 sum): about 0.0118.
+1. ``S~ = bf16(Q) bf16(D)^T`` with float32 accumulation. An entry differs from the exact
+   similarity by at most ``max|q - q~| max|d| + max|q~| max|d - d~|`` (x~ = bf16(x), row norms)
+   from the inputs, ``gamma_K max|q~| max|d~|`` from the K-term float32 sum, and its own bf16
+   rounding: 2^-9 for entries in (-1, 1), else ``u |S~|`` (u = 2^-8). When every exact similarity
+   is below ``1 + 2^-9`` (L2-normalised rows), every value the scans compare against lies below
+   1 and entries of 1 or more pass every test anyway, so eps takes 2^-9 for the output: about
+   0.0065 in all; otherwise ``u max|q~| max|d~|``.
 2. One pass over ``S~`` (:func:`.kernels.exact_row_best`) finds each row's maximum; a query
-   cell can only count when it exceeds ``threshold - eps``, and its true best candidate then
-   lies among the cells within ``2 eps`` of it, which are re-computed exactly (float32 products
-   summed in float64), ties to the first index.
+   cell can only count when it exceeds ``threshold - eps``. The exact value L of the row's first
+   bf16 arg-max bounds its true maximum from below, so the true best candidate lies among the
+   cells at or above ``L - eps`` in bf16; those are re-computed exactly (float32 products summed
+   in float64), ties to the first index.
 3. The count threshold is applied to each pair's float32 dot product, as the original does.
 4. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
    is mutual unless a cell of that column within ``eps`` of the anchor in bf16 beats it exactly
@@ -28,41 +33,66 @@ import numpy as np
 import torch
 
 from . import kernels
-from .mutual import MATCH_THRESHOLD, check_descriptors, reference_match_scores
+from .mutual import MATCH_THRESHOLD, check_descriptors, mutual_matches, reference_match_scores
 
 PRECISIONS = ("exact", "bf16")
 BF16_UNIT_ROUNDOFF = 2.0**-8
+HALF_ULP_BELOW_ONE = BF16_UNIT_ROUNDOFF / 2  # bf16 rounding error of any value in (-1, 1)
 FP32_UNIT_ROUNDOFF = 2.0**-24
 BOUND_SAFETY = 1.01
 DOT_MARGIN = 1e-4  # float64 vs float32 dot products differ by far less
+# Every value the scans compare exceeds threshold - 3 eps; below this many eps, the reference runs.
+KEY_THRESHOLD_MARGIN = 3.0
 PRODUCT_BATCH = 4  # candidates whose bf16 similarities are held at once (~23 MB each)
 
 
-def bf16_error_bound(query: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Bound on |bf16 product - float32 similarity| for any entry of ``candidate @ query.T``."""
-    dim = query.shape[1]
+def _rounding_stats(x: torch.Tensor) -> tuple[float, float, float]:
+    """Largest row norm of ``x`` [N, D], of ``bf16(x)`` and of the rounding residual ``x - bf16(x)``."""
+    rounded = x.bfloat16().float()
+    return (
+        float(x.norm(dim=1).max()),
+        float(rounded.norm(dim=1).max()),
+        float((x - rounded).norm(dim=1).max()),
+    )
+
+
+def _combine_bound(query_stats: tuple[float, float, float], candidate_stats: tuple[float, float, float], dim: int) -> float:
+    query_norm, query_rounded, query_residual = query_stats
+    candidate_norm, candidate_rounded, candidate_residual = candidate_stats
     gamma = dim * FP32_UNIT_ROUNDOFF / (1 - dim * FP32_UNIT_ROUNDOFF)
-    norms = float(query.norm(dim=1).max()) * float(candidate.norm(dim=1).max())
-    return BOUND_SAFETY * ((1 + BF16_UNIT_ROUNDOFF) ** 3 * (1 + gamma) - 1) * norms
+    inputs = query_residual * candidate_norm + query_rounded * candidate_residual
+    accumulation = gamma * query_rounded * candidate_rounded
+    if query_norm * candidate_norm < 1 + HALF_ULP_BELOW_ONE:
+        output = HALF_ULP_BELOW_ONE
+    else:
+        output = BF16_UNIT_ROUNDOFF * (1 + gamma) * query_rounded * candidate_rounded
+    return BOUND_SAFETY * (inputs + accumulation + output)
 
 
-def _bf16_bits(similarity: torch.Tensor) -> np.ndarray:
-    return similarity.view(torch.int16).numpy().view(np.uint16)
+def bf16_error_bound(query: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Bound on |bf16 product - exact similarity| for the entries of ``candidate @ query.T``
+    that the exact engine relies on (see the module docstring), from the two inputs' actual
+    rounding residuals: all entries below 1 in bf16, and all entries when some row has a norm
+    well above 1."""
+    return _combine_bound(_rounding_stats(query.float()), _rounding_stats(candidate.float()), query.shape[1])
 
 
-NEGATIVE_INFINITY_KEY = 0xFF80 ^ 0xFFFF  # order keys of the bf16 infinities
-POSITIVE_INFINITY_KEY = 0x7F80 ^ 0x8000
+def _bf16_keys(similarity: torch.Tensor) -> np.ndarray:
+    """The bf16 bit patterns read as int16: the order keys of :mod:`.kernels`."""
+    return similarity.view(torch.int16).numpy()
+
+
+POSITIVE_INFINITY_KEY = 0x7F80
 
 
 def _key_values() -> np.ndarray:
-    """Float value of every order key [65536], non-decreasing: the NaN patterns at both ends of
-    the key range take the neighbouring infinity."""
-    keys = np.arange(1 << 16, dtype=np.uint32)
-    bits = np.where(keys >= 0x8000, keys ^ 0x8000, keys ^ 0xFFFF) << 16
-    with np.errstate(invalid="ignore"):  # the NaN patterns, replaced below
-        values = bits.view(np.float32).astype(np.float64)
-    values[: NEGATIVE_INFINITY_KEY] = -np.inf
-    values[POSITIVE_INFINITY_KEY + 1 :] = np.inf
+    """Float value of every key [65536] (key k at k + KEY_OFFSET), non-decreasing: every
+    negative key takes -inf (only positive thresholds are compared) and the NaN patterns +inf."""
+    keys = np.arange(-kernels.KEY_OFFSET, kernels.KEY_OFFSET, dtype=np.int32)
+    values = np.full(len(keys), -np.inf)
+    positive = (keys >= 0) & (keys <= POSITIVE_INFINITY_KEY)
+    values[positive] = (keys[positive].astype(np.uint32) << 16).view(np.float32)
+    values[keys > POSITIVE_INFINITY_KEY] = np.inf
     return values
 
 
@@ -70,18 +100,19 @@ KEY_VALUES = _key_values()
 
 
 def _floor_keys(values: np.ndarray) -> np.ndarray:
-    """Order keys at or below ``values``: every cell at or above ``values`` has a key at or above."""
-    return (np.searchsorted(KEY_VALUES, values) - 1).astype(np.int32)
+    """Keys at or below positive ``values``: every cell at or above ``values`` has a key at or above."""
+    return (np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).astype(np.int32)
 
 
-def _count_exact(bits: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float) -> int:
-    """Exact count for one candidate, from the bf16 similarity's bit patterns [n, m]."""
-    m = bits.shape[1]
+def _count_exact(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float) -> int:
+    """Exact count for one candidate, from the bf16 similarity's keys [n, m] and its error bound."""
+    m = keys.shape[1]
     query_np, candidate_np = query.numpy(), candidate.numpy()
-    eps = bf16_error_bound(query, candidate)
+    if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
+        return len(mutual_matches(query, candidate, threshold)[0])
     # Each query cell's exact best candidate, among the cells within 2 eps of its bf16 maximum.
     best_candidate, best_value, col_chunk_keys = kernels.exact_row_best(
-        bits, KEY_VALUES, eps, threshold, query_np, candidate_np
+        keys, KEY_VALUES, eps, threshold, query_np, candidate_np
     )
     rows = np.flatnonzero(best_value > threshold - DOT_MARGIN)
     partners = best_candidate[rows]
@@ -103,14 +134,16 @@ def _count_exact(bits: np.ndarray, query: torch.Tensor, candidate: torch.Tensor,
     col_threshold[claimed] = _floor_keys(anchor_value[claimed] - eps)
     beaten = np.zeros(m, np.bool_)
     beaten[claimed] = kernels.beaten_anchors(
-        bits, col_chunk_keys, claimed, col_threshold, anchor_row, anchor_value, query_np, candidate_np
+        keys, col_chunk_keys, claimed, col_threshold, anchor_row, anchor_value, query_np, candidate_np
     )
     return int(((anchor_row[partners] == rows) & ~beaten[partners]).sum())
 
 
-def _count_bf16(bits: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float) -> int:
+def _count_bf16(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float) -> int:
     """Approximate count for one candidate: arg-maxima of the bf16 similarity itself."""
-    best_candidate, best_query = kernels.first_arg_maxima(bits, *kernels.scan_maxima(bits))
+    if threshold <= KEY_THRESHOLD_MARGIN * eps:
+        return len(mutual_matches(query, candidate, threshold)[0])
+    best_candidate, best_query = kernels.first_arg_maxima(keys, *kernels.scan_maxima(keys))
     best_candidate, best_query = torch.from_numpy(best_candidate), torch.from_numpy(best_query)
     mutual = best_query[best_candidate] == torch.arange(len(query))
     cosine = (query * candidate[best_candidate]).sum(dim=1)
@@ -147,6 +180,12 @@ def mutual_match_scores(
     query = query.float().contiguous()
     count = _count_exact if precision == "exact" else _count_bf16
     query_bf16 = query.bfloat16()
+    query_stats = _rounding_stats(query)
+
+    def score(keys: np.ndarray, candidate: torch.Tensor) -> int:
+        eps = _combine_bound(query_stats, _rounding_stats(candidate), query.shape[1])
+        return count(keys, query, candidate, threshold, eps)
+
     candidates = [candidate.float().contiguous() for candidate in candidates]
     nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
     scores = torch.zeros(len(candidates), dtype=torch.float32)
@@ -158,11 +197,11 @@ def mutual_match_scores(
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
         for start in range(0, len(nonempty), PRODUCT_BATCH):
             batch = nonempty[start : start + PRODUCT_BATCH]
-            bits = []
+            keys = []
             for buffer, index in zip(buffers, batch):
                 product = buffer[: len(query) * len(candidates[index])].view(len(query), len(candidates[index]))
                 torch.mm(query_bf16, candidates[index].bfloat16().T, out=product)
-                bits.append(_bf16_bits(product))
-            counts = pool.map(lambda job: count(job[0], query, candidates[job[1]], threshold), zip(bits, batch))
+                keys.append(_bf16_keys(product))
+            counts = pool.map(score, keys, [candidates[index] for index in batch])
             scores[batch] = torch.tensor(list(counts), dtype=torch.float32)
     return scores
