@@ -6,7 +6,7 @@ setup(
     name="fol-plugin",
     version="0.1.0",
     description="FoL (Focus on Local, AAAI 2025) visual place recognition as a drop-in method: "
-    "checkpoint-exact model, torch.hub entrypoints and re-ranking",
+    "checkpoint-exact model, torch.hub entrypoints, fast exact re-ranking and evaluation",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -21,7 +21,9 @@ setup(
         "tqdm>=4.60",
         "faiss-cpu>=1.7.4",
         "scikit-learn>=1.1",
+        "matplotlib>=3.5",
     ],
+    entry_points={"console_scripts": ["fol-vpr = fol_plugin.cli:main"]},
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,0 +1,165 @@
+"""``fol-vpr`` (also ``python -m fol_plugin``): evaluate FoL, or re-rank another method with FoL.
+
+Flag names follow gmberton/VPR-methods-evaluation where they overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import WEIGHT_URLS
+from .data import RESIZE_MODES
+from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images
+from .evaluation.outputs import read_preds_files
+from .checkpoint import CheckpointError
+from .evaluation.pipeline import EvalConfig, InsufficientDiskError, run_eval, run_rerank
+from .evaluation.recalls import DEFAULT_RECALL_VALUES
+from .features import STORE_DTYPES, ExtractionConfig
+from .rerank import DEFAULT_TOP_K, PRECISIONS
+from .retrieval import exact_search
+
+logger = logging.getLogger("fol_plugin")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--database_folder", type=Path, required=True, help="folder of database images")
+    data.add_argument(
+        "--queries_folder", type=Path, action="append", required=True, dest="queries_folders",
+        help="folder of query images; repeat for several query sets against one database",
+    )
+    data.add_argument("--no_labels", action="store_true", help="images have no @east@north@ names: skip recalls")
+    data.add_argument("--positive_dist_threshold", type=float, default=DEFAULT_POSITIVE_DISTANCE, help="metres")
+    data.add_argument("--recall_values", type=int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitl")
+    model.add_argument("--weights", default="auto", help="'auto' (published checkpoint), a .pth path or a URL")
+    model.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
+    model.add_argument(
+        "--resize_mode", choices=RESIZE_MODES, default="original",
+        help="'original': the original's exact pre-processing (no antialiasing)",
+    )
+    model.add_argument("--batch_size", type=int, default=4)
+    model.add_argument("--num_workers", type=int, default=4)
+    model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    rerank = parser.add_argument_group("re-ranking")
+    rerank.add_argument("--rerank_topk", type=int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none")
+    rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
+    rerank.add_argument(
+        "--store_dtype", choices=STORE_DTYPES, default="float32",
+        help="local features on disk; float16 halves the disk but scores may differ from the original's",
+    )
+    rerank.add_argument("--in_memory", action="store_true", help="keep all database local features in RAM")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", type=Path, required=True, help="results, and the cache a rerun resumes from")
+    output.add_argument("--num_preds_to_save", type=int, default=0, help="PNG grids and preds/*.txt with this many")
+    output.add_argument("--save_descriptors", action="store_true", help="keep the global descriptors as .npy")
+    output.add_argument("--keep_cache", action="store_true", help="keep <output_dir>/cache after success")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fol-vpr", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_common(commands.add_parser("eval", help="FoL global retrieval, then FoL re-ranking, with recalls"))
+    rerank = commands.add_parser("rerank", help="re-rank another method's predictions with FoL")
+    _add_common(rerank)
+    given = rerank.add_argument_group("predictions to re-rank (one per --queries_folder, in order)")
+    given.add_argument(
+        "--predictions", action="append", default=[],
+        help="a preds/ folder of VPR-methods-evaluation (*.txt) or a [Q, K] .npy of database indices",
+    )
+    given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
+    given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        database_folder=args.database_folder,
+        queries_folders=args.queries_folders,
+        output_dir=args.output_dir,
+        backbone=args.backbone,
+        weights=args.weights,
+        extraction=ExtractionConfig(
+            image_size=tuple(args.image_size), resize_mode=args.resize_mode, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device,
+        ),
+        recall_values=tuple(args.recall_values),
+        positive_dist_threshold=args.positive_dist_threshold,
+        labelled=not args.no_labels,
+        rerank_topk=args.rerank_topk,
+        precision=args.precision,
+        store_dtype=args.store_dtype,
+        in_memory=args.in_memory,
+        num_preds_to_save=args.num_preds_to_save,
+        save_descriptors=args.save_descriptors,
+        keep_cache=args.keep_cache,
+    )
+
+
+def load_given_predictions(args: argparse.Namespace, k: int) -> dict[str, np.ndarray]:
+    """Per query set (by position), the [Q, K] predictions given to ``fol-vpr rerank``."""
+    num_sets = len(args.queries_folders)
+    if args.predictions and args.database_descriptors:
+        raise ValueError("give either --predictions or --database_descriptors/--queries_descriptors, not both")
+    database_paths = list_images(args.database_folder)
+    if args.database_descriptors:
+        if len(args.queries_descriptors) != num_sets:
+            raise ValueError(f"give one --queries_descriptors per --queries_folder ({num_sets}), got {len(args.queries_descriptors)}")
+        database = np.load(args.database_descriptors, mmap_mode="r")
+        if database.ndim != 2 or len(database) != len(database_paths):
+            raise ValueError(
+                f"{args.database_descriptors} is {database.shape}, but {args.database_folder} has {len(database_paths)} "
+                f"images: expected [{len(database_paths)}, D]"
+            )
+        predictions = {}
+        for position, (folder, path) in enumerate(zip(args.queries_folders, args.queries_descriptors)):
+            queries = np.load(path)
+            num_queries = len(list_images(folder))
+            if queries.ndim != 2 or queries.shape != (num_queries, database.shape[1]):
+                raise ValueError(
+                    f"{path} is {queries.shape}, expected [{num_queries}, {database.shape[1]}] ({folder} has {num_queries} "
+                    f"images; the database descriptors have dimension {database.shape[1]})"
+                )
+            predictions[str(position)] = exact_search(database, queries, min(k, len(database)))[1]
+        return predictions
+    if len(args.predictions) != num_sets:
+        raise ValueError(f"give one --predictions per --queries_folder ({num_sets}), got {len(args.predictions)}")
+    predictions = {}
+    for position, (folder, source) in enumerate(zip(args.queries_folders, args.predictions)):
+        source = Path(source)
+        if source.is_dir():
+            predictions[str(position)] = read_preds_files(source, list_images(folder), database_paths)
+        elif source.suffix == ".npy" and source.is_file():
+            predictions[str(position)] = np.load(source)
+        else:
+            raise FileNotFoundError(f"--predictions {source}: expected a preds/ folder of .txt files or a .npy file")
+    return predictions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    config = _config(args)
+    try:
+        if args.command == "eval":
+            summary = run_eval(config)
+        else:
+            summary = run_rerank(config, load_given_predictions(args, max(config.rerank_topk, max(config.recall_values))))
+    except (ValueError, FileNotFoundError, CheckpointError, InsufficientDiskError) as error:
+        logger.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("Interrupted: finished work is kept in %s/cache; rerun the same command to resume", config.output_dir)
+        return 130
+    for key, results in summary["query_sets"].items():
+        for stage in ("global", "reranked"):
+            if results[stage]:
+                print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
+    print(f"Results in {config.output_dir}")
+    return 0

@@ -1,0 +1,105 @@
+"""Evaluation image sets in the VPR-datasets-downloader layout: image lists, UTM labels, positives.
+
+A folder's images come from ``<folder>_images_paths.txt`` when it exists (paths relative to the
+folder, one per line, as SF-XL ships them), else from a sorted recursive search for .jpg, .jpeg
+and .png files. Labels are the UTM east and north fields of ``@east@north@...@.jpg`` file names.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PATHS_FILE_SUFFIX = "_images_paths.txt"
+DEFAULT_POSITIVE_DISTANCE = 25.0  # metres
+
+
+@dataclass
+class ImageSet:
+    """The images of one folder, in evaluation order.
+
+    Attributes:
+        name: the folder's name (used to name outputs).
+        folder: the folder.
+        paths: image paths [N], sorted (or in the order of the folder's paths file).
+        utms: [N, 2] float64 UTM (east, north) in metres, or None without labels.
+    """
+
+    name: str
+    folder: Path
+    paths: list[str]
+    utms: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image paths of ``folder``: from ``<folder>_images_paths.txt`` if present, else a sorted
+    recursive search for .jpg/.jpeg/.png files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths_file = Path(str(folder).rstrip("/\\") + PATHS_FILE_SUFFIX)
+    if paths_file.is_file():
+        lines = [line.strip() for line in paths_file.read_text().splitlines()]
+        paths = [str(folder / line) for line in lines if line]
+        if not paths:
+            raise ValueError(f"{paths_file} lists no images; delete it to search {folder} instead")
+        if not Path(paths[0]).is_file():
+            raise FileNotFoundError(
+                f"{paths_file} lists {lines[0]!r}, but {paths[0]} does not exist: the list does not "
+                f"match {folder}; fix or delete {paths_file}"
+            )
+        logger.info("Read %d image paths of %s from %s", len(paths), folder, paths_file)
+        return paths
+    paths = sorted(
+        str(path) for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}; check --database_folder / --queries_folder")
+    return paths
+
+
+def utm_from_name(path: str) -> tuple[float, float]:
+    """(east, north) from a ``@east@north@...`` file name."""
+    fields = Path(path).name.split("@")
+    try:
+        return float(fields[1]), float(fields[2])
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"cannot read UTM coordinates from the file name of {path}: expected "
+            f"'@<utm_east>@<utm_north>@...@.jpg'; use --no_labels for unlabelled images"
+        ) from None
+
+
+def load_image_set(folder: str | os.PathLike, labelled: bool = True) -> ImageSet:
+    """The images of ``folder`` with their UTM labels (when ``labelled``)."""
+    folder = Path(folder)
+    paths = list_images(folder)
+    utms = np.array([utm_from_name(path) for path in paths], dtype=np.float64) if labelled else None
+    return ImageSet(name=folder.name, folder=folder, paths=paths, utms=utms)
+
+
+def find_positives(
+    database_utms: np.ndarray, queries_utms: np.ndarray, radius: float = DEFAULT_POSITIVE_DISTANCE
+) -> list[np.ndarray]:
+    """Database indices within ``radius`` metres of each query (scikit-learn radius search).
+
+    Args:
+        database_utms: [N, 2] UTM coordinates.
+        queries_utms: [Q, 2] UTM coordinates.
+
+    Returns:
+        Q sorted int64 arrays.
+    """
+    knn = NearestNeighbors().fit(database_utms)
+    positives = knn.radius_neighbors(queries_utms, radius=radius, return_distance=False)
+    return [np.sort(indices).astype(np.int64) for indices in positives]

@@ -1,0 +1,147 @@
+"""What an evaluation writes: per-query CSV, VPR-methods-evaluation ``preds/*.txt`` files, PNG
+grids, and reading those ``preds/*.txt`` files back."""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from ..data import load_image
+
+CORRECT_COLOUR = "tab:green"
+WRONG_COLOUR = "tab:red"
+PANEL_INCHES = 3.0
+PREDS_HEADERS = ("Query path:", "Predictions paths:", "Positives paths:")
+
+
+def write_predictions_csv(
+    path: Path,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    predictions: np.ndarray,
+    global_predictions: np.ndarray,
+    global_distances: np.ndarray | None,
+    scores: np.ndarray | None,
+    positives: Sequence[np.ndarray] | None,
+) -> None:
+    """One row per query and rank of the final order: the database image, its global rank and
+    distance, its FoL score (empty past the re-ranked candidates) and whether it is a positive."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["query_index", "query_path", "rank", "database_index", "database_path", "global_rank", "global_distance",
+             "rerank_score", "is_positive"]
+        )
+        for q, row in enumerate(predictions):
+            global_rank = {int(i): r for r, i in enumerate(global_predictions[q])}
+            for rank, i in enumerate(row):
+                g = global_rank[int(i)]
+                writer.writerow([
+                    q,
+                    query_paths[q],
+                    rank,
+                    int(i),
+                    database_paths[i],
+                    g,
+                    "" if global_distances is None else f"{global_distances[q, g]:.6g}",
+                    "" if scores is None or g >= scores.shape[1] else int(scores[q, g]),
+                    "" if positives is None else int(np.isin(i, positives[q])),
+                ])
+
+
+def write_preds_files(
+    folder: Path,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    predictions: np.ndarray,
+    positives: Sequence[np.ndarray] | None,
+) -> None:
+    """``folder/{q:03d}.txt`` per query in VPR-methods-evaluation's format (query path, predicted
+    paths, positive paths), readable by :func:`read_preds_files` and that harness's tools."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for q, row in enumerate(predictions):
+        positive_paths = [] if positives is None else [database_paths[i] for i in positives[q]]
+        sections = [
+            PREDS_HEADERS[0], query_paths[q] + "\n",
+            PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n",
+            PREDS_HEADERS[2], "\n".join(positive_paths) + "\n",
+        ]
+        (folder / f"{q:03d}.txt").write_text("\n".join(sections))
+
+
+def read_preds_files(folder: str | os.PathLike, query_paths: Sequence[str], database_paths: Sequence[str]) -> np.ndarray:
+    """Predictions [Q, K] (indices into ``database_paths``) from VPR-methods-evaluation's
+    ``preds/{q:03d}.txt`` files, one per query of ``query_paths`` in order."""
+    folder = Path(folder)
+    database_index = {_path_key(path): i for i, path in enumerate(database_paths)}
+    rows = []
+    for q, query_path in enumerate(query_paths):
+        path = folder / f"{q:03d}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {folder} must hold one file per query ({len(query_paths)})")
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        try:
+            start, end = lines.index(PREDS_HEADERS[1]) + 1, lines.index(PREDS_HEADERS[2])
+            listed_query = lines[lines.index(PREDS_HEADERS[0]) + 1]
+        except ValueError:
+            raise ValueError(f"{path} is not a VPR-methods-evaluation predictions file (no {PREDS_HEADERS} sections)") from None
+        if _path_key(listed_query) != _path_key(query_path):
+            raise ValueError(
+                f"{path} is for query {listed_query}, but query {q} of --queries_folder is {query_path}: "
+                f"the predictions come from another query set"
+            )
+        row = []
+        for line in filter(None, lines[start:end]):
+            if _path_key(line) not in database_index:
+                raise ValueError(f"{path} predicts {line}, which is not an image of --database_folder")
+            row.append(database_index[_path_key(line)])
+        rows.append(row)
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"the files in {folder} list different or zero numbers of predictions: {sorted(lengths)}")
+    return np.array(rows, dtype=np.int64)
+
+
+def _path_key(path: str) -> str:
+    """Paths compare by their last three components, so relative and absolute spellings match."""
+    return "/".join(Path(path).parts[-3:])
+
+
+def save_prediction_grids(
+    folder: Path,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    predictions: np.ndarray,
+    positives: Sequence[np.ndarray] | None,
+    num_preds: int,
+    title: str,
+) -> None:
+    """``folder/{q:03d}.png``: the query then its first ``num_preds`` predictions, framed green
+    (positive) or red (not) when labelled."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for q in tqdm(range(len(predictions)), desc=f"Figures ({title})", unit="query"):
+        row = predictions[q, :num_preds]
+        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 0.4))
+        axes = figure.subplots(1, len(row) + 1)
+        panels = [(query_paths[q], "query", None)]
+        panels += [
+            (database_paths[i], f"#{rank + 1} (db {int(i)})", None if positives is None else bool(np.isin(i, positives[q])))
+            for rank, i in enumerate(row)
+        ]
+        for axis, (path, label, correct) in zip(np.atleast_1d(axes), panels):
+            axis.imshow(load_image(path).permute(1, 2, 0).numpy())
+            axis.set_title(label, fontsize=9)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if correct is not None:
+                for spine in axis.spines.values():
+                    spine.set_edgecolor(CORRECT_COLOUR if correct else WRONG_COLOUR)
+                    spine.set_linewidth(4)
+        figure.suptitle(f"{title}: query {q}")
+        figure.tight_layout()
+        figure.savefig(folder / f"{q:03d}.png", dpi=80)

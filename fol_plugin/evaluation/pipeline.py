@@ -1,0 +1,451 @@
+"""The two-stage evaluation: images -> FoL features -> global retrieval -> FoL re-ranking -> recalls.
+
+:func:`run_eval` runs FoL end to end (``fol-vpr eval``); :func:`run_rerank` re-ranks another
+method's predictions with FoL (``fol-vpr rerank``). Intermediate results live in
+``<output_dir>/cache`` and every stage resumes from them after an interruption.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_model
+from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
+from ..features import (
+    ExtractionConfig,
+    InMemoryFeatures,
+    LocalFeatureStore,
+    ResumableArray,
+    check_image_size,
+    extract_global,
+    extract_local,
+)
+from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
+from ..models.local_features import NUM_SELECTED_PATCHES
+from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
+from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
+from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
+from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
+
+logger = logging.getLogger(__name__)
+
+CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
+KEYPOINT_BYTES = 8
+GIB = 1024**3
+CACHE_FOLDER = "cache"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``fol-vpr eval`` and ``fol-vpr rerank`` need (flag names of VPR-methods-evaluation).
+
+    Attributes:
+        database_folder: the database images.
+        queries_folders: one or more query sets searched against the same database.
+        output_dir: where results (and the resumable cache) go.
+        backbone: "vitl" or "vitb".
+        weights: "auto" (published checkpoint), a path or URL.
+        extraction: image size, resize mode, batching and device.
+        recall_values: the N of each recall@N.
+        positive_dist_threshold: metres within which a database image is correct.
+        labelled: read UTM labels from file names and compute recalls.
+        rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
+        precision: "exact" or "bf16" re-ranking.
+        store_dtype: local-feature store precision ("float32" reproduces the original's scores).
+        in_memory: hold all database local features in RAM, as the original's default mode.
+        num_preds_to_save: per query, predictions drawn in PNG grids and listed in preds/*.txt.
+        save_descriptors: keep the global descriptors as .npy files in the output folder.
+        keep_cache: keep ``<output_dir>/cache`` after a successful run.
+        search_chunk_size: database rows per faiss index.
+    """
+
+    database_folder: Path
+    queries_folders: list[Path]
+    output_dir: Path
+    backbone: str = "vitl"
+    weights: str | None = "auto"
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    recall_values: tuple[int, ...] = DEFAULT_RECALL_VALUES
+    positive_dist_threshold: float = DEFAULT_POSITIVE_DISTANCE
+    labelled: bool = True
+    rerank_topk: int = DEFAULT_TOP_K
+    precision: str = "exact"
+    store_dtype: str = "float32"
+    in_memory: bool = False
+    num_preds_to_save: int = 0
+    save_descriptors: bool = False
+    keep_cache: bool = False
+    search_chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+@dataclass
+class QuerySet:
+    """A query set with what the run computes for it."""
+
+    images: ImageSet
+    key: str  # unique name, used for its output folder
+    positives: list[np.ndarray] | None = None
+    global_predictions: np.ndarray | None = None
+    global_distances: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    reranked: np.ndarray | None = None
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 3)
+    logger.info("%s: %.1f s", stage, timings[stage])
+
+
+def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
+    """The database and query sets, with positives when labelled."""
+    if not config.queries_folders:
+        raise ValueError("give at least one --queries_folder")
+    database = load_image_set(config.database_folder, config.labelled)
+    query_sets, keys = [], set()
+    for folder in config.queries_folders:
+        images = load_image_set(folder, config.labelled)
+        key = images.name
+        while key in keys:
+            key = f"{key}_{len(keys)}"
+        keys.add(key)
+        positives = None
+        if config.labelled:
+            positives = find_positives(database.utms, images.utms, config.positive_dist_threshold)
+        query_sets.append(QuerySet(images=images, key=key, positives=positives))
+    logger.info("Database: %d images; queries: %s", len(database), {s.key: len(s.images) for s in query_sets})
+    return database, query_sets
+
+
+def num_predictions(config: EvalConfig, num_database: int) -> int:
+    """Predictions kept per query: enough for the recalls, the re-ranking and the saved figures."""
+    wanted = max(max(config.recall_values), config.rerank_topk, config.num_preds_to_save)
+    if wanted > num_database:
+        logger.warning("Only %d database images: keeping %d predictions per query, not %d", num_database, num_database, wanted)
+    return min(wanted, num_database)
+
+
+def cells_per_image(image_size: tuple[int, int]) -> int:
+    """Upper bound on the local features of one image at ``image_size``."""
+    patches = (image_size[0] // PATCH_SIZE) * (image_size[1] // PATCH_SIZE)
+    return CELLS_PER_PATCH * min(NUM_SELECTED_PATCHES, patches)
+
+
+def project_resources(config: EvalConfig, num_database: int, num_queries: int, num_candidates: int) -> dict[str, float]:
+    """Projected disk and RAM (bytes) of a run: global descriptors, local features, scores.
+
+    Args:
+        num_candidates: database images whose local features are needed (at most Q x top-k).
+    """
+    cells = cells_per_image(config.extraction.image_size)
+    itemsize = 4 if config.in_memory else np.dtype(config.store_dtype).itemsize
+    local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + 24
+    global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4
+    local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
+    scores_bytes = num_queries * config.rerank_topk * 4
+    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + 4 * cells * cells * 2
+    search_ram = min(num_database, config.search_chunk_size) * GLOBAL_DIM * 4 + num_queries * GLOBAL_DIM * 4
+    in_memory_locals = (num_queries + num_database) * cells * (LOCAL_DIM + 2) * 4 if config.in_memory else 0
+    return {
+        "disk": global_bytes + scores_bytes + (0 if config.in_memory else local_bytes),
+        "ram": max(matching_ram, search_ram) + in_memory_locals,
+        "local_bytes_per_image": local_image,
+    }
+
+
+class InsufficientDiskError(RuntimeError):
+    """The output folder's disk cannot hold a run."""
+
+
+def check_disk(folder: Path, needed: float, already_there: float) -> None:
+    """Refuse to start when ``folder``'s disk cannot hold what the run still has to write."""
+    free = shutil.disk_usage(folder).free
+    if needed - already_there > free:
+        raise InsufficientDiskError(
+            f"this run needs {needed / GIB:.2f} GiB in {folder} ({already_there / GIB:.2f} GiB already there) but only "
+            f"{free / GIB:.2f} GiB are free: free space, pick another --output_dir, use --store_dtype float16 or lower "
+            f"--rerank_topk"
+        )
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
+
+
+def _check_run_file(cache: Path, description: dict) -> None:
+    """The cache must come from the same model, pre-processing and images; record them."""
+    run_file = cache / RUN_FILE
+    if run_file.exists():
+        stored = json.loads(run_file.read_text())
+        if stored != description:
+            changed = sorted(key for key in description if stored.get(key) != description[key])
+            raise ValueError(
+                f"{cache} holds features of another run (differs in {changed}); use another --output_dir or delete {cache}"
+            )
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(description, indent=1))
+
+
+def _run_description(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet]) -> dict:
+    def listing(images: ImageSet) -> list:
+        return [str(images.folder), len(images), images.paths[0], images.paths[-1]]
+
+    return {
+        "backbone": str(config.backbone),
+        "weights": str(config.weights),
+        "image_size": list(config.extraction.image_size),
+        "resize_mode": config.extraction.resize_mode,
+        "database": listing(database),
+        "queries": {query_set.key: listing(query_set.images) for query_set in query_sets},
+    }
+
+
+def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeatureStore | InMemoryFeatures:
+    if config.in_memory:
+        return InMemoryFeatures()
+    return LocalFeatureStore(folder, num_ids, LOCAL_DIM, config.store_dtype)
+
+
+def _extract_queries(
+    config: EvalConfig, model: FoLModel, cache: Path, query_set: QuerySet, need_global: bool
+) -> tuple[np.ndarray | None, LocalFeatureStore | InMemoryFeatures | None]:
+    paths = query_set.images.paths
+    folder = cache / query_set.key
+    local = _local_features(config, folder / "local", len(paths)) if config.rerank_topk else None
+    descriptors = None
+    if need_global:
+        array = ResumableArray(folder / "queries_global.npy", (len(paths), GLOBAL_DIM))
+        descriptors = extract_global(model, paths, array, config.extraction, local, desc=f"Queries {query_set.key}")
+    if local is not None:
+        extract_local(model, paths, np.arange(len(paths)), local, config.extraction, desc=f"Queries {query_set.key} (local)")
+    return descriptors, local
+
+
+def _rerank_set(
+    config: EvalConfig, cache: Path, query_set: QuerySet, query_local, database_local
+) -> None:
+    top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
+    local_dtype = "float32" if config.in_memory else config.store_dtype
+    scores = ResumableArray(
+        cache / query_set.key / f"rerank_scores_{config.precision}_{local_dtype}_top{top_k}.npy",
+        (len(query_set.images), top_k),
+    )
+    score_candidates(
+        query_set.global_predictions,
+        query_local,
+        database_local,
+        top_k,
+        config.precision,
+        device=config.extraction.device,
+        out=scores.array,
+        start=scores.rows_done,
+        on_query_done=scores.commit,
+    )
+    query_set.scores = np.array(scores.array)
+    query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)
+
+
+def _recalls(config: EvalConfig, query_set: QuerySet, predictions: np.ndarray | None) -> dict[str, float] | None:
+    if predictions is None or query_set.positives is None:
+        return None
+    recall_values = [n for n in config.recall_values if n <= predictions.shape[1]]
+    return {f"R@{n}": round(value, 4) for n, value in compute_recalls(predictions, query_set.positives, recall_values).items()}
+
+
+def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
+    output_dir = config.output_dir
+    summary = {"config": _json_config(config), "query_sets": {}, "timings_s": timings, **extra}
+    for query_set in query_sets:
+        folder = output_dir / query_set.key
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "predictions_global.npy", query_set.global_predictions)
+        final = query_set.global_predictions
+        if query_set.reranked is not None:
+            np.save(folder / "predictions_reranked.npy", query_set.reranked)
+            np.save(folder / "rerank_scores.npy", query_set.scores)
+            final = query_set.reranked
+        write_predictions_csv(
+            folder / "predictions.csv",
+            query_set.images.paths,
+            database.paths,
+            final,
+            query_set.global_predictions,
+            query_set.global_distances,
+            query_set.scores,
+            query_set.positives,
+        )
+        if config.num_preds_to_save:
+            stages = [("global", query_set.global_predictions)]
+            if query_set.reranked is not None:
+                stages.append(("reranked", query_set.reranked))
+            for stage, predictions in stages:
+                shown = predictions[:, : config.num_preds_to_save]
+                write_preds_files(folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives)
+                save_prediction_grids(
+                    folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
+                    config.num_preds_to_save, f"{query_set.key} {stage}",
+                )
+        summary["query_sets"][query_set.key] = {
+            "num_queries": len(query_set.images),
+            "global": _recalls(config, query_set, query_set.global_predictions),
+            "reranked": _recalls(config, query_set, query_set.reranked),
+        }
+        for stage in ("global", "reranked"):
+            if summary["query_sets"][query_set.key][stage]:
+                logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
+    (output_dir / "recalls.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _json_config(config: EvalConfig) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _keep_descriptors(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet], Path]:
+    check_image_size(config.extraction.image_size)
+    if config.rerank_topk < 0:
+        raise ValueError(f"--rerank_topk {config.rerank_topk} must be 0 (no re-ranking) or positive")
+    database, query_sets = load_sets(config)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    cache = config.output_dir / CACHE_FOLDER
+    _check_run_file(cache, _run_description(config, database, query_sets))
+    return database, query_sets, cache
+
+
+def _report_and_check(config: EvalConfig, cache: Path, num_database: int, query_sets: list[QuerySet], k: int) -> dict:
+    num_queries = sum(len(query_set.images) for query_set in query_sets)
+    num_candidates = min(num_database, num_queries * min(config.rerank_topk, k))
+    projection = project_resources(config, num_database, num_queries, num_candidates)
+    logger.info(
+        "Projected: %.2f GiB on disk in %s, %.2f GiB of RAM beyond the model; local features %.2f MB per image (%s)",
+        projection["disk"] / GIB, cache, projection["ram"] / GIB, projection["local_bytes_per_image"] / 1e6,
+        "float32 in RAM" if config.in_memory else config.store_dtype,
+    )
+    check_disk(config.output_dir, projection["disk"], _folder_bytes(cache))
+    return projection
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """``fol-vpr eval``: FoL global retrieval, then FoL re-ranking, on one database and its query sets.
+
+    Returns:
+        The summary written to ``recalls.json``.
+    """
+    timings: dict[str, float] = {}
+    database, query_sets, cache = _prepare(config)
+    k = num_predictions(config, len(database))
+    _report_and_check(config, cache, len(database), query_sets, k)
+    with _timed(timings, "load_model"):
+        model = load_model(config.backbone, config.weights, config.extraction.device)
+    query_global, query_local = {}, {}
+    for query_set in query_sets:
+        with _timed(timings, f"features_{query_set.key}"):
+            query_global[query_set.key], query_local[query_set.key] = _extract_queries(config, model, cache, query_set, True)
+    database_local = _local_features(config, cache / "database_local", len(database)) if config.rerank_topk else None
+    with _timed(timings, "features_database_global"):
+        database_global = ResumableArray(cache / "database_global.npy", (len(database), GLOBAL_DIM))
+        extract_global(
+            model, database.paths, database_global, config.extraction,
+            database_local if config.in_memory else None, desc="Database",
+        )
+    with _timed(timings, "global_search"):
+        for query_set in query_sets:
+            query_set.global_distances, query_set.global_predictions = exact_search(
+                database_global.array, query_global[query_set.key], k, config.search_chunk_size
+            )
+    extra = {}
+    if config.rerank_topk:
+        top_k = min(config.rerank_topk, k)
+        candidates = np.unique(np.concatenate([s.global_predictions[:, :top_k].ravel() for s in query_sets]))
+        with _timed(timings, "features_database_local"):
+            extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
+        for query_set in query_sets:
+            with _timed(timings, f"rerank_{query_set.key}"):
+                _rerank_set(config, cache, query_set, query_local[query_set.key], database_local)
+        if isinstance(database_local, LocalFeatureStore):
+            extra["store_bytes_per_image"] = round(database_local.bytes_per_image())
+    with _timed(timings, "outputs"):
+        if config.save_descriptors:
+            _keep_descriptors(database_global.path, config.output_dir / "database_descriptors.npy")
+            for query_set in query_sets:
+                folder = config.output_dir / query_set.key
+                folder.mkdir(parents=True, exist_ok=True)
+                _keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
+        summary = _write_outputs(config, database, query_sets, timings, extra)
+    _finish(config, cache)
+    return summary
+
+
+def run_rerank(config: EvalConfig, predictions: dict[str, np.ndarray]) -> dict:
+    """``fol-vpr rerank``: FoL re-ranking of another method's predictions.
+
+    Args:
+        predictions: per query folder (as given in ``config.queries_folders``, by position key
+            "0", "1", ...), [Q, K] database indices, best first.
+
+    Returns:
+        The summary written to ``recalls.json`` (recalls before and after re-ranking).
+    """
+    if config.rerank_topk <= 0:
+        raise ValueError("fol-vpr rerank needs --rerank_topk > 0")
+    timings: dict[str, float] = {}
+    database, query_sets, cache = _prepare(config)
+    for position, query_set in enumerate(query_sets):
+        given = np.asarray(predictions[str(position)])
+        if given.ndim != 2 or len(given) != len(query_set.images):
+            raise ValueError(
+                f"the predictions for {query_set.images.folder} are {given.shape}, expected "
+                f"[{len(query_set.images)} queries, K]"
+            )
+        if given.min() < 0 or given.max() >= len(database):
+            raise ValueError(
+                f"the predictions for {query_set.images.folder} hold database index {int(given.max())} "
+                f"or {int(given.min())}, outside [0, {len(database)}): they are for another database"
+            )
+        query_set.global_predictions = given.astype(np.int64)
+    k = max(s.global_predictions.shape[1] for s in query_sets)
+    _report_and_check(config, cache, len(database), query_sets, k)
+    with _timed(timings, "load_model"):
+        model = load_model(config.backbone, config.weights, config.extraction.device)
+    database_local = _local_features(config, cache / "database_local", len(database))
+    top_k = config.rerank_topk
+    candidates = np.unique(np.concatenate([s.global_predictions[:, :top_k].ravel() for s in query_sets]))
+    with _timed(timings, "features_database_local"):
+        extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
+    for query_set in query_sets:
+        with _timed(timings, f"features_{query_set.key}"):
+            _, query_local = _extract_queries(config, model, cache, query_set, False)
+        with _timed(timings, f"rerank_{query_set.key}"):
+            _rerank_set(config, cache, query_set, query_local, database_local)
+    with _timed(timings, "outputs"):
+        summary = _write_outputs(config, database, query_sets, timings, {})
+    _finish(config, cache)
+    return summary
+
+
+def _finish(config: EvalConfig, cache: Path) -> None:
+    if config.keep_cache:
+        logger.info("Cache kept in %s", cache)
+    else:
+        shutil.rmtree(cache)

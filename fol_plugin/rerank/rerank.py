@@ -1,0 +1,107 @@
+"""Re-ranking global retrieval results by FoL's local matching scores."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .engine import mutual_match_scores
+from .mutual import MATCH_THRESHOLD
+
+DEFAULT_TOP_K = 100
+
+
+
+class FeatureSource(Protocol):
+    """Local descriptors by image id: a LocalFeatureStore, a list or a dict of tensors."""
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        """[N, D] L2-normalised local descriptors."""
+
+
+def score_candidates(
+    global_predictions: np.ndarray,
+    query_features: FeatureSource,
+    database_features: FeatureSource,
+    top_k: int = DEFAULT_TOP_K,
+    precision: str = "exact",
+    threshold: float = MATCH_THRESHOLD,
+    device: str | torch.device = "cpu",
+    out: np.ndarray | None = None,
+    start: int = 0,
+    on_query_done: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """FoL scores of each query's first ``top_k`` global candidates.
+
+    Args:
+        global_predictions: [Q, K] database ids, best first.
+        query_features: ``query_features[q]`` -> [n, 128] local descriptors of query q.
+        database_features: ``database_features[i]`` -> [m, 128] of database image i.
+        top_k: candidates re-ranked per query (at most K).
+        precision: "exact" (the original's scores) or "bf16" (approximate, faster).
+        device: where matching runs ("cuda" uses the plain float32 algorithm there).
+        out: [Q, top_k] float32 array to fill (e.g. a resumable memory map); allocated when None.
+        start: first query to score (the earlier rows of ``out`` are kept).
+        on_query_done: called with the number of finished queries after each one (to commit).
+
+    Returns:
+        [Q, top_k] float32 scores (the number of counted mutual matches).
+    """
+    global_predictions = np.asarray(global_predictions)
+    top_k = min(top_k, global_predictions.shape[1])
+    if out is None:
+        out = np.zeros((len(global_predictions), top_k), np.float32)
+    elif out.shape != (len(global_predictions), top_k):
+        raise ValueError(f"scores array is {out.shape}, expected {(len(global_predictions), top_k)}")
+    queries = range(start, len(global_predictions))
+    for q in tqdm(queries, desc="Re-ranking", unit="query", disable=not progress, total=len(queries)):
+        query = query_features[q].to(device)
+        candidates = [database_features[int(i)].to(device) for i in global_predictions[q, :top_k]]
+        out[q] = mutual_match_scores(query, candidates, threshold, precision).cpu().numpy()
+        if on_query_done is not None:
+            on_query_done(q + 1)
+    return out
+
+
+def order_by_scores(global_predictions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Re-rank the first ``scores.shape[1]`` predictions of each query by descending score;
+    equal scores keep the global order (stable), and later predictions stay where they were.
+
+    Args:
+        global_predictions: [Q, K] database ids.
+        scores: [Q, k] with k <= K.
+
+    Returns:
+        [Q, K] database ids.
+    """
+    global_predictions = np.asarray(global_predictions)
+    top_k = scores.shape[1]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    reranked = global_predictions.copy()
+    reranked[:, :top_k] = np.take_along_axis(global_predictions[:, :top_k], order, axis=1)
+    return reranked
+
+
+def rerank(
+    global_predictions: np.ndarray,
+    query_features: FeatureSource,
+    database_store: FeatureSource,
+    top_k: int = DEFAULT_TOP_K,
+    precision: str = "exact",
+    threshold: float = MATCH_THRESHOLD,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Re-rank global predictions [Q, K] with FoL's local matching -> [Q, K] database ids.
+
+    The first ``top_k`` candidates of each query are ordered by their FoL score (equal scores
+    keep the global order); the rest keep their global order.
+    """
+    scores = score_candidates(
+        global_predictions, query_features, database_store, top_k, precision, threshold, device, progress=progress
+    )
+    return order_by_scores(global_predictions, scores)

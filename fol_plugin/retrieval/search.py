@@ -1,0 +1,50 @@
+"""First-stage retrieval: exact L2 nearest neighbours of the global descriptors (faiss)."""
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 65536  # database rows per faiss index
+
+
+def exact_search(
+    database: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database descriptors of each query by L2 distance, as ``faiss.IndexFlatL2``.
+
+    The database is searched ``chunk_size`` rows at a time (it may be a memory map larger than
+    RAM) and the per-chunk results merged; equal distances keep the lower database index.
+
+    Args:
+        database: [N, D] float32 (a memory map is read chunk by chunk).
+        queries: [Q, D] float32.
+        k: predictions per query, at most N.
+
+    Returns:
+        distances [Q, k] float32 (squared L2, ascending) and indices [Q, k] int64.
+    """
+    num_database, dim = database.shape
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must be [Q, {dim}] like the database, got {queries.shape}")
+    if not 0 < k <= num_database:
+        raise ValueError(f"k={k} must be between 1 and the database size {num_database}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_distances = np.full((len(queries), 0), np.inf, np.float32)
+    best_indices = np.zeros((len(queries), 0), np.int64)
+    starts = range(0, num_database, chunk_size)
+    for start in tqdm(starts, desc="Global search", unit="chunk", disable=not progress or len(starts) == 1):
+        chunk = np.ascontiguousarray(database[start : start + chunk_size], dtype=np.float32)
+        index = faiss.IndexFlatL2(dim)
+        index.add(chunk)
+        distances, indices = index.search(queries, min(k, len(chunk)))
+        distances = np.concatenate([best_distances, distances], axis=1)
+        indices = np.concatenate([best_indices, indices + start], axis=1)
+        order = np.lexsort((indices, distances), axis=1)[:, :k]
+        best_distances = np.take_along_axis(distances, order, axis=1)
+        best_indices = np.take_along_axis(indices, order, axis=1)
+    return best_distances, best_indices

@@ -1,0 +1,246 @@
+"""The two-stage evaluation end to end on a small labelled set built from the shared toy photos,
+with a tiny ViT (plumbing, not accuracy), plus its building blocks and its errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fol_plugin import cli
+from fol_plugin.data.datasets import find_positives, list_images, load_image_set
+from fol_plugin.evaluation import EvalConfig, compute_recalls, run_eval, run_rerank
+from fol_plugin.evaluation.outputs import read_preds_files, write_preds_files
+from fol_plugin.features import ExtractionConfig
+from fol_plugin.models import FoLModel
+from fol_plugin.rerank import order_by_scores
+from fol_plugin.retrieval import exact_search
+
+from .conftest import DATA, TINY_VIT, require
+
+IMAGE_SIZE = (126, 126)  # 81 patches: the smallest square FoL takes, fast for the tiny ViT
+SPACING = 100.0  # metres between database places
+NEAR_QUERIES = (0, 3, 7)  # database images whose copy is a query labelled 10 m from it
+FAR_QUERIES = (5, 11)  # copies labelled 1 km past the last place: no positive at all
+
+
+def utm_name(east: float, north: float, stem: str) -> str:
+    return f"@{east:.2f}@{north:.2f}@17@T@{stem}@.jpg"
+
+
+@pytest.fixture(scope="module")
+def labelled_set(tmp_path_factory) -> Path:
+    """17 toy database photos on a line, 100 m apart; 5 queries, each an exact copy of a
+    database photo, three labelled 10 m from it and two far from every place."""
+    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
+    root = tmp_path_factory.mktemp("labelled")
+    (root / "database").mkdir()
+    (root / "queries").mkdir()
+    for i, source in enumerate(sources):
+        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    for q, i in enumerate(NEAR_QUERIES + FAR_QUERIES):
+        east = SPACING * i + 10 if i in NEAR_QUERIES else SPACING * (len(sources) + 10)
+        shutil.copyfile(sources[i], root / "queries" / utm_name(east, 0.0, f"copy{i:02d}"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save({"model_state_dict": FoLModel(TINY_VIT).state_dict()}, path)
+    return path
+
+
+def copy_indices(database_paths: list[str], query_paths: list[str]) -> list[int]:
+    """The database index of each query's source photo."""
+    names = [Path(p).name.split("@")[-2] for p in database_paths]
+    return [names.index("db" + Path(p).name.split("@")[-2].removeprefix("copy")) for p in query_paths]
+
+
+def config_for(root: Path, output: Path, weights: Path, **overrides) -> EvalConfig:
+    settings = dict(
+        database_folder=root / "database",
+        queries_folders=[root / "queries"],
+        output_dir=output,
+        backbone=TINY_VIT,
+        weights=str(weights),
+        extraction=ExtractionConfig(image_size=IMAGE_SIZE, batch_size=4, num_workers=0),
+        rerank_topk=8,
+        num_preds_to_save=2,
+        keep_cache=True,
+    )
+    settings.update(overrides)
+    return EvalConfig(**settings)
+
+
+def hand_recalls(predictions: np.ndarray, database_east: np.ndarray, query_east: np.ndarray, n: int) -> float:
+    """Recall@n straight from the definition: a query is found when one of its first n
+    predictions lies within 25 m."""
+    found = 0
+    for q, row in enumerate(predictions):
+        found += any(abs(database_east[i] - query_east[q]) <= 25 for i in row[:n])
+    return 100 * found / len(predictions)
+
+
+def test_end_to_end_recalls_match_a_hand_computation(labelled_set, tiny_weights, tmp_path):
+    summary = run_eval(config_for(labelled_set, tmp_path / "run", tiny_weights))
+    out = tmp_path / "run" / "queries"
+    global_predictions = np.load(out / "predictions_global.npy")
+    reranked = np.load(out / "predictions_reranked.npy")
+    # max(recall_values) = 20 predictions asked, but the database has only 17 images.
+    assert global_predictions.shape == reranked.shape == (5, 17)
+    database = load_image_set(labelled_set / "database")
+    queries = load_image_set(labelled_set / "queries")
+    # Each query is an exact copy of a database photo: global retrieval ranks it first.
+    assert global_predictions[:, 0].tolist() == copy_indices(database.paths, queries.paths)
+    for predictions, stage in ((global_predictions, "global"), (reranked, "reranked")):
+        assert "R@20" not in summary["query_sets"]["queries"][stage]
+        for n in (1, 5, 10):
+            expected = hand_recalls(predictions, database.utms[:, 0], queries.utms[:, 0], n)
+            assert summary["query_sets"]["queries"][stage][f"R@{n}"] == pytest.approx(expected)
+    # Three of five queries have a positive, and it is their exact copy, first in both stages.
+    assert summary["query_sets"]["queries"]["reranked"]["R@1"] == pytest.approx(60.0)
+    # Re-ranking only reorders each query's first 8 candidates.
+    assert (np.sort(reranked[:, :8], axis=1) == np.sort(global_predictions[:, :8], axis=1)).all()
+    assert (reranked[:, 8:] == global_predictions[:, 8:]).all()
+    # What the run writes.
+    assert json.loads((tmp_path / "run" / "recalls.json").read_text())["query_sets"]["queries"]["global"]
+    csv_lines = (out / "predictions.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 5 * 17
+    assert sorted(p.name for p in (out / "preds_reranked").iterdir())[:2] == ["000.png", "000.txt"]
+    assert (read_preds_files(out / "preds_reranked", queries.paths, database.paths) == reranked[:, :2]).all()
+
+
+def test_low_memory_and_in_memory_runs_agree(labelled_set, tiny_weights, tmp_path):
+    low = run_eval(config_for(labelled_set, tmp_path / "low", tiny_weights, store_dtype="float32"))
+    high = run_eval(config_for(labelled_set, tmp_path / "high", tiny_weights, in_memory=True))
+    for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
+        assert (np.load(tmp_path / "low" / "queries" / name) == np.load(tmp_path / "high" / "queries" / name)).all()
+    assert low["query_sets"] == high["query_sets"]
+    assert 0 < low["store_bytes_per_image"] < 3600 * 128 * 4
+
+
+def test_an_interrupted_run_resumes_without_recomputing(labelled_set, tiny_weights, tmp_path, monkeypatch):
+    reference = run_eval(config_for(labelled_set, tmp_path / "reference", tiny_weights))
+    calls = {"forward": 0, "extract": 0}
+    forward, extract = FoLModel.forward, FoLModel.extract
+
+    def counting_forward(self, images):
+        calls["forward"] += len(images)
+        if calls["forward"] > 8:
+            raise KeyboardInterrupt
+        return forward(self, images)
+
+    def counting_extract(self, images):
+        calls["extract"] += len(images)
+        return extract(self, images)
+
+    monkeypatch.setattr(FoLModel, "forward", counting_forward)
+    monkeypatch.setattr(FoLModel, "extract", counting_extract)
+    config = config_for(labelled_set, tmp_path / "resumed", tiny_weights)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config)
+    calls.update(forward=-1000, extract=0)  # no interruption on the second run
+    resumed = run_eval(config)
+    assert resumed["query_sets"] == reference["query_sets"]
+    assert calls["forward"] == -1000 + 17 - 8  # only the database images not done before
+    # Local features: only the union of the top-8 candidates; the queries' were stored.
+    candidates = np.unique(np.load(tmp_path / "resumed" / "queries" / "predictions_global.npy")[:, :8])
+    assert calls["extract"] == len(candidates)
+    for name in ("predictions_global.npy", "predictions_reranked.npy"):
+        assert (np.load(tmp_path / "resumed" / "queries" / name) == np.load(tmp_path / "reference" / "queries" / name)).all()
+
+
+def test_rerank_command_reads_harness_predictions(labelled_set, tiny_weights, tmp_path):
+    database = load_image_set(labelled_set / "database")
+    queries = load_image_set(labelled_set / "queries")
+    rng = np.random.default_rng(0)
+    given = np.stack([rng.permutation(len(database))[:10] for _ in range(len(queries))])
+    write_preds_files(tmp_path / "preds", queries.paths, database.paths, given, None)
+    config = config_for(labelled_set, tmp_path / "rerank", tiny_weights, num_preds_to_save=0)
+    from_txt = run_rerank(config, {"0": read_preds_files(tmp_path / "preds", queries.paths, database.paths)})
+    before = compute_recalls(given, find_positives(database.utms, queries.utms), (1, 5, 10))
+    assert from_txt["query_sets"]["queries"]["global"] == {f"R@{n}": pytest.approx(v) for n, v in before.items()}
+    reranked = np.load(tmp_path / "rerank" / "queries" / "predictions_reranked.npy")
+    assert (np.sort(reranked, axis=1) == np.sort(given, axis=1)).all()
+    # A query whose copy was among the candidates gets it first after re-ranking.
+    for q, copy in enumerate(copy_indices(database.paths, queries.paths)):
+        if copy in given[q]:
+            assert reranked[q, 0] == copy
+
+
+def test_recalls_and_stable_reordering():
+    predictions = np.array([[3, 1, 2], [0, 2, 1], [2, 0, 1]])
+    positives = [np.array([2]), np.array([0, 1]), np.array([], dtype=np.int64)]
+    assert compute_recalls(predictions, positives, (1, 2, 3)) == {1: pytest.approx(100 / 3), 2: pytest.approx(100 / 3),
+                                                                   3: pytest.approx(200 / 3)}
+    scores = np.array([[5.0, 7.0], [2.0, 2.0], [0.0, 1.0]])
+    assert order_by_scores(predictions, scores).tolist() == [[1, 3, 2], [0, 2, 1], [0, 2, 1]]
+
+
+def test_chunked_search_equals_one_index():
+    rng = np.random.default_rng(1)
+    database = rng.standard_normal((300, 16)).astype(np.float32)
+    database[150] = database[20]  # an exact tie: the lower index comes first
+    queries = np.concatenate([rng.standard_normal((6, 16)).astype(np.float32), database[20:21]])
+    whole = exact_search(database, queries, 10, chunk_size=1000)
+    chunked = exact_search(database, queries, 10, chunk_size=64)
+    assert (whole[1] == chunked[1]).all() and np.allclose(whole[0], chunked[0])
+    assert whole[1][-1, :2].tolist() == [20, 150]
+
+
+def test_paths_file_is_used_and_checked(tmp_path):
+    folder = tmp_path / "database"
+    folder.mkdir()
+    for name in ("b.jpg", "a.jpg"):
+        (folder / name).write_bytes(b"x")
+    assert [Path(p).name for p in list_images(folder)] == ["a.jpg", "b.jpg"]
+    (tmp_path / "database_images_paths.txt").write_text("b.jpg\na.jpg\n")
+    assert [Path(p).name for p in list_images(folder)] == ["b.jpg", "a.jpg"]
+    (tmp_path / "database_images_paths.txt").write_text("missing.jpg\n")
+    with pytest.raises(FileNotFoundError, match="database_images_paths.txt"):
+        list_images(folder)
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_bad_inputs_give_clear_errors(labelled_set, tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--output_dir", str(tmp_path / "out"), "--image_size", "126", "126"]
+    assert run_cli("eval", "--database_folder", str(empty), "--queries_folder", str(labelled_set / "queries"), *base) == 2
+    assert f"no images (.jpg, .jpeg, .png) found in {empty}" in caplog.text
+
+    unlabelled = require(DATA / "toy_dataset")
+    caplog.clear()
+    assert run_cli("eval", "--database_folder", str(unlabelled / "database"),
+                   "--queries_folder", str(unlabelled / "queries"), *base) == 2
+    assert "db1.jpg" in caplog.text and "--no_labels" in caplog.text
+
+    caplog.clear()
+    assert run_cli("eval", "--database_folder", str(labelled_set / "database"), "--queries_folder",
+                   str(labelled_set / "queries"), "--output_dir", str(tmp_path / "o"), "--image_size", "320", "320") == 2
+    assert "320 is not a multiple of the patch size 14; resize to 308 or 322" in caplog.text
+
+    caplog.clear()
+    np.save(tmp_path / "db.npy", np.zeros((17, 64), np.float32))
+    np.save(tmp_path / "q.npy", np.zeros((5, 32), np.float32))
+    assert run_cli("rerank", "--database_folder", str(labelled_set / "database"), "--queries_folder",
+                   str(labelled_set / "queries"), "--database_descriptors", str(tmp_path / "db.npy"),
+                   "--queries_descriptors", str(tmp_path / "q.npy"), *base) == 2
+    assert "q.npy is (5, 32), expected [5, 64]" in caplog.text
+
+
+def test_an_unreadable_image_is_named(labelled_set, tiny_weights, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(labelled_set, root)
+    bad = root / "database" / utm_name(0, 0, "zz_broken")
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(ValueError, match="cannot decode image .*zz_broken"):
+        run_eval(config_for(root, tmp_path / "out", tiny_weights))
