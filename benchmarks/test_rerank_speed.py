@@ -20,32 +20,11 @@ import torch.nn.functional as F
 from fol_plugin.data import normalize
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import mutual_match_scores
+from tests.original_protocol import original_scores
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 NUM_CANDIDATES = 100
-ORIGINAL_PAD = 3600  # the original zero-pads every image's local features to this length
-
-
-def original_scores(query: torch.Tensor, candidates: list[torch.Tensor], threshold: float = 0.7) -> torch.Tensor:
-    """The original algorithm: pad to 3600 cells, one batched product, arg-max both ways, then a
-    Python loop per candidate thresholding the mutual matches."""
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x.new_zeros(ORIGINAL_PAD - len(x), x.shape[1])])
-
-    fm1, fm2 = pad(query), torch.stack([pad(c) for c in candidates])
-    similarity = torch.matmul(fm2, fm1.T)
-    best_candidate = torch.argmax(similarity, dim=1)
-    best_query = torch.argmax(similarity, dim=2)
-    mutual = best_query[torch.arange(len(fm2)).reshape(-1, 1), best_candidate]
-    valid = torch.arange(similarity.shape[-1]).repeat(len(fm2), 1) == mutual
-    scores = torch.zeros(len(fm2))
-    for i in range(len(fm2)):
-        query_cells = torch.nonzero(valid[i]).squeeze(1)
-        cosine = torch.sum(fm1[query_cells] * fm2[i][best_candidate[i][query_cells]], dim=1)
-        scores[i] = int((cosine > threshold).sum())
-    return scores
 
 
 def fixture_local_features() -> list[torch.Tensor] | None:

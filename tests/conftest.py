@@ -20,6 +20,11 @@ DATA = SHARED / "data"
 TINY_VIT = ViTConfig(embed_dim=32, depth=2, num_heads=2)
 
 
+def utm_name(east: float, north: float, stem: str) -> str:
+    """A VPR-datasets-downloader file name carrying UTM coordinates."""
+    return f"@{east:.2f}@{north:.2f}@17@T@{stem}@.jpg"
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: clone the project beside ../shared to run this test")

@@ -19,16 +19,12 @@ from fol_plugin.models import FoLModel
 from fol_plugin.rerank import order_by_scores
 from fol_plugin.retrieval import exact_search
 
-from .conftest import DATA, TINY_VIT, require
+from .conftest import DATA, TINY_VIT, require, utm_name
 
 IMAGE_SIZE = (126, 126)  # 81 patches: the smallest square FoL takes, fast for the tiny ViT
 SPACING = 100.0  # metres between database places
 NEAR_QUERIES = (0, 3, 7)  # database images whose copy is a query labelled 10 m from it
 FAR_QUERIES = (5, 11)  # copies labelled 1 km past the last place: no positive at all
-
-
-def utm_name(east: float, north: float, stem: str) -> str:
-    return f"@{east:.2f}@{north:.2f}@17@T@{stem}@.jpg"
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fol_plugin import mutual_match_scores
 from fol_plugin.rerank import mutual_matches, reference_match_scores
+from fol_plugin.rerank import kernels
 from fol_plugin.rerank.engine import bf16_error_bound
 
 
@@ -141,3 +142,28 @@ def test_engine_accepts_half_precision_storage():
     half = [candidate.half() for candidate in candidates]
     expected = reference_match_scores(query, [candidate.float() for candidate in half])
     assert mutual_match_scores(query, half).tolist() == expected.tolist()
+
+
+def test_gemm_value_is_torchs_float32_matmul_bit_for_bit():
+    generator = torch.Generator().manual_seed(6)
+    query = F.normalize(torch.randn(300, 128, generator=generator), dim=-1)
+    candidate = F.normalize(torch.randn(200, 128, generator=generator), dim=-1)
+    expected = (candidate @ query.T).numpy()
+    values = np.array([[kernels.gemm_value(query.numpy(), j, candidate.numpy(), i) for j in range(300)] for i in range(200)])
+    assert (values == expected).all()
+
+
+def test_float32_rounding_ties_are_decided_as_the_float32_gemm_does():
+    """Candidate cells equidistant (in real arithmetic, up to 1e-8) from two query cells, one of
+    which only it can match: which query cell the row picks is decided by rounding, and the
+    engine must decide as the float32 GEMM does, not as exact arithmetic would."""
+    generator = torch.Generator().manual_seed(0)
+    groups = 400
+    a, b, w, w2 = torch.linalg.qr(torch.randn(groups, 128, 4, generator=generator, dtype=torch.float64)).Q.unbind(-1)
+    first, second = (a + b) / 2**0.5, (a - b) / 2**0.5  # both at cosine 0.7071 from `a`
+    tied = F.normalize(a + 0.05 * w + 1e-8 * torch.randn(groups, 128, generator=generator, dtype=torch.float64), dim=-1)
+    partner = F.normalize(second + 0.05 * w2, dim=-1)  # the second query cell's own match
+    query, candidate = torch.cat([first, second]).float(), torch.cat([tied, partner]).float()
+    float32_rule = reference_match_scores(query, [candidate])
+    assert float32_rule != reference_match_scores(query.double(), [candidate.double()])  # the case occurs
+    assert mutual_match_scores(query, [candidate]).tolist() == float32_rule.tolist()

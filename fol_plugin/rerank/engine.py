@@ -9,20 +9,22 @@ Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_m
    is below ``1 + 2^-9`` (L2-normalised rows), every value the scans compare against lies below
    1 and entries of 1 or more pass every test anyway, so eps takes 2^-9 for the output: about
    0.0065 in all; otherwise ``u max|q~| max|d~|``.
-2. One pass over ``S~`` (:func:`.kernels.exact_row_best`) finds each row's maximum; a query
-   cell can only count when it exceeds ``threshold - eps``. The exact value L of the row's first
-   bf16 arg-max bounds its true maximum from below, so the true best candidate lies among the
-   cells at or above ``L - eps`` in bf16; those are re-computed exactly (float32 products summed
-   in float64), ties to the first index.
-3. The count threshold is applied to each pair's float32 dot product, as the original does.
-4. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
-   is mutual unless a cell of that column within ``eps`` of the anchor in bf16 beats it exactly
+2. The decisions are the original's: arg-maxima of the float32 GEMM's values, first index on
+   ties. torch's CPU float32 matmul computes each entry as one fused multiply-add per term, in
+   order (:func:`.kernels.gemm_value` does the same, bit for bit); it is within ``delta =
+   gamma_K |q| |d|`` of the exact similarity (float32 products summed in float64).
+3. One pass over ``S~`` (:func:`.kernels.exact_row_best`) finds each row's maximum; a query
+   cell can only count when it exceeds ``threshold - eps - delta``. The exact value E of the
+   row's first bf16 arg-max bounds the row's maximum from below, so its GEMM arg-max lies among
+   the cells at or above ``E - eps - 2 delta`` in bf16. Their exact values leave the cells within
+   ``2 delta`` of the best as contenders, and their GEMM values decide.
+4. The count threshold is applied to each pair's float32 dot product, as the original does.
+5. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
+   is mutual unless a row of that column near the anchor in bf16 beats it in the GEMM
    (:func:`.kernels.beaten_anchors`, ties to the first index).
 
-The original compares its GEMM's float32 values where this compares exact sums, so two cells
-whose similarities differ by float32 rounding alone (about 1e-7) could order differently; no
-score differed in the tests or benchmarks. ``precision="bf16"`` takes the arg-maxima of ``S~``
-itself: faster, approximate (the benchmarks measure its agreement).
+``precision="bf16"`` takes the arg-maxima of ``S~`` itself: faster, approximate (the benchmarks
+measure its agreement). On CUDA the plain float32 algorithm runs, with cuBLAS's own rounding.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def _rounding_stats(x: torch.Tensor) -> tuple[float, float, float]:
     )
 
 
-def _combine_bound(query_stats: tuple[float, float, float], candidate_stats: tuple[float, float, float], dim: int) -> float:
+def _bounds(query_stats: tuple[float, float, float], candidate_stats: tuple[float, float, float], dim: int) -> tuple[float, float]:
+    """(eps, delta): bounds on |bf16 product - exact| and |float32 GEMM - exact| (module docstring)."""
     query_norm, query_rounded, query_residual = query_stats
     candidate_norm, candidate_rounded, candidate_residual = candidate_stats
     gamma = dim * FP32_UNIT_ROUNDOFF / (1 - dim * FP32_UNIT_ROUNDOFF)
@@ -66,7 +69,7 @@ def _combine_bound(query_stats: tuple[float, float, float], candidate_stats: tup
         output = HALF_ULP_BELOW_ONE
     else:
         output = BF16_UNIT_ROUNDOFF * (1 + gamma) * query_rounded * candidate_rounded
-    return BOUND_SAFETY * (inputs + accumulation + output)
+    return BOUND_SAFETY * (inputs + accumulation + output), BOUND_SAFETY * gamma * query_norm * candidate_norm
 
 
 def bf16_error_bound(query: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -74,7 +77,7 @@ def bf16_error_bound(query: torch.Tensor, candidate: torch.Tensor) -> float:
     that the exact engine relies on (see the module docstring), from the two inputs' actual
     rounding residuals: all entries below 1 in bf16, and all entries when some row has a norm
     well above 1."""
-    return _combine_bound(_rounding_stats(query.float()), _rounding_stats(candidate.float()), query.shape[1])
+    return _bounds(_rounding_stats(query.float()), _rounding_stats(candidate.float()), query.shape[1])[0]
 
 
 def _bf16_keys(similarity: torch.Tensor) -> np.ndarray:
@@ -104,15 +107,17 @@ def _floor_keys(values: np.ndarray) -> np.ndarray:
     return (np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).astype(np.int32)
 
 
-def _count_exact(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float) -> int:
-    """Exact count for one candidate, from the bf16 similarity's keys [n, m] and its error bound."""
+def _count_exact(
+    keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
+) -> int:
+    """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
     m = keys.shape[1]
     query_np, candidate_np = query.numpy(), candidate.numpy()
     if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
         return len(mutual_matches(query, candidate, threshold)[0])
-    # Each query cell's exact best candidate, among the cells within 2 eps of its bf16 maximum.
+    # Each query cell's best candidate in the float32 GEMM, and that GEMM value.
     best_candidate, best_value, col_chunk_keys = kernels.exact_row_best(
-        keys, KEY_VALUES, eps, threshold, query_np, candidate_np
+        keys, KEY_VALUES, eps, delta, threshold, query_np, candidate_np
     )
     rows = np.flatnonzero(best_value > threshold - DOT_MARGIN)
     partners = best_candidate[rows]
@@ -123,7 +128,7 @@ def _count_exact(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor,
     if len(rows) == 0:
         return 0
     # Per candidate cell, its strongest claimant (first row on ties) is the only one that can be
-    # mutual; it is, unless a row within eps of it in bf16 beats it exactly.
+    # mutual; it is, unless a row near it in bf16 beats it in the float32 GEMM.
     order = np.lexsort((rows, -values))
     claimed, first = np.unique(partners[order], return_index=True)
     anchor_row = np.full(m, -1, np.int64)
@@ -131,15 +136,17 @@ def _count_exact(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor,
     anchor_row[claimed] = rows[order][first]
     anchor_value[claimed] = values[order][first]
     col_threshold = np.full(m, kernels.NO_THRESHOLD, np.int32)
-    col_threshold[claimed] = _floor_keys(anchor_value[claimed] - eps)
+    col_threshold[claimed] = _floor_keys(anchor_value[claimed] - eps - delta)
     beaten = np.zeros(m, np.bool_)
     beaten[claimed] = kernels.beaten_anchors(
-        keys, col_chunk_keys, claimed, col_threshold, anchor_row, anchor_value, query_np, candidate_np
+        keys, col_chunk_keys, claimed, col_threshold, anchor_row, anchor_value, delta, query_np, candidate_np
     )
     return int(((anchor_row[partners] == rows) & ~beaten[partners]).sum())
 
 
-def _count_bf16(keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float) -> int:
+def _count_bf16(
+    keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
+) -> int:
     """Approximate count for one candidate: arg-maxima of the bf16 similarity itself."""
     if threshold <= KEY_THRESHOLD_MARGIN * eps:
         return len(mutual_matches(query, candidate, threshold)[0])
@@ -183,8 +190,7 @@ def mutual_match_scores(
     query_stats = _rounding_stats(query)
 
     def score(keys: np.ndarray, candidate: torch.Tensor) -> int:
-        eps = _combine_bound(query_stats, _rounding_stats(candidate), query.shape[1])
-        return count(keys, query, candidate, threshold, eps)
+        return count(keys, query, candidate, threshold, *_bounds(query_stats, _rounding_stats(candidate), query.shape[1]))
 
     candidates = [candidate.float().contiguous() for candidate in candidates]
     nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]

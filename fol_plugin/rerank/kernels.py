@@ -6,8 +6,10 @@ negative value has a negative key, below them all (though negative keys are not 
 The scans only decide on positive thresholds, so the keys serve as they are. Thresholds are keys
 too; :data:`NO_THRESHOLD` is above every key, :data:`KEY_MIN` at or below every key. One full pass (:func:`scan_maxima`) records
 the maxima of rows, columns and blocks of cells; the exact scans then read only the blocks
-whose maximum reaches their threshold. Exact similarities are float32 dot products accumulated in
-float64. The scans release the GIL, so callers can run several in threads.
+whose maximum reaches their threshold. Exact similarities are float32 products summed in float64;
+where two cells are closer than float32 rounding, :func:`gemm_value` recomputes the float32 GEMM's
+own value to decide as the original does. The scans release the GIL, so callers can run several
+in threads.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ CELL_BLOCK = 64  # cells of a row per recorded block maximum
 ROW_BLOCK = 64  # rows of a column per recorded block maximum
 # Let LLVM reorder the float64 sums of the exact dot products, so they vectorise.
 DOT_FASTMATH = {"reassoc", "contract"}
+# Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
+GEMM_FASTMATH = {"contract"}
 
 
 @numba.njit(inline="always")
@@ -107,22 +111,43 @@ def first_arg_maxima(
     return row_arg, col_arg
 
 
+@numba.njit(nogil=True, cache=True, fastmath=GEMM_FASTMATH)
+def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.float32:
+    """candidate[i] . query[j] as torch's float32 CPU matmul computes it: one fused multiply-add
+    per term, in order (checked bit for bit by the tests)."""
+    total = np.float32(0.0)
+    for k in range(query.shape[1]):
+        total = total + candidate[i, k] * query[j, k]
+    return total
+
+
 @numba.njit(nogil=True, cache=True, fastmath=DOT_FASTMATH)
 def exact_row_best(
-    keys: np.ndarray, key_values: np.ndarray, eps: float, threshold: float, query: np.ndarray, candidate: np.ndarray
+    keys: np.ndarray,
+    key_values: np.ndarray,
+    eps: float,
+    delta: float,
+    threshold: float,
+    query: np.ndarray,
+    candidate: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass: the maxima of :func:`scan_maxima`, and, while each row is still in cache, the
-    exact best candidate of every row whose maximum exceeds ``threshold - eps``: the first
-    column of maximal exact similarity. The exact value L of the row's first bf16 arg-max
-    bounds that maximum from below, so only cells at or above ``L - eps`` are re-computed.
+    float32 GEMM's arg-max of every row whose bf16 maximum exceeds ``threshold - eps - delta``
+    (its first column on ties).
+
+    The exact value E of the row's first bf16 arg-max bounds the maximum from below, so only
+    cells at or above ``E - eps - 2 delta`` in bf16 can win; their exact values (float64 sums)
+    leave as contenders the cells within ``2 delta`` of the best, and :func:`gemm_value` decides.
 
     Args:
         key_values: [65536] float value of key k at k + KEY_OFFSET, non-decreasing.
+        eps: bound on |bf16 product - exact similarity|.
+        delta: bound on |float32 GEMM value - exact similarity|.
         threshold: positive, above ``3 eps``.
 
     Returns:
-        best_arg [n] (-1 where the row cannot count), best_value [n] (-inf there), and
-        col_chunk_key as in :func:`scan_maxima`.
+        best_arg [n] (-1 where the row cannot count), best_value [n] (its float32 GEMM value;
+        -inf there), and col_chunk_key as in :func:`scan_maxima`.
     """
     n, m = keys.shape
     num_chunks = (m + CELL_BLOCK - 1) // CELL_BLOCK
@@ -130,25 +155,35 @@ def exact_row_best(
     col_chunk_key = np.full(((n + ROW_BLOCK - 1) // ROW_BLOCK, m), KEY_MIN, np.int16)
     best_arg = np.full(n, -1, np.int64)
     best_value = np.full(n, -np.inf)
+    cells = np.empty(m, np.int64)
+    exact = np.empty(m, np.float64)
     for j in range(n):
         row = keys[j]
         best = _scan_row(row, chunk_key, col_chunk_key[j // ROW_BLOCK])
-        if key_values[best + KEY_OFFSET] <= threshold - eps:
+        if key_values[best + KEY_OFFSET] <= threshold - eps - delta:
             continue
         first = _first_reaching(row, chunk_key, CELL_BLOCK, best)
-        best_arg[j] = first
-        best_value[j] = _dot(query, j, candidate, first)
+        first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
-        window = np.searchsorted(key_values, best_value[j] - eps) - 1 - KEY_OFFSET
+        window = np.searchsorted(key_values, first_exact - eps - 2 * delta) - 1 - KEY_OFFSET
+        count = 0
+        best_exact = first_exact
         for c in range(num_chunks):
             if chunk_key[c] < window:
                 continue
             for i in range(c * CELL_BLOCK, min(c * CELL_BLOCK + CELL_BLOCK, m)):
-                if row[i] >= window and i != first:
-                    value = _dot(query, j, candidate, i)
-                    if value > best_value[j] or (value == best_value[j] and i < best_arg[j]):
-                        best_value[j] = value
-                        best_arg[j] = i
+                if row[i] >= window:
+                    value = first_exact if i == first else _dot(query, j, candidate, i)
+                    cells[count] = i
+                    exact[count] = value
+                    count += 1
+                    best_exact = max(best_exact, value)
+        for t in range(count):  # cells in increasing order: strict > keeps the first on ties
+            if exact[t] >= best_exact - 2 * delta:
+                value = gemm_value(query, j, candidate, cells[t])
+                if value > best_value[j]:
+                    best_value[j] = value
+                    best_arg[j] = cells[t]
     return best_arg, best_value, col_chunk_key
 
 
@@ -160,26 +195,35 @@ def beaten_anchors(
     col_threshold: np.ndarray,
     anchor_row: np.ndarray,
     anchor_value: np.ndarray,
+    delta: float,
     query: np.ndarray,
     candidate: np.ndarray,
 ) -> np.ndarray:
-    """For each listed column i with an anchor (row ``anchor_row[i]``, exact similarity
-    ``anchor_value[i]``): whether a row at or above the column's threshold key beats it, i.e. has
-    a larger exact similarity, or an equal one at a smaller row index. -> [len(columns)] bool."""
+    """For each listed column i with an anchor (row ``anchor_row[i]``, float32 GEMM value
+    ``anchor_value[i]``): whether a row at or above the column's threshold key beats it in the
+    float32 GEMM, i.e. has a larger value, or an equal one at a smaller row index. Exact values
+    settle every row farther than ``delta`` from the anchor; :func:`gemm_value` the rest.
+    -> [len(columns)] bool."""
     n = keys.shape[0]
     beaten = np.zeros(len(columns), np.bool_)
     for index in range(len(columns)):
         i = columns[index]
         threshold = col_threshold[i]
+        anchor = anchor_row[i]
         for b in range(col_chunk_key.shape[0]):
             if beaten[index]:
                 break
             if col_chunk_key[b, i] < threshold:
                 continue
             for j in range(b * ROW_BLOCK, min(b * ROW_BLOCK + ROW_BLOCK, n)):
-                if j != anchor_row[i] and keys[j, i] >= threshold:
-                    value = _dot(query, j, candidate, i)
-                    if value > anchor_value[i] or (value == anchor_value[i] and j < anchor_row[i]):
-                        beaten[index] = True
-                        break
+                if j == anchor or keys[j, i] < threshold:
+                    continue
+                value = _dot(query, j, candidate, i)
+                if value < anchor_value[i] - delta:
+                    continue
+                if value <= anchor_value[i] + delta:
+                    value = gemm_value(query, j, candidate, i)
+                if value > anchor_value[i] or (value == anchor_value[i] and j < anchor):
+                    beaten[index] = True
+                    break
     return beaten
