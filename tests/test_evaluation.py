@@ -111,44 +111,50 @@ def test_end_to_end_recalls_match_a_hand_computation(labelled_set, tiny_weights,
     assert (read_preds_files(out / "preds_reranked", queries.paths, database.paths) == reranked[:, :2]).all()
 
 
-def test_low_memory_and_in_memory_runs_agree(labelled_set, tiny_weights, tmp_path):
-    low = run_eval(config_for(labelled_set, tmp_path / "low", tiny_weights, store_dtype="float32"))
-    high = run_eval(config_for(labelled_set, tmp_path / "high", tiny_weights, in_memory=True))
+@pytest.mark.parametrize("rerank_topk", [8, 2], ids=["one-pass", "two-pass"])
+def test_low_memory_and_in_memory_runs_agree(labelled_set, tiny_weights, tmp_path, rerank_topk):
+    low = run_eval(config_for(labelled_set, tmp_path / "low", tiny_weights, store_dtype="float32", rerank_topk=rerank_topk))
+    high = run_eval(config_for(labelled_set, tmp_path / "high", tiny_weights, in_memory=True, rerank_topk=rerank_topk))
     for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
         assert (np.load(tmp_path / "low" / "queries" / name) == np.load(tmp_path / "high" / "queries" / name)).all()
     assert low["query_sets"] == high["query_sets"]
     assert 0 < low["store_bytes_per_image"] < 3600 * 128 * 4
 
 
-def test_an_interrupted_run_resumes_without_recomputing(labelled_set, tiny_weights, tmp_path, monkeypatch):
-    reference = run_eval(config_for(labelled_set, tmp_path / "reference", tiny_weights))
-    calls = {"forward": 0, "extract": 0}
+@pytest.mark.parametrize("rerank_topk", [8, 2], ids=["one-pass", "two-pass"])
+def test_an_interrupted_run_resumes_without_recomputing(labelled_set, tiny_weights, tmp_path, monkeypatch, rerank_topk):
+    """5 queries x top-8 cover the 17 database images: their local features come with the global
+    pass. With top-2, a second pass extracts only the candidates' local features."""
+    reference = run_eval(config_for(labelled_set, tmp_path / "reference", tiny_weights, rerank_topk=rerank_topk))
+    calls = {"forward": 0, "extract": 0, "interrupt_after": 5 + 8}  # the queries, then 2 database batches
     forward, extract = FoLModel.forward, FoLModel.extract
 
-    def counting_forward(self, images):
-        calls["forward"] += len(images)
-        if calls["forward"] > 8:
-            raise KeyboardInterrupt
-        return forward(self, images)
+    def counting(method, name):
+        def run(self, images):
+            if calls["forward"] + calls["extract"] + len(images) > calls["interrupt_after"]:
+                raise KeyboardInterrupt
+            calls[name] += len(images)
+            return method(self, images)
 
-    def counting_extract(self, images):
-        calls["extract"] += len(images)
-        return extract(self, images)
+        return run
 
-    monkeypatch.setattr(FoLModel, "forward", counting_forward)
-    monkeypatch.setattr(FoLModel, "extract", counting_extract)
-    config = config_for(labelled_set, tmp_path / "resumed", tiny_weights)
+    monkeypatch.setattr(FoLModel, "forward", counting(forward, "forward"))
+    monkeypatch.setattr(FoLModel, "extract", counting(extract, "extract"))
+    config = config_for(labelled_set, tmp_path / "resumed", tiny_weights, rerank_topk=rerank_topk)
     with pytest.raises(KeyboardInterrupt):
         run_eval(config)
-    calls.update(forward=-1000, extract=0)  # no interruption on the second run
+    calls.update(forward=0, extract=0, interrupt_after=1000)
     resumed = run_eval(config)
     assert resumed["query_sets"] == reference["query_sets"]
-    assert calls["forward"] == -1000 + 17 - 8  # only the database images not done before
-    # Local features: only the union of the top-8 candidates; the queries' were stored.
-    candidates = np.unique(np.load(tmp_path / "resumed" / "queries" / "predictions_global.npy")[:, :8])
-    assert calls["extract"] == len(candidates)
-    for name in ("predictions_global.npy", "predictions_reranked.npy"):
+    for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
         assert (np.load(tmp_path / "resumed" / "queries" / name) == np.load(tmp_path / "reference" / "queries" / name)).all()
+    # Only the 9 database images not done before go through the model again, and, with two
+    # passes, the candidates' local features (the queries' were stored).
+    candidates = np.unique(np.load(tmp_path / "resumed" / "queries" / "predictions_global.npy")[:, :rerank_topk])
+    if rerank_topk == 8:
+        assert calls == {"forward": 0, "extract": 17 - 8, "interrupt_after": 1000}
+    else:
+        assert calls == {"forward": 17 - 8, "extract": len(candidates), "interrupt_after": 1000}
 
 
 def test_rerank_command_reads_harness_predictions(labelled_set, tiny_weights, tmp_path):

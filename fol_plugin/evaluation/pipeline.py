@@ -266,6 +266,7 @@ def _recalls(config: EvalConfig, query_set: QuerySet, predictions: np.ndarray | 
 
 
 def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
+    """Predictions, CSV, preds files and figures per query set; returns the recalls.json summary."""
     output_dir = config.output_dir
     summary = {"config": _json_config(config), "query_sets": {}, "timings_s": timings, **extra}
     for query_set in query_sets:
@@ -306,7 +307,6 @@ def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Quer
         for stage in ("global", "reranked"):
             if summary["query_sets"][query_set.key][stage]:
                 logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
-    (output_dir / "recalls.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -363,11 +363,15 @@ def run_eval(config: EvalConfig) -> dict:
         with _timed(timings, f"features_{query_set.key}"):
             query_global[query_set.key], query_local[query_set.key] = _extract_queries(config, model, cache, query_set, True)
     database_local = _local_features(config, cache / "database_local", len(database)) if config.rerank_topk else None
+    # Local features in the global pass when every database image may be a candidate (or they
+    # are held in RAM anyway); else a second pass over the candidates only.
+    num_queries = sum(len(query_set.images) for query_set in query_sets)
+    single_pass = config.in_memory or num_queries * min(config.rerank_topk, k) >= len(database)
     with _timed(timings, "features_database_global"):
         database_global = ResumableArray(cache / "database_global.npy", (len(database), GLOBAL_DIM))
         extract_global(
             model, database.paths, database_global, config.extraction,
-            database_local if config.in_memory else None, desc="Database",
+            database_local if single_pass else None, desc="Database",
         )
     with _timed(timings, "global_search"):
         for query_set in query_sets:
@@ -393,7 +397,7 @@ def run_eval(config: EvalConfig) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
                 _keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
         summary = _write_outputs(config, database, query_sets, timings, extra)
-    _finish(config, cache)
+    _finish(config, cache, summary)
     return summary
 
 
@@ -440,11 +444,12 @@ def run_rerank(config: EvalConfig, predictions: dict[str, np.ndarray]) -> dict:
             _rerank_set(config, cache, query_set, query_local, database_local)
     with _timed(timings, "outputs"):
         summary = _write_outputs(config, database, query_sets, timings, {})
-    _finish(config, cache)
+    _finish(config, cache, summary)
     return summary
 
 
-def _finish(config: EvalConfig, cache: Path) -> None:
+def _finish(config: EvalConfig, cache: Path, summary: dict) -> None:
+    (config.output_dir / "recalls.json").write_text(json.dumps(summary, indent=2))
     if config.keep_cache:
         logger.info("Cache kept in %s", cache)
     else:

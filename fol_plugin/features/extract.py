@@ -119,9 +119,9 @@ def extract_local(
     desc: str = "Local features",
 ) -> None:
     """Local features of the images ``image_ids`` (indices into ``paths``) not stored yet."""
-    missing = local_features.missing(np.unique(image_ids))
-    if len(missing) < len(np.unique(image_ids)):
-        logger.info("%s: %d of %d images already stored", desc, len(np.unique(image_ids)) - len(missing), len(np.unique(image_ids)))
+    wanted = np.unique(image_ids)
+    missing = local_features.missing(wanted)
+    logger.debug("%s: %d of %d images already stored", desc, len(wanted) - len(missing), len(wanted))
     if len(missing) == 0:
         return
     for images, indices in tqdm(_loader(paths, missing, config), desc=desc, unit="batch"):
