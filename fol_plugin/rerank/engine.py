@@ -48,9 +48,9 @@ KEY_THRESHOLD_MARGIN = 3.0
 PRODUCT_BATCH = 4  # candidates whose bf16 similarities are held at once (~23 MB each)
 
 
-def _rounding_stats(x: torch.Tensor) -> tuple[float, float, float]:
+def _rounding_stats(x: torch.Tensor, x_bf16: torch.Tensor | None = None) -> tuple[float, float, float]:
     """Largest row norm of ``x`` [N, D], of ``bf16(x)`` and of the rounding residual ``x - bf16(x)``."""
-    rounded = x.bfloat16().float()
+    rounded = (x.bfloat16() if x_bf16 is None else x_bf16).float()
     return (
         float(x.norm(dim=1).max()),
         float(rounded.norm(dim=1).max()),
@@ -102,11 +102,6 @@ def _key_values() -> np.ndarray:
 KEY_VALUES = _key_values()
 
 
-def _floor_keys(values: np.ndarray) -> np.ndarray:
-    """Keys at or below positive ``values``: every cell at or above ``values`` has a key at or above."""
-    return (np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).astype(np.int32)
-
-
 def _count_exact(
     keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
 ) -> int:
@@ -129,19 +124,9 @@ def _count_exact(
         return 0
     # Per candidate cell, its strongest claimant (first row on ties) is the only one that can be
     # mutual; it is, unless a row near it in bf16 beats it in the float32 GEMM.
-    order = np.lexsort((rows, -values))
-    claimed, first = np.unique(partners[order], return_index=True)
-    anchor_row = np.full(m, -1, np.int64)
-    anchor_value = np.full(m, -np.inf)
-    anchor_row[claimed] = rows[order][first]
-    anchor_value[claimed] = values[order][first]
-    col_threshold = np.full(m, kernels.NO_THRESHOLD, np.int32)
-    col_threshold[claimed] = _floor_keys(anchor_value[claimed] - eps - delta)
-    beaten = np.zeros(m, np.bool_)
-    beaten[claimed] = kernels.beaten_anchors(
-        keys, col_chunk_keys, claimed, col_threshold, anchor_row, anchor_value, delta, query_np, candidate_np
+    return kernels.count_unbeaten_anchors(
+        keys, col_chunk_keys, rows, partners, values, KEY_VALUES, eps, delta, query_np, candidate_np
     )
-    return int(((anchor_row[partners] == rows) & ~beaten[partners]).sum())
 
 
 def _count_bf16(
@@ -187,10 +172,10 @@ def mutual_match_scores(
     query = query.float().contiguous()
     count = _count_exact if precision == "exact" else _count_bf16
     query_bf16 = query.bfloat16()
-    query_stats = _rounding_stats(query)
+    query_stats = _rounding_stats(query, query_bf16)
 
-    def score(keys: np.ndarray, candidate: torch.Tensor) -> int:
-        return count(keys, query, candidate, threshold, *_bounds(query_stats, _rounding_stats(candidate), query.shape[1]))
+    def score(keys: np.ndarray, candidate: torch.Tensor, bounds: tuple[float, float]) -> int:
+        return count(keys, query, candidate, threshold, *bounds)
 
     candidates = [candidate.float().contiguous() for candidate in candidates]
     nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
@@ -203,11 +188,13 @@ def mutual_match_scores(
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
         for start in range(0, len(nonempty), PRODUCT_BATCH):
             batch = nonempty[start : start + PRODUCT_BATCH]
-            keys = []
+            keys, bounds = [], []
             for buffer, index in zip(buffers, batch):
+                candidate_bf16 = candidates[index].bfloat16()
+                bounds.append(_bounds(query_stats, _rounding_stats(candidates[index], candidate_bf16), query.shape[1]))
                 product = buffer[: len(query) * len(candidates[index])].view(len(query), len(candidates[index]))
-                torch.mm(query_bf16, candidates[index].bfloat16().T, out=product)
+                torch.mm(query_bf16, candidate_bf16.T, out=product)
                 keys.append(_bf16_keys(product))
-            counts = pool.map(score, keys, [candidates[index] for index in batch])
+            counts = pool.map(score, keys, [candidates[index] for index in batch], bounds)
             scores[batch] = torch.tensor(list(counts), dtype=torch.float32)
     return scores

@@ -227,3 +227,40 @@ def beaten_anchors(
                     beaten[index] = True
                     break
     return beaten
+
+
+@numba.njit(nogil=True, cache=True)
+def count_unbeaten_anchors(
+    keys: np.ndarray,
+    col_chunk_key: np.ndarray,
+    rows: np.ndarray,
+    partners: np.ndarray,
+    values: np.ndarray,
+    key_values: np.ndarray,
+    eps: float,
+    delta: float,
+    query: np.ndarray,
+    candidate: np.ndarray,
+) -> int:
+    """Mutual matches among the pairs (rows[t], partners[t]) (query cell, its GEMM arg-max),
+    rows increasing, ``values`` their float32 GEMM values.
+
+    Each claimed column keeps its strongest claimant, the first row on ties (the anchor): the
+    only row the column's arg-max can be among the claimants. The pair is mutual unless another
+    row beats the anchor (:func:`beaten_anchors`); only rows at or above ``value - eps - delta``
+    in bf16 can.
+    """
+    m = keys.shape[1]
+    anchor_row = np.full(m, -1, np.int64)
+    anchor_value = np.full(m, -np.inf)
+    for t in range(len(rows)):  # increasing rows: strict > keeps the first on ties
+        i = partners[t]
+        if values[t] > anchor_value[i]:
+            anchor_value[i] = values[t]
+            anchor_row[i] = rows[t]
+    claimed = np.flatnonzero(anchor_row >= 0)
+    col_threshold = np.full(m, NO_THRESHOLD, np.int32)
+    for i in claimed:
+        col_threshold[i] = np.searchsorted(key_values, anchor_value[i] - eps - delta) - 1 - KEY_OFFSET
+    beaten = beaten_anchors(keys, col_chunk_key, claimed, col_threshold, anchor_row, anchor_value, delta, query, candidate)
+    return len(claimed) - int(beaten.sum())
