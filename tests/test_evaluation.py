@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from fol_plugin import cli
 from fol_plugin.data.datasets import find_positives, list_images, load_image_set
-from fol_plugin.evaluation import EvalConfig, compute_recalls, run_eval, run_rerank
+from fol_plugin.evaluation import EvalConfig, InsufficientDiskError, compute_recalls, pipeline, run_eval, run_rerank
 from fol_plugin.evaluation.outputs import read_preds_files, write_preds_files
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel
@@ -246,3 +247,13 @@ def test_an_unreadable_image_is_named(labelled_set, tiny_weights, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(ValueError, match="cannot decode image .*zz_broken"):
         run_eval(config_for(root, tmp_path / "out", tiny_weights))
+
+
+def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(labelled_set, tiny_weights, tmp_path, monkeypatch, caplog):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(pipeline, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    caplog.set_level("INFO")
+    with pytest.raises(InsufficientDiskError, match=r"this run needs .* GiB .* only 0.00 GiB are free.*--store_dtype float16"):
+        run_eval(config_for(labelled_set, tmp_path / "out", tiny_weights))
+    assert "Projected:" in caplog.text and "GiB on disk" in caplog.text

@@ -1,7 +1,8 @@
-"""``run_eval`` against the original evaluation protocol, with a real-size checkpoint (ViT-B at
+"""``fol-vpr eval`` against the original evaluation protocol, with a real-size checkpoint (ViT-B at
 322x322, the shared reference weights) on labelled toy photos. Slow: deselected by default."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,8 +11,7 @@ import torch
 
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import load_image_set
-from fol_plugin.evaluation import EvalConfig, run_eval
-from fol_plugin.features import ExtractionConfig
+from fol_plugin import cli
 from fol_plugin.models import FoLModel
 
 from .conftest import DATA, require, save_upstream_checkpoint, utm_name
@@ -36,17 +36,14 @@ def labelled_toy(tmp_path_factory):
 
 def test_eval_gives_the_original_protocols_predictions(labelled_toy, parity_fixture, tmp_path):
     weights = save_upstream_checkpoint(parity_fixture["state_dict"], tmp_path / "FoL_base.pth")
-    config = EvalConfig(
-        database_folder=labelled_toy / "database",
-        queries_folders=[labelled_toy / "queries"],
-        output_dir=tmp_path / "run",
-        backbone="vitb",
-        weights=str(weights),
-        extraction=ExtractionConfig(image_size=(322, 322), batch_size=4, num_workers=0),
-        recall_values=(1, 5, 10),
-        rerank_topk=TOP_K,
-    )
-    summary = run_eval(config)
+    exit_code = cli.main([
+        "eval", "--backbone", "vitb", "--weights", str(weights), "--image_size", "322", "322",
+        "--database_folder", str(labelled_toy / "database"), "--queries_folder", str(labelled_toy / "queries"),
+        "--recall_values", "1", "5", "10", "--rerank_topk", str(TOP_K), "--num_workers", "0",
+        "--output_dir", str(tmp_path / "run"),
+    ])
+    assert exit_code == 0
+    summary = json.loads((tmp_path / "run" / "recalls.json").read_text())
     ours_global = np.load(tmp_path / "run" / "queries" / "predictions_global.npy")
     ours_reranked = np.load(tmp_path / "run" / "queries" / "predictions_reranked.npy")
 
@@ -76,4 +73,4 @@ def test_eval_gives_the_original_protocols_predictions(labelled_toy, parity_fixt
     for q in range(len(queries)):
         score_of = dict(zip(original_global[q].tolist(), original_scores[q].tolist()))
         assert [score_of[i] for i in ours_reranked[q]] == [score_of[i] for i in original_reranked[q]]
-    assert summary["query_sets"]["queries"]["reranked"] is not None
+    assert set(summary["query_sets"]["queries"]["reranked"]) == {"R@1", "R@5", "R@10"}
