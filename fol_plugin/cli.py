@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import WEIGHT_URLS
+from .checkpoint import WEIGHT_URLS, resolve_device
 from .data import RESIZE_MODES
 from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images
 from .evaluation.outputs import read_preds_files
@@ -46,7 +46,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--batch_size", type=int, default=4)
     model.add_argument("--num_workers", type=int, default=4)
-    model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument("--rerank_topk", type=int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none")
     rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
@@ -87,7 +87,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         weights=args.weights,
         extraction=ExtractionConfig(
             image_size=tuple(args.image_size), resize_mode=args.resize_mode, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device,
+            num_workers=args.num_workers, device=str(resolve_device(args.device)),
         ),
         recall_values=tuple(args.recall_values),
         positive_dist_threshold=args.positive_dist_threshold,

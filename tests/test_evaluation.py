@@ -174,6 +174,12 @@ def test_rerank_command_reads_harness_predictions(labelled_set, tiny_weights, tm
     for q, copy in enumerate(copy_indices(database.paths, queries.paths)):
         if copy in given[q]:
             assert reranked[q, 0] == copy
+    # Other predictions in the same output folder: the cached scores of the first run are not reused.
+    other = np.stack([rng.permutation(len(database))[:10] for _ in range(len(queries))])
+    run_rerank(config, {"0": other})
+    run_rerank(config_for(labelled_set, tmp_path / "fresh", tiny_weights, num_preds_to_save=0), {"0": other})
+    for name in ("rerank_scores.npy", "predictions_reranked.npy"):
+        assert (np.load(tmp_path / "rerank" / "queries" / name) == np.load(tmp_path / "fresh" / "queries" / name)).all()
 
 
 def test_recalls_and_stable_reordering():

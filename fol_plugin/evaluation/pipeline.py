@@ -6,6 +6,7 @@ method's predictions with FoL (``fol-vpr rerank``). Intermediate results live in
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,9 +30,12 @@ from ..features import (
     extract_global,
     extract_local,
 )
+from ..features.extract import LocalFeatures
+from ..features.store import ENTRY_BYTES
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
 from ..models.local_features import NUM_SELECTED_PATCHES
 from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
+from ..rerank.engine import PRODUCT_BATCH
 from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
 from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
@@ -39,7 +43,7 @@ from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
 logger = logging.getLogger(__name__)
 
 CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
-KEYPOINT_BYTES = 8
+KEYPOINT_BYTES = 8  # (x, y) float32
 GIB = 1024**3
 CACHE_FOLDER = "cache"
 RUN_FILE = "run.json"
@@ -151,11 +155,11 @@ def project_resources(config: EvalConfig, num_database: int, num_queries: int, n
     """
     cells = cells_per_image(config.extraction.image_size)
     itemsize = 4 if config.in_memory else np.dtype(config.store_dtype).itemsize
-    local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + 24
+    local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + ENTRY_BYTES
     global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4
     local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
     scores_bytes = num_queries * config.rerank_topk * 4
-    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + 4 * cells * cells * 2
+    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + PRODUCT_BATCH * cells * cells * 2
     search_ram = min(num_database, config.search_chunk_size) * GLOBAL_DIM * 4 + num_queries * GLOBAL_DIM * 4
     in_memory_locals = (num_queries + num_database) * cells * (LOCAL_DIM + 2) * 4 if config.in_memory else 0
     return {
@@ -213,7 +217,7 @@ def _run_description(config: EvalConfig, database: ImageSet, query_sets: list[Qu
     }
 
 
-def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeatureStore | InMemoryFeatures:
+def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeatures:
     if config.in_memory:
         return InMemoryFeatures()
     return LocalFeatureStore(folder, num_ids, LOCAL_DIM, config.store_dtype)
@@ -221,7 +225,7 @@ def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeat
 
 def _extract_queries(
     config: EvalConfig, model: FoLModel, cache: Path, query_set: QuerySet, need_global: bool
-) -> tuple[np.ndarray | None, LocalFeatureStore | InMemoryFeatures | None]:
+) -> tuple[np.ndarray | None, LocalFeatures | None]:
     paths = query_set.images.paths
     folder = cache / query_set.key
     local = _local_features(config, folder / "local", len(paths)) if config.rerank_topk else None
@@ -235,12 +239,14 @@ def _extract_queries(
 
 
 def _rerank_set(
-    config: EvalConfig, cache: Path, query_set: QuerySet, query_local, database_local
+    config: EvalConfig, cache: Path, query_set: QuerySet, query_local: LocalFeatures, database_local: LocalFeatures
 ) -> None:
     top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
     local_dtype = "float32" if config.in_memory else config.store_dtype
+    # Scores already computed are reused only for the same candidates, precision and features.
+    candidates = hashlib.sha1(np.ascontiguousarray(query_set.global_predictions[:, :top_k]).tobytes()).hexdigest()[:16]
     scores = ResumableArray(
-        cache / query_set.key / f"rerank_scores_{config.precision}_{local_dtype}_top{top_k}.npy",
+        cache / query_set.key / f"rerank_scores_{config.precision}_{local_dtype}_{candidates}.npy",
         (len(query_set.images), top_k),
     )
     score_candidates(

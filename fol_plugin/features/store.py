@@ -25,6 +25,7 @@ import torch
 STORE_DTYPES = ("float16", "float32")
 KEYPOINT_DTYPE = np.float32
 ENTRY_FIELDS = 3  # image id, first row, number of rows
+ENTRY_BYTES = ENTRY_FIELDS * 8
 META_FILE = "meta.json"
 
 
@@ -66,11 +67,10 @@ class LocalFeatureStore:
 
     def _recover(self) -> int:
         """Load the complete records; cut partial records and data past the last one."""
-        record_bytes = ENTRY_FIELDS * 8
         for path in (self._entries_path, self._descriptors_path, self._keypoints_path):
             path.touch()
-        complete = self._entries_path.stat().st_size // record_bytes
-        os.truncate(self._entries_path, complete * record_bytes)
+        complete = self._entries_path.stat().st_size // ENTRY_BYTES
+        os.truncate(self._entries_path, complete * ENTRY_BYTES)
         entries = np.fromfile(self._entries_path, dtype=np.int64).reshape(-1, ENTRY_FIELDS)
         rows = 0
         for image_id, start, count in entries:
