@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoint import load_model
 from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
@@ -35,7 +36,6 @@ from ..features.store import ENTRY_BYTES
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
 from ..models.local_features import NUM_SELECTED_PATCHES
 from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
-from ..rerank.engine import PRODUCT_BATCH
 from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
 from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
@@ -159,7 +159,7 @@ def project_resources(config: EvalConfig, num_database: int, num_queries: int, n
     global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4
     local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
     scores_bytes = num_queries * config.rerank_topk * 4
-    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + PRODUCT_BATCH * cells * cells * 2
+    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + torch.get_num_threads() * cells * cells * 2
     search_ram = min(num_database, config.search_chunk_size) * GLOBAL_DIM * 4 + num_queries * GLOBAL_DIM * 4
     in_memory_locals = (num_queries + num_database) * cells * (LOCAL_DIM + 2) * 4 if config.in_memory else 0
     return {

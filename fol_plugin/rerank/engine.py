@@ -28,6 +28,7 @@ measure its agreement). On CUDA the plain float32 algorithm runs, with cuBLAS's 
 """
 from __future__ import annotations
 
+import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +46,6 @@ BOUND_SAFETY = 1.01
 DOT_MARGIN = 1e-4  # float64 vs float32 dot products differ by far less
 # Every value the scans compare exceeds threshold - 3 eps; below this many eps, the reference runs.
 KEY_THRESHOLD_MARGIN = 3.0
-PRODUCT_BATCH = 4  # candidates whose bf16 similarities are held at once (~23 MB each)
 
 
 def _rounding_stats(x: torch.Tensor, x_bf16: torch.Tensor | None = None) -> tuple[float, float, float]:
@@ -174,27 +174,32 @@ def mutual_match_scores(
     query_bf16 = query.bfloat16()
     query_stats = _rounding_stats(query, query_bf16)
 
-    def score(keys: np.ndarray, candidate: torch.Tensor, bounds: tuple[float, float]) -> int:
-        return count(keys, query, candidate, threshold, *bounds)
-
     candidates = [candidate.float().contiguous() for candidate in candidates]
     nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
     scores = torch.zeros(len(candidates), dtype=torch.float32)
-    # Products in batches (torch's threads), then the scans of a batch in parallel (numba
-    # releases the GIL): alternating the two per candidate leaves torch's threads spinning.
-    # Reused product buffers: fresh 20+ MB tensors per candidate cost as much in page faults.
-    largest = max((len(candidates[index]) for index in nonempty), default=0)
-    buffers = torch.empty(min(PRODUCT_BATCH, len(nonempty)), len(query) * largest, dtype=torch.bfloat16)
-    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-        for start in range(0, len(nonempty), PRODUCT_BATCH):
-            batch = nonempty[start : start + PRODUCT_BATCH]
-            keys, bounds = [], []
-            for buffer, index in zip(buffers, batch):
-                candidate_bf16 = candidates[index].bfloat16()
-                bounds.append(_bounds(query_stats, _rounding_stats(candidates[index], candidate_bf16), query.shape[1]))
-                product = buffer[: len(query) * len(candidates[index])].view(len(query), len(candidates[index]))
-                torch.mm(query_bf16, candidate_bf16.T, out=product)
-                keys.append(_bf16_keys(product))
-            counts = pool.map(score, keys, [candidates[index] for index in batch], bounds)
-            scores[batch] = torch.tensor(list(counts), dtype=torch.float32)
+    if not nonempty:
+        return scores
+    # Each worker computes one candidate's product and scans it while it is still in cache;
+    # numba and torch's matmul release the GIL. A product buffer per worker, reused: fresh 20+ MB
+    # tensors per candidate cost as much in page faults.
+    workers = min(torch.get_num_threads(), len(nonempty))
+    largest = max(len(candidates[index]) for index in nonempty)
+    free_buffers: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+    for _ in range(workers):
+        free_buffers.put(torch.empty(len(query) * largest, dtype=torch.bfloat16))
+
+    def score(index: int) -> int:
+        candidate = candidates[index]
+        candidate_bf16 = candidate.bfloat16()
+        bounds = _bounds(query_stats, _rounding_stats(candidate, candidate_bf16), query.shape[1])
+        buffer = free_buffers.get()
+        try:
+            product = buffer[: len(query) * len(candidate)].view(len(query), len(candidate))
+            torch.mm(query_bf16, candidate_bf16.T, out=product)
+            return count(_bf16_keys(product), query, candidate, threshold, *bounds)
+        finally:
+            free_buffers.put(buffer)
+
+    with ThreadPoolExecutor(workers) as pool:
+        scores[nonempty] = torch.tensor(list(pool.map(score, nonempty)), dtype=torch.float32)
     return scores
