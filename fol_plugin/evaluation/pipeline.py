@@ -147,20 +147,24 @@ def cells_per_image(image_size: tuple[int, int]) -> int:
     return CELLS_PER_PATCH * min(NUM_SELECTED_PATCHES, patches)
 
 
-def project_resources(config: EvalConfig, num_database: int, num_queries: int, num_candidates: int) -> dict[str, float]:
+def project_resources(
+    config: EvalConfig, num_database: int, num_queries: int, num_candidates: int, global_retrieval: bool = True
+) -> dict[str, float]:
     """Projected disk and RAM (bytes) of a run: global descriptors, local features, scores.
 
     Args:
         num_candidates: database images whose local features are needed (at most Q x top-k).
+        global_retrieval: whether the run extracts and searches global descriptors (not for
+            ``fol-vpr rerank``).
     """
     cells = cells_per_image(config.extraction.image_size)
     itemsize = 4 if config.in_memory else np.dtype(config.store_dtype).itemsize
     local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + ENTRY_BYTES
-    global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4
+    global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4 if global_retrieval else 0
     local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
     scores_bytes = num_queries * config.rerank_topk * 4
     matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + torch.get_num_threads() * cells * cells * 2
-    search_ram = min(num_database, config.search_chunk_size) * GLOBAL_DIM * 4 + num_queries * GLOBAL_DIM * 4
+    search_ram = (min(num_database, config.search_chunk_size) + num_queries) * GLOBAL_DIM * 4 if global_retrieval else 0
     in_memory_locals = (num_queries + num_database) * cells * (LOCAL_DIM + 2) * 4 if config.in_memory else 0
     return {
         "disk": global_bytes + scores_bytes + (0 if config.in_memory else local_bytes),
@@ -339,10 +343,12 @@ def _prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet], Path]:
     return database, query_sets, cache
 
 
-def _report_and_check(config: EvalConfig, cache: Path, num_database: int, query_sets: list[QuerySet], k: int) -> dict:
+def _report_and_check(
+    config: EvalConfig, cache: Path, num_database: int, query_sets: list[QuerySet], k: int, global_retrieval: bool
+) -> dict:
     num_queries = sum(len(query_set.images) for query_set in query_sets)
     num_candidates = min(num_database, num_queries * min(config.rerank_topk, k))
-    projection = project_resources(config, num_database, num_queries, num_candidates)
+    projection = project_resources(config, num_database, num_queries, num_candidates, global_retrieval)
     logger.info(
         "Projected: %.2f GiB on disk in %s, %.2f GiB of RAM beyond the model; local features %.2f MB per image (%s)",
         projection["disk"] / GIB, cache, projection["ram"] / GIB, projection["local_bytes_per_image"] / 1e6,
@@ -361,7 +367,7 @@ def run_eval(config: EvalConfig) -> dict:
     timings: dict[str, float] = {}
     database, query_sets, cache = _prepare(config)
     k = num_predictions(config, len(database))
-    _report_and_check(config, cache, len(database), query_sets, k)
+    _report_and_check(config, cache, len(database), query_sets, k, global_retrieval=True)
     with _timed(timings, "load_model"):
         model = load_model(config.backbone, config.weights, config.extraction.device)
     query_global, query_local = {}, {}
@@ -435,7 +441,7 @@ def run_rerank(config: EvalConfig, predictions: dict[str, np.ndarray]) -> dict:
             )
         query_set.global_predictions = given.astype(np.int64)
     k = max(s.global_predictions.shape[1] for s in query_sets)
-    _report_and_check(config, cache, len(database), query_sets, k)
+    _report_and_check(config, cache, len(database), query_sets, k, global_retrieval=False)
     with _timed(timings, "load_model"):
         model = load_model(config.backbone, config.weights, config.extraction.device)
     database_local = _local_features(config, cache / "database_local", len(database))
