@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError
 from .evaluation.pipeline import EvalConfig, InsufficientDiskError, run_eval, run_rerank
 from .evaluation.recalls import DEFAULT_RECALL_VALUES
 from .features import STORE_DTYPES, ExtractionConfig
+from .matching import GEOMETRIC_MODELS, MATCHERS, SCORERS, ScorerConfig
 from .rerank import DEFAULT_TOP_K, PRECISIONS
 from .retrieval import exact_search
 
@@ -50,6 +51,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument("--rerank_topk", type=int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none")
     rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
+    rerank.add_argument(
+        "--rerank_scorer", choices=SCORERS, default="fol", metavar="SCORER",
+        help="'fol' (FoL's score), '<matcher>' (match count) or '<matcher>+ransac' (inliers); matchers: "
+        + ", ".join(MATCHERS),
+    )
+    rerank.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
     rerank.add_argument(
         "--store_dtype", choices=STORE_DTYPES, default="float32",
         help="local features on disk; float16 halves the disk but scores may differ from the original's",
@@ -94,6 +101,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         labelled=not args.no_labels,
         rerank_topk=args.rerank_topk,
         precision=args.precision,
+        scorer=ScorerConfig(args.rerank_scorer, args.ransac_model),
         store_dtype=args.store_dtype,
         in_memory=args.in_memory,
         num_preds_to_save=args.num_preds_to_save,

@@ -16,6 +16,7 @@ from fol_plugin.data.datasets import find_positives, list_images, load_image_set
 from fol_plugin.evaluation import EvalConfig, InsufficientDiskError, compute_recalls, pipeline, run_eval, run_rerank
 from fol_plugin.evaluation.outputs import read_preds_files, write_preds_files
 from fol_plugin.features import ExtractionConfig
+from fol_plugin.matching import ScorerConfig
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import order_by_scores
 from fol_plugin.retrieval import exact_search
@@ -263,3 +264,14 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(labelled_set, tin
     with pytest.raises(InsufficientDiskError, match=r"this run needs .* GiB .* only 0.00 GiB are free.*--store_dtype float16"):
         run_eval(config_for(labelled_set, tmp_path / "out", tiny_weights))
     assert "Projected:" in caplog.text and "GiB on disk" in caplog.text
+
+
+def test_a_matcher_plus_ransac_scorer_reranks(labelled_set, tiny_weights, tmp_path):
+    summary = run_eval(config_for(labelled_set, tmp_path / "ransac", tiny_weights, scorer=ScorerConfig("mnn+ransac")))
+    out = tmp_path / "ransac" / "queries"
+    scores, reranked = np.load(out / "rerank_scores.npy"), np.load(out / "predictions_reranked.npy")
+    database, queries = load_image_set(labelled_set / "database"), load_image_set(labelled_set / "queries")
+    # An exact copy matches every keypoint onto itself: the most inliers, first after re-ranking.
+    assert reranked[:, 0].tolist() == copy_indices(database.paths, queries.paths)
+    assert (scores[:, 0] == scores.max(axis=1)).all() and (scores[:, 0] > scores[:, 1]).all()
+    assert summary["config"]["scorer"]["name"] == "mnn+ransac"

@@ -33,6 +33,7 @@ from ..features import (
 )
 from ..features.extract import LocalFeatures
 from ..features.store import ENTRY_BYTES
+from ..matching import LocalFeatures, ScorerConfig, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
 from ..models.local_features import NUM_SELECTED_PATCHES
 from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
@@ -64,7 +65,8 @@ class EvalConfig:
         positive_dist_threshold: metres within which a database image is correct.
         labelled: read UTM labels from file names and compute recalls.
         rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
-        precision: "exact" or "bf16" re-ranking.
+        precision: "exact" or "bf16" re-ranking (FoL's own scorer).
+        scorer: the re-ranking score: FoL's (default), or matches / RANSAC inliers of a matcher.
         store_dtype: local-feature store precision ("float32" reproduces the original's scores).
         in_memory: hold all database local features in RAM, as the original's default mode.
         num_preds_to_save: per query, predictions drawn in PNG grids and listed in preds/*.txt.
@@ -84,6 +86,7 @@ class EvalConfig:
     labelled: bool = True
     rerank_topk: int = DEFAULT_TOP_K
     precision: str = "exact"
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     store_dtype: str = "float32"
     in_memory: bool = False
     num_preds_to_save: int = 0
@@ -247,12 +250,22 @@ def _rerank_set(
 ) -> None:
     top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
     local_dtype = "float32" if config.in_memory else config.store_dtype
-    # Scores already computed are reused only for the same candidates, precision and features.
+    # Scores already computed are reused only for the same candidates, scorer and features.
     candidates = hashlib.sha1(np.ascontiguousarray(query_set.global_predictions[:, :top_k]).tobytes()).hexdigest()[:16]
+    scorer = config.scorer
+    method = config.precision if scorer.name == "fol" else f"{scorer.name}_{scorer.ransac_model}_{scorer.inlier_threshold}_{scorer.seed}"
     scores = ResumableArray(
-        cache / query_set.key / f"rerank_scores_{config.precision}_{local_dtype}_{candidates}.npy",
+        cache / query_set.key / f"rerank_scores_{method}_{local_dtype}_{candidates}.npy",
         (len(query_set.images), top_k),
     )
+    pair_scorer = None
+    if scorer.name != "fol":
+        score_pair = make_pair_scorer(scorer)
+
+        def pair_scorer(q: int, i: int) -> float:
+            query = LocalFeatures(query_local.keypoints(q), query_local[q])
+            return score_pair(query, LocalFeatures(database_local.keypoints(i), database_local[i]))
+
     score_candidates(
         query_set.global_predictions,
         query_local,
@@ -263,6 +276,7 @@ def _rerank_set(
         out=scores.array,
         start=scores.rows_done,
         on_query_done=scores.commit,
+        pair_scorer=pair_scorer,
     )
     query_set.scores = np.array(scores.array)
     query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)

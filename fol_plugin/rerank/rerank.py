@@ -34,8 +34,9 @@ def score_candidates(
     start: int = 0,
     on_query_done: Callable[[int], None] | None = None,
     progress: bool = True,
+    pair_scorer: Callable[[int, int], float] | None = None,
 ) -> np.ndarray:
-    """FoL scores of each query's first ``top_k`` global candidates.
+    """FoL scores (or another scorer's) of each query's first ``top_k`` global candidates.
 
     Args:
         global_predictions: [Q, K] database ids, best first.
@@ -47,6 +48,8 @@ def score_candidates(
         out: [Q, top_k] float32 array to fill (e.g. a resumable memory map); allocated when None.
         start: first query to score (the earlier rows of ``out`` are kept).
         on_query_done: called with the number of finished queries after each one (to commit).
+        pair_scorer: instead of FoL's score, ``pair_scorer(q, database_id)``, higher is better
+            (e.g. RANSAC inliers, :mod:`fol_plugin.matching.scorers`).
 
     Returns:
         [Q, top_k] float32 scores (the number of counted mutual matches).
@@ -59,9 +62,12 @@ def score_candidates(
         raise ValueError(f"scores array is {out.shape}, expected {(len(global_predictions), top_k)}")
     queries = range(start, len(global_predictions))
     for q in tqdm(queries, desc="Re-ranking", unit="query", disable=not progress, total=len(queries)):
-        query = query_features[q].to(device)
-        candidates = [database_features[int(i)].to(device) for i in global_predictions[q, :top_k]]
-        out[q] = mutual_match_scores(query, candidates, threshold, precision).cpu().numpy()
+        if pair_scorer is not None:
+            out[q] = [pair_scorer(q, int(i)) for i in global_predictions[q, :top_k]]
+        else:
+            query = query_features[q].to(device)
+            candidates = [database_features[int(i)].to(device) for i in global_predictions[q, :top_k]]
+            out[q] = mutual_match_scores(query, candidates, threshold, precision).cpu().numpy()
         if on_query_done is not None:
             on_query_done(q + 1)
     return out

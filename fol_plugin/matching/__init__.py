@@ -1,0 +1,19 @@
+"""Matching FoL's local features: kornia LAFs, one matcher interface, RANSAC, re-ranking scorers."""
+from .features import LAF_SCALE, LocalFeatures, to_lafs
+from .geometry import GEOMETRIC_MODELS, verify
+from .matchers import MATCHERS, Matches, match
+from .scorers import SCORERS, ScorerConfig, make_pair_scorer
+
+__all__ = [
+    "GEOMETRIC_MODELS",
+    "LAF_SCALE",
+    "MATCHERS",
+    "SCORERS",
+    "LocalFeatures",
+    "Matches",
+    "ScorerConfig",
+    "make_pair_scorer",
+    "match",
+    "to_lafs",
+    "verify",
+]

@@ -1,0 +1,46 @@
+"""FoL local features in the common matching language: keypoints, kornia LAFs, descriptors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kornia.feature import laf_from_center_scale_ori
+
+from ..models.local_features import LOCAL_STRIDE
+
+# A FoL keypoint stands for one cell of the local grid: its LAF scale is the cell spacing.
+LAF_SCALE = LOCAL_STRIDE
+
+
+@dataclass
+class LocalFeatures:
+    """One image's local features.
+
+    Attributes:
+        keypoints: [N, 2] (x, y) in pixels of the image the features were extracted from.
+        descriptors: [N, D] L2-normalised.
+    """
+
+    keypoints: torch.Tensor
+    descriptors: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.descriptors.ndim != 2 or self.keypoints.shape != (len(self.descriptors), 2):
+            raise ValueError(
+                f"expected keypoints [N, 2] and descriptors [N, D], got {tuple(self.keypoints.shape)} "
+                f"and {tuple(self.descriptors.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.descriptors)
+
+    def lafs(self, scale: float = LAF_SCALE) -> torch.Tensor:
+        """Local affine frames [1, N, 2, 3] centred on the keypoints, upright, ``scale`` pixels."""
+        return to_lafs(self.keypoints, scale)
+
+
+def to_lafs(keypoints: torch.Tensor, scale: float = LAF_SCALE) -> torch.Tensor:
+    """kornia LAFs [1, N, 2, 3] from keypoints [N, 2] (upright, one local-grid cell wide)."""
+    centres = keypoints.float()[None]
+    scales = torch.full((1, len(keypoints), 1, 1), float(scale), dtype=centres.dtype, device=centres.device)
+    return laf_from_center_scale_ori(centres, scales, torch.zeros_like(scales[..., 0]))
