@@ -12,17 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import WEIGHT_URLS, resolve_device
+from .checkpoint import WEIGHT_URLS, load_model, resolve_device
 from .data import RESIZE_MODES
 from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images
 from .evaluation.outputs import read_preds_files
 from .checkpoint import CheckpointError
 from .evaluation.pipeline import EvalConfig, InsufficientDiskError, run_eval, run_rerank
 from .evaluation.recalls import DEFAULT_RECALL_VALUES
-from .features import STORE_DTYPES, ExtractionConfig
+from .features import STORE_DTYPES, ExtractionConfig, check_image_size
 from .matching import GEOMETRIC_MODELS, MATCHERS, SCORERS, ScorerConfig
 from .rerank import DEFAULT_TOP_K, PRECISIONS
 from .retrieval import exact_search
+from .visualization import draw_pair, match_pair
 
 logger = logging.getLogger("fol_plugin")
 
@@ -82,7 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
     given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
+    show = commands.add_parser("visualize", help="FoL's regions and matches on two images, as one PNG")
+    show.add_argument("--query", type=Path, required=True)
+    show.add_argument("--database", type=Path, required=True)
+    show.add_argument("--output", type=Path, default=Path("fol_matches.png"))
+    show.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitl")
+    show.add_argument("--weights", default="auto")
+    show.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
+    show.add_argument("--resize_mode", choices=RESIZE_MODES, default="original")
+    show.add_argument("--device", default=None)
+    show.add_argument("--matcher", choices=MATCHERS, default="fol")
+    show.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
     return parser
+
+
+def visualize(args: argparse.Namespace) -> None:
+    """``fol-vpr visualize``: write the figure and print the counts."""
+    check_image_size(tuple(args.image_size))
+    for path in (args.query, args.database):
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+    model = load_model(args.backbone, args.weights, resolve_device(args.device))
+    images, regions, result = match_pair(
+        model, (args.query, args.database), tuple(args.image_size), args.resize_mode, args.matcher, args.ransac_model
+    )
+    figure = draw_pair(images, regions, result, (args.query.name, args.database.name), args.ransac_model)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output, dpi=100)
+    print(f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers: {args.output}")
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
@@ -153,6 +181,13 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> dict[str, np.nda
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.command == "visualize":
+        try:
+            visualize(args)
+        except (ValueError, FileNotFoundError, CheckpointError) as error:
+            logger.error("%s", error)
+            return 2
+        return 0
     config = _config(args)
     try:
         if args.command == "eval":

@@ -1,0 +1,44 @@
+"""``fol-vpr visualize`` on the shared positive pair (a tiny ViT: plumbing, not accuracy)."""
+from __future__ import annotations
+
+import torch
+from kornia.io import ImageLoadType, load_image
+
+from fol_plugin import checkpoint, cli
+from fol_plugin.matching import match, verify
+from fol_plugin.models import FoLModel
+from fol_plugin.visualization import draw_pair, match_pair
+
+from .conftest import DATA, TINY_VIT, require
+
+
+def test_visualize_writes_a_readable_figure_with_the_counts(tmp_path, capsys, monkeypatch):
+    pair = require(DATA / "match_pair")
+    torch.manual_seed(0)
+    model = FoLModel(TINY_VIT).eval()
+    weights = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), weights)
+    images, regions, result = match_pair(model, (pair / "query.jpg", pair / "database.jpg"), (126, 126))
+    assert images.shape == (2, 3, 126, 126) and regions.shape == (2, 9, 9)
+    assert len(result.matches) == len(match(*result.features, "fol"))
+    assert torch.equal(result.inliers, verify(*result.features, match(*result.features, "fol"), seed=0)[1])
+    figure = draw_pair(images, regions, result, ("query.jpg", "database.jpg"), "homography")
+    assert figure._suptitle.get_text() == f"FoL: {len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers"
+
+    output = tmp_path / "figure.png"
+    # fol-vpr takes vitl/vitb only: run the command with the tiny model patched in.
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    code = cli.main(["visualize", "--query", str(pair / "query.jpg"), "--database", str(pair / "database.jpg"),
+                     "--backbone", "vitb", "--weights", str(weights), "--image_size", "126", "126",
+                     "--output", str(output)])
+    assert code == 0
+    assert f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers" in capsys.readouterr().out
+    picture = load_image(output, ImageLoadType.RGB8)
+    assert picture.shape[0] == 3 and picture.shape[1] > 1000 and picture.shape[2] == 1000
+    assert picture.float().std() > 20  # not blank
+
+
+def test_visualize_names_a_missing_image(tmp_path, caplog):
+    code = cli.main(["visualize", "--query", str(tmp_path / "nope.jpg"), "--database", str(tmp_path / "nope.jpg"),
+                     "--weights", str(tmp_path / "w.pth")])
+    assert code == 2 and f"image {tmp_path / 'nope.jpg'} does not exist" in caplog.text
