@@ -1,5 +1,5 @@
 """Matching FoL's local features: kornia LAFs, one matcher interface, RANSAC, re-ranking scorers."""
-from .features import LAF_SCALE, LocalFeatures, to_lafs
+from .features import LAF_SCALE, LocalFeatures, extract_local_features, to_lafs
 from .geometry import GEOMETRIC_MODELS, verify
 from .matchers import MATCHERS, Matches, match
 from .scorers import SCORERS, ScorerConfig, make_pair_scorer
@@ -11,6 +11,7 @@ __all__ = [
     "SCORERS",
     "LocalFeatures",
     "Matches",
+    "extract_local_features",
     "ScorerConfig",
     "make_pair_scorer",
     "match",

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 import torch
 from kornia.feature import laf_from_center_scale_ori
 
+from ..data import preprocess
+from ..models import FoLModel
 from ..models.local_features import LOCAL_STRIDE
+from ..models.resizing import round_to_patch_multiple
 
 # A FoL keypoint stands for one cell of the local grid: its LAF scale is the cell spacing.
 LAF_SCALE = LOCAL_STRIDE
@@ -44,3 +47,20 @@ def to_lafs(keypoints: torch.Tensor, scale: float = LAF_SCALE) -> torch.Tensor:
     centres = keypoints.float()[None]
     scales = torch.full((1, len(keypoints), 1, 1), float(scale), dtype=centres.dtype, device=centres.device)
     return laf_from_center_scale_ori(centres, scales, torch.zeros_like(scales[..., 0]))
+
+
+@torch.inference_mode()
+def extract_local_features(
+    model: FoLModel, image: torch.Tensor, image_size: tuple[int, int] | None = None, resize_mode: str = "original"
+) -> LocalFeatures:
+    """FoL local features of one RGB image [3, H, W] in [0, 1], keypoints in its own pixels.
+
+    Args:
+        image_size: the network input (H', W'), multiples of 14; None rounds H and W to the
+            nearest multiples of 14.
+    """
+    size = image_size or tuple(round_to_patch_multiple(s) for s in image.shape[-2:])
+    device = next(model.parameters()).device
+    features = model.extract(preprocess(image, size, resize_mode).to(device))
+    scale = torch.tensor([image.shape[-1] / size[1], image.shape[-2] / size[0]])
+    return LocalFeatures(features.keypoints[0].cpu() * scale, features.local_descriptors[0].cpu())
