@@ -138,8 +138,8 @@ def _config(args: argparse.Namespace) -> EvalConfig:
     )
 
 
-def load_given_predictions(args: argparse.Namespace, k: int) -> dict[str, np.ndarray]:
-    """Per query set (by position), the [Q, K] predictions given to ``fol-vpr rerank``."""
+def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]:
+    """Per query set, in the order of ``--queries_folder``, the [Q, K] predictions given to ``fol-vpr rerank``."""
     num_sets = len(args.queries_folders)
     if args.predictions and args.database_descriptors:
         raise ValueError("give either --predictions or --database_descriptors/--queries_descriptors, not both")
@@ -153,8 +153,8 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> dict[str, np.nda
                 f"{args.database_descriptors} is {database.shape}, but {args.database_folder} has {len(database_paths)} "
                 f"images: expected [{len(database_paths)}, D]"
             )
-        predictions = {}
-        for position, (folder, path) in enumerate(zip(args.queries_folders, args.queries_descriptors)):
+        predictions = []
+        for folder, path in zip(args.queries_folders, args.queries_descriptors):
             queries = np.load(path)
             num_queries = len(list_images(folder))
             if queries.ndim != 2 or queries.shape != (num_queries, database.shape[1]):
@@ -162,17 +162,17 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> dict[str, np.nda
                     f"{path} is {queries.shape}, expected [{num_queries}, {database.shape[1]}] ({folder} has {num_queries} "
                     f"images; the database descriptors have dimension {database.shape[1]})"
                 )
-            predictions[str(position)] = exact_search(database, queries, min(k, len(database)))[1]
+            predictions.append(exact_search(database, queries, min(k, len(database)))[1])
         return predictions
     if len(args.predictions) != num_sets:
         raise ValueError(f"give one --predictions per --queries_folder ({num_sets}), got {len(args.predictions)}")
-    predictions = {}
-    for position, (folder, source) in enumerate(zip(args.queries_folders, args.predictions)):
+    predictions = []
+    for folder, source in zip(args.queries_folders, args.predictions):
         source = Path(source)
         if source.is_dir():
-            predictions[str(position)] = read_preds_files(source, list_images(folder), database_paths)
+            predictions.append(read_preds_files(source, list_images(folder), database_paths))
         elif source.suffix == ".npy" and source.is_file():
-            predictions[str(position)] = np.load(source)
+            predictions.append(np.load(source))
         else:
             raise FileNotFoundError(f"--predictions {source}: expected a preds/ folder of .txt files or a .npy file")
     return predictions

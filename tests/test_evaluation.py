@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fol_plugin import cli
+from fol_plugin import checkpoint, cli
 from fol_plugin.data.datasets import find_positives, list_images, load_image_set
 from fol_plugin.evaluation import EvalConfig, InsufficientDiskError, compute_recalls, pipeline, run_eval, run_rerank
 from fol_plugin.evaluation.outputs import read_preds_files, write_preds_files
@@ -166,7 +166,7 @@ def test_rerank_command_reads_harness_predictions(labelled_set, tiny_weights, tm
     given = np.stack([rng.permutation(len(database))[:10] for _ in range(len(queries))])
     write_preds_files(tmp_path / "preds", queries.paths, database.paths, given, None)
     config = config_for(labelled_set, tmp_path / "rerank", tiny_weights, num_preds_to_save=0)
-    from_txt = run_rerank(config, {"0": read_preds_files(tmp_path / "preds", queries.paths, database.paths)})
+    from_txt = run_rerank(config, [read_preds_files(tmp_path / "preds", queries.paths, database.paths)])
     before = compute_recalls(given, find_positives(database.utms, queries.utms), (1, 5, 10))
     assert from_txt["query_sets"]["queries"]["global"] == {f"R@{n}": pytest.approx(v) for n, v in before.items()}
     reranked = np.load(tmp_path / "rerank" / "queries" / "predictions_reranked.npy")
@@ -177,8 +177,8 @@ def test_rerank_command_reads_harness_predictions(labelled_set, tiny_weights, tm
             assert reranked[q, 0] == copy
     # Other predictions in the same output folder: the cached scores of the first run are not reused.
     other = np.stack([rng.permutation(len(database))[:10] for _ in range(len(queries))])
-    run_rerank(config, {"0": other})
-    run_rerank(config_for(labelled_set, tmp_path / "fresh", tiny_weights, num_preds_to_save=0), {"0": other})
+    run_rerank(config, [other])
+    run_rerank(config_for(labelled_set, tmp_path / "fresh", tiny_weights, num_preds_to_save=0), [other])
     for name in ("rerank_scores.npy", "predictions_reranked.npy"):
         assert (np.load(tmp_path / "rerank" / "queries" / name) == np.load(tmp_path / "fresh" / "queries" / name)).all()
 
@@ -275,3 +275,23 @@ def test_a_matcher_plus_ransac_scorer_reranks(labelled_set, tiny_weights, tmp_pa
     assert reranked[:, 0].tolist() == copy_indices(database.paths, queries.paths)
     assert (scores[:, 0] == scores.max(axis=1)).all() and (scores[:, 0] > scores[:, 1]).all()
     assert summary["config"]["scorer"]["name"] == "mnn+ransac"
+
+
+def test_rerank_command_line_matches_the_python_api(labelled_set, tiny_weights, tmp_path, monkeypatch):
+    database, queries = load_image_set(labelled_set / "database"), load_image_set(labelled_set / "queries")
+    given = np.stack([np.random.default_rng(q).permutation(len(database))[:10] for q in range(len(queries))])
+    write_preds_files(tmp_path / "preds", queries.paths, database.paths, given, None)
+    np.save(tmp_path / "given.npy", given)
+    run_rerank(config_for(labelled_set, tmp_path / "api", tiny_weights, num_preds_to_save=0, rerank_topk=10), [given])
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    for source in ("preds", "given.npy"):
+        code = cli.main([
+            "rerank", "--database_folder", str(labelled_set / "database"), "--queries_folder", str(labelled_set / "queries"),
+            "--predictions", str(tmp_path / source), "--backbone", "vitb", "--weights", str(tiny_weights),
+            "--image_size", "126", "126", "--rerank_topk", "10", "--num_workers", "0", "--recall_values", "1", "5",
+            "--output_dir", str(tmp_path / source.replace(".", "_")),
+        ])
+        assert code == 0
+        for name in ("predictions_reranked.npy", "rerank_scores.npy"):
+            ours = np.load(tmp_path / source.replace(".", "_") / "queries" / name)
+            assert (ours == np.load(tmp_path / "api" / "queries" / name)).all()

@@ -427,12 +427,12 @@ def run_eval(config: EvalConfig) -> dict:
     return summary
 
 
-def run_rerank(config: EvalConfig, predictions: dict[str, np.ndarray]) -> dict:
+def run_rerank(config: EvalConfig, predictions: list[np.ndarray]) -> dict:
     """``fol-vpr rerank``: FoL re-ranking of another method's predictions.
 
     Args:
-        predictions: per query folder (as given in ``config.queries_folders``, by position key
-            "0", "1", ...), [Q, K] database indices, best first.
+        predictions: per query folder of ``config.queries_folders``, in order, [Q, K] database
+            indices, best first.
 
     Returns:
         The summary written to ``recalls.json`` (recalls before and after re-ranking).
@@ -441,8 +441,10 @@ def run_rerank(config: EvalConfig, predictions: dict[str, np.ndarray]) -> dict:
         raise ValueError("fol-vpr rerank needs --rerank_topk > 0")
     timings: dict[str, float] = {}
     database, query_sets, cache = _prepare(config)
-    for position, query_set in enumerate(query_sets):
-        given = np.asarray(predictions[str(position)])
+    if len(predictions) != len(query_sets):
+        raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
+    for query_set, given in zip(query_sets, predictions):
+        given = np.asarray(given)
         if given.ndim != 2 or len(given) != len(query_set.images):
             raise ValueError(
                 f"the predictions for {query_set.images.folder} are {given.shape}, expected "
