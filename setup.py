@@ -24,7 +24,10 @@ setup(
         "matplotlib>=3.5",
     ],
     entry_points={"console_scripts": ["fol-vpr = fol_plugin.cli:main"]},
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        "train": ["pytorch-metric-learning>=2"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregator import GLOBAL_DIM, MIN_PATCHES, AggregatorOutput, FoLAggregator
+from .aggregator import GLOBAL_DIM, MIN_PATCHES, AggregatorOutput, FoLAggregator, clip_top_values
 from .backbone import PATCH_SIZE, VIT_CONFIGS, BackboneOutput, DINOv2Backbone, ViTConfig
 from .local_features import LOCAL_DIM, UPCONV_DIM, gather_selected, make_upconv, select_patches
 
@@ -20,6 +20,26 @@ class FoLFeatures:
     local_descriptors: list[torch.Tensor]  # B x [N_i, 128], L2-normalised, raster order of the local grid
     keypoints: list[torch.Tensor]  # B x [N_i, 2], (x, y) in network-input pixels
     region_scores: torch.Tensor  # [B, h, w], the test-time selection score
+
+
+@dataclass
+class TrainingOutputs:
+    """What FoL's training losses need (FOL_SPEC section 6), for B images of N = h*w patches."""
+
+    global_descriptors: torch.Tensor  # [B, 8448], L2-normalised
+    confidence: torch.Tensor  # [B, N], softmax(clip(mean_k P)): Ma
+    importance: torch.Tensor  # [B, N], softmax(clip(a)) of the backbone's region cue: Me
+    assignment: torch.Tensor  # [B, 64, N], optimal-transport assignment P
+    mask_guide: torch.Tensor  # [B, N], g
+    tokens: torch.Tensor  # [B, C, N], backbone patch tokens, L2-normalised over C
+    dense_local: torch.Tensor  # [B, H', W', 128], dense local map, L2-normalised
+    local_descriptors: list[torch.Tensor]  # B x [N_i, 128], the 225 patches of largest Ma + Me
+    grid: tuple[int, int]  # (h, w)
+
+    @property
+    def selection(self) -> torch.Tensor:
+        """[B, N] training selection score Ma + Me."""
+        return self.confidence + self.importance
 
 
 def nearest_valid_sizes(size: int) -> tuple[int, int]:
@@ -91,6 +111,29 @@ class FoLModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors: [B, 3, H, W] ImageNet-normalised -> [B, 8448] float32, L2-normalised."""
         return self.encode(images)[1].global_descriptor.float()
+
+    def forward_train(self, images: torch.Tensor) -> TrainingOutputs:
+        """The training forward: everything the losses of :mod:`fol_plugin.train.losses` use.
+
+        Regions are selected by Ma + Me (the original's training selection) instead of Ma.
+        """
+        tokens, aggregated = self.encode(images)
+        _, channels, h, w = tokens.feature_map.shape
+        importance = clip_top_values(tokens.region_cue).softmax(dim=-1)
+        dense = self.dense_local_map(tokens.feature_map)
+        patch_mask = select_patches(aggregated.selection_score + importance, h, w)
+        local_descriptors, _ = gather_selected(dense, patch_mask)
+        return TrainingOutputs(
+            global_descriptors=aggregated.global_descriptor,
+            confidence=aggregated.selection_score,
+            importance=importance,
+            assignment=aggregated.assignment,
+            mask_guide=aggregated.mask_guide,
+            tokens=F.normalize(tokens.feature_map.flatten(2), p=2, dim=1),
+            dense_local=F.normalize(dense.permute(0, 2, 3, 1), p=2, dim=-1),
+            local_descriptors=local_descriptors,
+            grid=(h, w),
+        )
 
     def extract(self, images: torch.Tensor) -> FoLFeatures:
         """Global descriptors plus the selected local features used for re-ranking.

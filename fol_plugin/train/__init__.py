@@ -1,0 +1,24 @@
+"""Fine-tuning FoL: the paper's losses (the training forward is ``FoLModel.forward_train``)."""
+from .losses import (
+    LossWeights,
+    contrast_loss,
+    fol_loss,
+    local_similarity,
+    local_triplet_loss,
+    multi_similarity_loss,
+    pseudo_correspondence_loss,
+    pseudo_correspondences,
+    spatial_alignment_loss,
+)
+
+__all__ = [
+    "LossWeights",
+    "contrast_loss",
+    "fol_loss",
+    "local_similarity",
+    "local_triplet_loss",
+    "multi_similarity_loss",
+    "pseudo_correspondence_loss",
+    "pseudo_correspondences",
+    "spatial_alignment_loss",
+]
