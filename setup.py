@@ -22,12 +22,10 @@ setup(
         "faiss-cpu>=1.7.4",
         "scikit-learn>=1.1",
         "matplotlib>=3.5",
+        "pytorch-metric-learning>=2",
     ],
     entry_points={"console_scripts": ["fol-vpr = fol_plugin.cli:main"]},
-    extras_require={
-        "train": ["pytorch-metric-learning>=2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytorch-metric-learning>=2"],
-    },
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

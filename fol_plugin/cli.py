@@ -14,7 +14,8 @@ import numpy as np
 
 from .checkpoint import WEIGHT_URLS, load_model, resolve_device
 from .data import RESIZE_MODES
-from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images
+from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images, load_image_set
+from .data.places import folder_places, gsv_cities_places
 from .evaluation.outputs import read_preds_files
 from .checkpoint import CheckpointError
 from .evaluation.pipeline import EvalConfig, InsufficientDiskError, run_eval, run_rerank
@@ -23,6 +24,7 @@ from .features import STORE_DTYPES, ExtractionConfig, check_image_size
 from .matching import GEOMETRIC_MODELS, MATCHERS, SCORERS, ScorerConfig
 from .rerank import DEFAULT_TOP_K, PRECISIONS
 from .retrieval import exact_search
+from .train.loop import TrainConfig, train
 from .visualization import draw_pair, match_pair
 
 logger = logging.getLogger("fol_plugin")
@@ -83,6 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
     given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
+    fit = commands.add_parser("train", help="fine-tune FoL with the paper's losses")
+    fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
+    fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
+    fit.add_argument("--cities", nargs="+", default=["London", "Boston"], help="GSV-Cities cities")
+    fit.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitb")
+    fit.add_argument("--weights", default="auto", help="FoL weights to start from ('auto', path, URL, or 'none')")
+    fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT")
+    fit.add_argument("--num_trainable_blocks", type=int, default=4)
+    fit.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
+    fit.add_argument("--places_per_batch", type=int, default=60)
+    fit.add_argument("--images_per_place", type=int, default=4)
+    fit.add_argument("--epochs", type=int, default=8)
+    fit.add_argument("--lr", type=float, default=6e-5)
+    fit.add_argument("--weight_decay", type=float, default=9.5e-9)
+    fit.add_argument("--accumulation_steps", type=int, default=1)
+    fit.add_argument("--no_augment", action="store_true")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default=None)
+    fit.add_argument("--num_workers", type=int, default=4)
+    fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
+    fit.add_argument("--val_queries_folder", type=Path)
+    fit.add_argument("--output_dir", type=Path, required=True)
+    fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
     show = commands.add_parser("visualize", help="FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
@@ -95,6 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--matcher", choices=MATCHERS, default="fol")
     show.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
     return parser
+
+
+def fine_tune(args: argparse.Namespace) -> None:
+    """``fol-vpr train``."""
+    if args.dataset == "gsv_cities":
+        places = gsv_cities_places(args.data_root, args.cities, args.images_per_place)
+    else:
+        places = folder_places(args.data_root, args.images_per_place)
+    validation = None
+    if args.val_database_folder or args.val_queries_folder:
+        if not (args.val_database_folder and args.val_queries_folder):
+            raise ValueError("give both --val_database_folder and --val_queries_folder")
+        validation = (load_image_set(args.val_database_folder), load_image_set(args.val_queries_folder))
+    config = TrainConfig(
+        output_dir=args.output_dir, backbone=args.backbone, weights=None if args.weights == "none" else args.weights,
+        dinov2_weights=args.dinov2_weights, num_trainable_blocks=args.num_trainable_blocks,
+        image_size=tuple(args.image_size), places_per_batch=args.places_per_batch, images_per_place=args.images_per_place,
+        augment=not args.no_augment, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        accumulation_steps=args.accumulation_steps, seed=args.seed, device=args.device, num_workers=args.num_workers,
+        validation=validation,
+    )
+    check_image_size(config.image_size)
+    summary = train(config, places, resume=args.resume)
+    print(f"{len(summary['epochs'])} epochs; best checkpoint: {summary['best']}")
 
 
 def visualize(args: argparse.Namespace) -> None:
@@ -181,12 +230,16 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if args.command == "visualize":
+    if args.command in ("visualize", "train"):
         try:
-            visualize(args)
-        except (ValueError, FileNotFoundError, CheckpointError) as error:
+            (visualize if args.command == "visualize" else fine_tune)(args)
+        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
             logger.error("%s", error)
             return 2
+        except KeyboardInterrupt:
+            if args.command == "train":
+                logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
+            return 130
         return 0
     config = _config(args)
     try:

@@ -1,0 +1,142 @@
+"""Training data: places of several images each, as GSV-Cities or as one folder per place.
+
+A batch is P places x K images (K = 4 in FoL's training): each item of :class:`PlaceDataset` is
+one place, K of its images and K copies of its label; :func:`collate_places` flattens P items to
+[P*K, 3, H, W] images and [P*K] labels.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from kornia.augmentation.auto import RandAugment
+from kornia.geometry.transform import resize
+from torch.utils.data import Dataset
+
+from .datasets import IMAGE_EXTENSIONS
+from .images import RESIZE_MODES, load_image, normalize
+
+logger = logging.getLogger(__name__)
+
+IMAGES_PER_PLACE = 4
+GSV_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
+RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 3, 9
+
+
+def gsv_image_name(row: dict[str, str]) -> str:
+    """GSV-Cities file name: ``<city>_<place_id:07d>_<year>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg``."""
+    return (
+        f"{row['city_id']}_{int(row['place_id']):07d}_{int(row['year']):04d}_{int(row['month']):02d}_"
+        f"{int(float(row['northdeg'])):03d}_{float(row['lat'])}_{float(row['lon'])}_{row['panoid']}.jpg"
+    )
+
+
+def gsv_cities_places(
+    root: str | os.PathLike, cities: Sequence[str], min_images: int = IMAGES_PER_PLACE
+) -> list[list[Path]]:
+    """Places of GSV-Cities: ``root/Dataframes/<city>.csv`` rows grouped by ``place_id``, images
+    in ``root/Images/<city>/``. Places with fewer than ``min_images`` images are left out (logged).
+
+    Returns:
+        one list of image paths per place, cities in the given order.
+    """
+    root = Path(root)
+    places: list[list[Path]] = []
+    for city in cities:
+        table = root / "Dataframes" / f"{city}.csv"
+        if not table.is_file():
+            available = sorted(p.stem for p in (root / "Dataframes").glob("*.csv"))
+            raise FileNotFoundError(f"{table} does not exist; cities in {root / 'Dataframes'}: {available}")
+        with open(table, newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in GSV_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{table} lacks the GSV-Cities columns {missing}")
+            by_place: dict[str, list[Path]] = {}
+            for row in reader:
+                by_place.setdefault(row["place_id"], []).append(root / "Images" / row["city_id"] / gsv_image_name(row))
+        kept = [paths for paths in by_place.values() if len(paths) >= min_images]
+        if len(kept) < len(by_place):
+            logger.info("%s: %d of %d places have fewer than %d images and are left out", city,
+                        len(by_place) - len(kept), len(by_place), min_images)
+        if kept and not kept[0][0].is_file():
+            raise FileNotFoundError(f"{kept[0][0]} (listed in {table}) does not exist: check the GSV-Cities root {root}")
+        places.extend(kept)
+    return places
+
+
+def folder_places(root: str | os.PathLike, min_images: int = IMAGES_PER_PLACE) -> list[list[Path]]:
+    """Places as sub-folders of ``root``, each holding that place's images (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"place folder {root} does not exist")
+    places, small = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        (places if len(images) >= min_images else small).append(images)
+    if small:
+        logger.info("%s: %d places have fewer than %d images and are left out", root, len(small), min_images)
+    if not places:
+        raise ValueError(f"no place in {root} has {min_images} images or more (one sub-folder per place)")
+    return places
+
+
+class PlaceDataset(Dataset):
+    """Item p: ``images_per_place`` images of place p [K, 3, H, W] (ImageNet-normalised) and
+    [K] copies of p.
+
+    Args:
+        places: image paths per place.
+        image_size: (H, W) network input.
+        images_per_place: K, sampled without replacement (reproducibly from ``seed`` and the epoch).
+        augment: kornia RandAugment (3 operations) on the images in [0, 1] before normalisation.
+        resize_mode: "original" (bilinear, no antialiasing) or "antialias".
+        seed: sampling and augmentation seed.
+    """
+
+    def __init__(
+        self,
+        places: Sequence[Sequence[Path]],
+        image_size: tuple[int, int] = (322, 322),
+        images_per_place: int = IMAGES_PER_PLACE,
+        augment: bool = False,
+        resize_mode: str = "original",
+        seed: int = 0,
+    ) -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode={resize_mode!r}; choose one of {RESIZE_MODES}")
+        too_small = [i for i, paths in enumerate(places) if len(paths) < images_per_place]
+        if too_small:
+            raise ValueError(f"places {too_small[:5]} have fewer than {images_per_place} images")
+        self.places, self.image_size, self.images_per_place = places, tuple(image_size), images_per_place
+        self.augment = RandAugment(n=RANDAUGMENT_OPS, m=RANDAUGMENT_MAGNITUDE) if augment else None
+        self.resize_mode, self.seed, self.epoch = resize_mode, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other images (and augmentations) in every epoch, reproducibly."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        paths = state.sample(list(self.places[index]), self.images_per_place)
+        antialias = self.resize_mode == "antialias"
+        images = torch.cat([resize(load_image(path)[None], self.image_size, antialias=antialias) for path in paths])
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(state.getrandbits(31))
+                images = self.augment(images).clamp(0, 1)
+        return normalize(images), torch.full((self.images_per_place,), index, dtype=torch.long)
+
+
+def collate_places(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """P places -> images [P*K, 3, H, W], labels [P*K] (place-major order)."""
+    images, labels = zip(*items)
+    return torch.cat(images), torch.cat(labels)

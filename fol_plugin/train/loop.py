@@ -1,0 +1,247 @@
+"""``fol-vpr train``: fine-tune FoL on places of K images with the paper's losses.
+
+Per epoch: P places x K images per step, AdamW (the paper's lr 6e-5, weight decay 9.5e-9) with a
+linear decay of the learning rate to 0.1x, optional gradient accumulation and (on CUDA) mixed
+precision; then validation recalls through the evaluation pipeline, ``last.pth`` and the best
+``best.pth`` by R@5 in the original checkpoint format, a loss log (CSV) and its plot (PNG).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import logging
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..checkpoint import load_model, read_checkpoint, resolve_device
+from ..data.datasets import ImageSet, find_positives
+from ..data.places import IMAGES_PER_PLACE, PlaceDataset, collate_places
+from ..evaluation.recalls import compute_recalls
+from ..features import ExtractionConfig, ResumableArray, extract_global
+from ..models import GLOBAL_DIM, FoLModel, ViTConfig
+from ..retrieval import exact_search
+from .losses import LossWeights, fol_loss
+
+logger = logging.getLogger(__name__)
+
+LAST, BEST, LOG, PLOT = "last.pth", "best.pth", "losses.csv", "losses.png"
+VALIDATION_RECALLS = (1, 5, 10)
+BEST_BY = "R@5"
+DINOV2_PREFIX = "backbone.model."
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run.
+
+    Attributes:
+        output_dir: checkpoints, loss log and plot.
+        backbone: "vitl", "vitb" or a :class:`ViTConfig`.
+        weights: FoL weights to start from ("auto", a path or URL), or None for random ones.
+        dinov2_weights: an official DINOv2 checkpoint file (``dinov2_vitb14_pretrain.pth`` keys)
+            for the ViT, loaded over ``weights``.
+        num_trainable_blocks: last ViT blocks trained (the rest stays frozen).
+        image_size: (H, W) training input.
+        places_per_batch, images_per_place: P and K of a step.
+        augment: kornia RandAugment on the training images.
+        epochs, lr, weight_decay: AdamW as in the paper.
+        lr_end_factor, decay_iterations: linear decay to ``lr_end_factor`` x over that many steps.
+        accumulation_steps: micro-batches per optimiser step (mining stays within a micro-batch).
+        mixed_precision: bfloat16/float16 autocast on CUDA (ignored on the CPU).
+        seed: makes sampling, augmentation and initialisation reproducible.
+        device, num_workers: where and with how many loader processes.
+        validation: (database, queries) image sets with labels, or None.
+        loss_weights: the weights of :func:`fol_loss`.
+    """
+
+    output_dir: Path
+    backbone: str | ViTConfig = "vitb"
+    weights: str | None = "auto"
+    dinov2_weights: str | None = None
+    num_trainable_blocks: int = 4
+    image_size: tuple[int, int] = (322, 322)
+    places_per_batch: int = 60
+    images_per_place: int = IMAGES_PER_PLACE
+    augment: bool = True
+    epochs: int = 8
+    lr: float = 6e-5
+    weight_decay: float = 9.5e-9
+    lr_end_factor: float = 0.1
+    decay_iterations: int = 10_000
+    accumulation_steps: int = 1
+    mixed_precision: bool = True
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 4
+    validation: tuple[ImageSet, ImageSet] | None = None
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+
+
+def load_dinov2_weights(model: FoLModel, path: str | Path) -> None:
+    """Load an official DINOv2 checkpoint (its ViT key layout) into the backbone; every backbone
+    weight must be there with the right shape."""
+    state = read_checkpoint(Path(path), "cpu")
+    state = state.get("model", state.get("teacher", state)) if isinstance(state, dict) else state
+    backbone = model.backbone.model.state_dict()
+    missing = sorted(set(backbone) - set(state))
+    wrong = sorted(k for k in backbone if k in state and tuple(state[k].shape) != tuple(backbone[k].shape))
+    if missing or wrong:
+        raise ValueError(
+            f"{path} is not a DINOv2 checkpoint for this backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+    model.backbone.model.load_state_dict({k: state[k] for k in backbone})
+
+
+def trainable_parameters(model: FoLModel) -> list[torch.nn.Parameter]:
+    """All but the frozen part of the ViT (embeddings and the blocks before the last N)."""
+    vit = model.backbone.model
+    frozen_blocks = vit.config.depth - model.backbone.num_trainable_blocks
+    frozen = {id(p) for p in vit.patch_embed.parameters()}
+    frozen |= {id(p) for block in vit.blocks[:frozen_blocks] for p in block.parameters()}
+    frozen |= {id(vit.cls_token), id(vit.pos_embed), id(vit.mask_token)}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+@torch.inference_mode()
+def validation_recalls(model: FoLModel, database: ImageSet, queries: ImageSet, extraction: ExtractionConfig) -> dict[str, float]:
+    """Global-retrieval recalls (percent) of a labelled database / queries pair."""
+    model.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        descriptors = []
+        for name, images in (("database", database), ("queries", queries)):
+            array = ResumableArray(Path(folder) / f"{name}.npy", (len(images), GLOBAL_DIM))
+            descriptors.append(np.array(extract_global(model, images.paths, array, extraction, desc=f"Validation {name}")))
+    k = min(max(VALIDATION_RECALLS), len(database))
+    predictions = exact_search(descriptors[0], descriptors[1], k, progress=False)[1]
+    positives = find_positives(database.utms, queries.utms)
+    recall_values = [n for n in VALIDATION_RECALLS if n <= k]
+    return {f"R@{n}": value for n, value in compute_recalls(predictions, positives, recall_values).items()}
+
+
+def _write_log(output_dir: Path, rows: list[dict]) -> None:
+    with open(output_dir / LOG, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    epochs = [row["epoch"] for row in rows]
+    for name in rows[0]:
+        if name.startswith("loss_"):
+            axis.plot(epochs, [row[name] for row in rows], marker="o", label=name.removeprefix("loss_"))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("mean loss")
+    axis.set_yscale("symlog", linthresh=1e-3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output_dir / PLOT, dpi=100)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = False) -> dict:
+    """Fine-tune FoL on ``places`` (image paths per place).
+
+    Args:
+        resume: continue from ``output_dir/last.pth``; without it an existing one is an error.
+
+    Returns:
+        {"epochs": per-epoch log rows, "best": path of the best checkpoint or None}.
+    """
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    last = output_dir / LAST
+    if last.exists() and not resume:
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --output_dir")
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: no {last} to continue from")
+    if len(places) < 2:
+        raise ValueError(f"training needs at least 2 places, got {len(places)}")
+    device = resolve_device(config.device)
+    _seed_everything(config.seed)
+    model = load_model(config.backbone, config.weights, device, num_trainable_blocks=config.num_trainable_blocks)
+    if config.dinov2_weights:
+        load_dinov2_weights(model, config.dinov2_weights)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=config.lr_end_factor, total_iters=config.decay_iterations
+    )
+    start_epoch, rows, best_score = 0, [], -math.inf
+    if resume:
+        checkpoint = read_checkpoint(last, "cpu")
+        model.load_state_dict(checkpoint["model_state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        start_epoch, rows, best_score = checkpoint["epoch_num"] + 1, checkpoint["log"], checkpoint["best_score"]
+        torch.set_rng_state(checkpoint["rng_state"])
+        logger.info("Resuming %s after epoch %d", output_dir, checkpoint["epoch_num"])
+    dataset = PlaceDataset(places, config.image_size, config.images_per_place, config.augment, seed=config.seed)
+    extraction = ExtractionConfig(config.image_size, batch_size=config.places_per_batch, num_workers=0, device=str(device))
+    amp = config.mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    for epoch in range(start_epoch, config.epochs):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(
+            dataset, batch_size=config.places_per_batch, shuffle=True, drop_last=len(places) > config.places_per_batch,
+            collate_fn=collate_places, num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+        )
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for step, (images, labels) in enumerate(tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", unit="batch")):
+            with torch.autocast(device.type, enabled=amp):
+                outputs = model.forward_train(images.to(device))
+            parts = fol_loss(outputs, labels.to(device), config.loss_weights, generator)
+            scaler.scale(parts["total"] / config.accumulation_steps).backward()
+            if (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            steps += 1
+        row = {"epoch": epoch + 1, "steps": steps, "lr": scheduler.get_last_lr()[0]}
+        row.update({f"loss_{name}": total / max(steps, 1) for name, total in sums.items()})
+        recalls = validation_recalls(model, *config.validation, extraction) if config.validation else {}
+        row.update(recalls)
+        rows.append(row)
+        logger.info("Epoch %d: %s", epoch + 1, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+        score = recalls.get(BEST_BY, -row["loss_total"])
+        improved = score > best_score
+        best_score = max(best_score, score)
+        checkpoint = {
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+            "epoch_num": epoch,
+            "recalls": recalls,
+            "log": rows,
+            "best_score": best_score,
+            "rng_state": torch.get_rng_state(),  # dropout draws continue as without the interruption
+            "config": json.loads(json.dumps(asdict(config), default=str)),
+        }
+        temporary = output_dir / f"{LAST}.tmp"
+        torch.save(checkpoint, temporary)
+        temporary.replace(last)
+        if improved:
+            torch.save(checkpoint, output_dir / BEST)
+        _write_log(output_dir, rows)
+    return {"epochs": rows, "best": str(output_dir / BEST) if (output_dir / BEST).exists() else None}

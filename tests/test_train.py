@@ -1,0 +1,180 @@
+"""``fol-vpr train`` on synthetic places with a tiny ViT: the loss falls, held-out recall improves,
+runs resume exactly, and checkpoints load through the hub entrypoints."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imsave
+
+from fol_plugin import checkpoint, cli
+from fol_plugin.data.datasets import load_image_set
+from fol_plugin.features import ExtractionConfig
+from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
+from fol_plugin.models import FoLModel
+from fol_plugin.train.loop import BEST, LAST, LOG, PLOT, TrainConfig, load_dinov2_weights, train, validation_recalls
+
+from .conftest import REPO_ROOT, TINY_VIT, utm_name
+
+SIZE = 126
+
+
+def scene_views(rng: np.random.Generator, views: int) -> list[np.ndarray]:
+    """A random scene of coloured rectangles, seen through shifted crops with their own
+    illumination, two occluding rectangles and noise: hard enough that an untrained model
+    confuses places."""
+    scene = np.empty((SIZE + 24, SIZE + 24, 3))
+    scene[:] = rng.uniform(0, 1, 3)
+    for _ in range(6):
+        y, x = rng.integers(0, SIZE, 2)
+        h, w = rng.integers(12, 60, 2)
+        scene[y : y + h, x : x + w] = rng.uniform(0, 1, 3)
+    crops = []
+    for _ in range(views):
+        dy, dx = rng.integers(0, 24, 2)
+        crop = scene[dy : dy + SIZE, dx : dx + SIZE] * rng.uniform(0.6, 1.4, 3) + rng.uniform(-0.4, 0.4)
+        for _ in range(2):
+            y, x = rng.integers(0, SIZE, 2)
+            h, w = rng.integers(10, 40, 2)
+            crop[y : y + h, x : x + w] = rng.uniform(0, 1, 3)
+        crops.append(np.clip(crop + rng.normal(0, 0.08, crop.shape), 0, 1))
+    return crops
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> dict:
+    """12 training places of 4 views (one folder each) and 16 held-out places: one database
+    image and one query each, named with UTM coordinates 1 km apart."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    for place in range(12):
+        folder = root / "train" / f"place{place:02d}"
+        folder.mkdir(parents=True)
+        for view, image in enumerate(scene_views(rng, 4)):
+            imsave(folder / f"{view}.png", image)
+    for kind in ("database", "queries"):
+        (root / "val" / kind).mkdir(parents=True)
+    for place in range(16):
+        database, query = scene_views(rng, 2)
+        imsave(root / "val" / "database" / utm_name(1000 * place, 0, f"d{place}").replace(".jpg", ".png"), database)
+        imsave(root / "val" / "queries" / utm_name(1000 * place + 5, 0, f"q{place}").replace(".jpg", ".png"), query)
+    return {
+        "places": folder_places(root / "train"),
+        "validation": (load_image_set(root / "val" / "database"), load_image_set(root / "val" / "queries")),
+        "root": root,
+    }
+
+
+def tiny_config(output_dir: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        output_dir=output_dir, backbone=TINY_VIT, weights=None, num_trainable_blocks=2, image_size=(SIZE, SIZE),
+        places_per_batch=4, epochs=3, lr=1e-3, augment=False, num_workers=0, seed=0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_training_lowers_the_loss_and_beats_the_untrained_model(synthetic, tmp_path):
+    config = tiny_config(tmp_path / "run", validation=synthetic["validation"])
+    torch.manual_seed(config.seed)
+    untrained = FoLModel(TINY_VIT, num_trainable_blocks=2)
+    before = validation_recalls(untrained, *synthetic["validation"], ExtractionConfig((SIZE, SIZE), num_workers=0))
+    summary = train(config, synthetic["places"])
+    epochs = summary["epochs"]
+    assert epochs[-1]["loss_total"] < epochs[0]["loss_total"]
+    assert max(e["R@1"] for e in epochs) > before["R@1"]
+    with open(tmp_path / "run" / LOG) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and "loss_contrast" in rows[0] and "R@5" in rows[0]
+    assert (tmp_path / "run" / PLOT).stat().st_size > 1000
+    saved = torch.load(tmp_path / "run" / BEST, weights_only=False)
+    assert set(saved) >= {"model_state_dict", "optimizer_state_dict", "epoch_num", "recalls"}
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(synthetic, tmp_path, monkeypatch):
+    straight = train(tiny_config(tmp_path / "straight", epochs=2), synthetic["places"])
+    config = tiny_config(tmp_path / "resumed", epochs=2)
+    original_forward = FoLModel.forward_train
+    calls = {"steps": 0}
+
+    def interrupt_in_epoch_two(self, images):
+        calls["steps"] += 1
+        if calls["steps"] > 4:  # 3 steps per epoch: stop during the second
+            raise KeyboardInterrupt
+        return original_forward(self, images)
+
+    monkeypatch.setattr(FoLModel, "forward_train", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, synthetic["places"])
+    monkeypatch.setattr(FoLModel, "forward_train", original_forward)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, synthetic["places"])
+    resumed = train(config, synthetic["places"], resume=True)
+    assert [e["loss_total"] for e in resumed["epochs"]] == [e["loss_total"] for e in straight["epochs"]]
+    a = torch.load(tmp_path / "straight" / LAST, weights_only=False)["model_state_dict"]
+    b = torch.load(tmp_path / "resumed" / LAST, weights_only=False)["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trained_checkpoint_loads_through_the_hub(synthetic, tmp_path):
+    """ViT-B (the hub's fol_vitb14), one step on two places, loaded back with weights=."""
+    config = tiny_config(tmp_path / "vitb", backbone="vitb", num_trainable_blocks=1, places_per_batch=2, epochs=1)
+    train(config, synthetic["places"][:2])
+    model = torch.hub.load(str(REPO_ROOT), "fol_vitb14", source="local", pretrained=False, weights=str(tmp_path / "vitb" / BEST))
+    saved = torch.load(tmp_path / "vitb" / BEST, weights_only=False)["model_state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
+
+def test_dinov2_checkpoint_initialises_the_vit(tmp_path):
+    torch.manual_seed(1)
+    source = FoLModel(TINY_VIT)
+    dinov2 = {key.removeprefix("backbone.model."): value for key, value in source.state_dict().items()
+              if key.startswith("backbone.model.")}
+    torch.save(dinov2, tmp_path / "dinov2_tiny.pth")
+    torch.manual_seed(2)
+    target = FoLModel(TINY_VIT)
+    load_dinov2_weights(target, tmp_path / "dinov2_tiny.pth")
+    assert all(torch.equal(target.backbone.model.state_dict()[k], v) for k, v in dinov2.items())
+    del dinov2["norm.weight"]
+    torch.save(dinov2, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing \['norm.weight'\]"):
+        load_dinov2_weights(target, tmp_path / "partial.pth")
+
+
+def test_place_batches_and_gsv_cities_layout(tmp_path, synthetic):
+    dataset = PlaceDataset(synthetic["places"][:3], (SIZE, SIZE), seed=3)
+    images, labels = collate_places([dataset[0], dataset[2]])
+    assert images.shape == (8, 3, SIZE, SIZE) and labels.tolist() == [0] * 4 + [2] * 4
+    assert torch.equal(dataset[1][0], dataset[1][0])  # reproducible within an epoch
+    # GSV-Cities: Dataframes/<city>.csv rows -> Images/<city>/<name>.jpg, places of 4+ images only.
+    (tmp_path / "gsv" / "Dataframes").mkdir(parents=True)
+    rows = [dict(place_id=7, year=2019, month=3, northdeg=45, city_id="Oslo", lat=59.91, lon=10.75, panoid=f"p{k}")
+            for k in range(4)] + [dict(place_id=8, year=2020, month=11, northdeg=5, city_id="Oslo", lat=59.9, lon=10.7, panoid="x")]
+    with open(tmp_path / "gsv" / "Dataframes" / "Oslo.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert gsv_image_name({k: str(v) for k, v in rows[0].items()}) == "Oslo_0000007_2019_03_045_59.91_10.75_p0.jpg"
+    with pytest.raises(FileNotFoundError, match="Oslo_0000007_2019_03_045_59.91_10.75_p0.jpg"):
+        gsv_cities_places(tmp_path / "gsv", ["Oslo"])
+    (tmp_path / "gsv" / "Images" / "Oslo").mkdir(parents=True)
+    for k in range(4):
+        (tmp_path / "gsv" / "Images" / "Oslo" / gsv_image_name({kk: str(v) for kk, v in rows[k].items()})).write_bytes(b"")
+    places = gsv_cities_places(tmp_path / "gsv", ["Oslo"])
+    assert len(places) == 1 and len(places[0]) == 4
+    with pytest.raises(FileNotFoundError, match="cities in .*: \\['Oslo'\\]"):
+        gsv_cities_places(tmp_path / "gsv", ["Paris"])
+
+
+def test_train_command(synthetic, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    arguments = ["train", "--dataset", "folders", "--data_root", str(synthetic["root"] / "train"), "--weights", "none",
+                 "--num_trainable_blocks", "2", "--image_size", str(SIZE), str(SIZE), "--places_per_batch", "4",
+                 "--epochs", "1", "--no_augment", "--num_workers", "0", "--output_dir", str(tmp_path / "cli")]
+    assert cli.main(arguments) == 0
+    assert "1 epochs; best checkpoint" in capsys.readouterr().out
+    assert cli.main(arguments) == 2  # an existing run needs --resume
+    assert cli.main(arguments[:-2] + ["--image_size", "120", "120", "--output_dir", str(tmp_path / "other")]) == 2
