@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -141,6 +142,7 @@ def _write_log(output_dir: Path, rows: list[dict]) -> None:
         if name.startswith("loss_"):
             axis.plot(epochs, [row[name] for row in rows], marker="o", label=name.removeprefix("loss_"))
     axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("mean loss")
     axis.set_yscale("symlog", linthresh=1e-3)
     axis.legend(fontsize=8)
