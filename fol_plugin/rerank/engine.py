@@ -200,6 +200,12 @@ def mutual_match_scores(
         finally:
             free_buffers.put(buffer)
 
-    with ThreadPoolExecutor(workers) as pool:
-        scores[nonempty] = torch.tensor(list(pool.map(score, nonempty)), dtype=torch.float32)
+    # One intra-op thread per worker: the workers are the parallelism (torch's setting is
+    # process-wide, and is restored when they finish).
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            scores[nonempty] = torch.tensor(list(pool.map(score, nonempty)), dtype=torch.float32)
+    finally:
+        torch.set_num_threads(threads)
     return scores
