@@ -48,6 +48,18 @@ def test_an_interrupted_write_is_cut_back_to_the_last_complete_image(tmp_path):
     assert torch.equal(LocalFeatureStore(tmp_path, 5, dtype="float32")[1], second[0])
 
 
+def test_an_empty_batch_changes_nothing(tmp_path):
+    """A resumed extraction can hand over a batch whose images are all stored already."""
+    store = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
+    first = features(0, 7)
+    store.add([2], [first[0]], [first[1]])
+    store.add([], [], [])
+    second = features(1, 3)
+    store.add([4], [second[0]], [second[1]])
+    reopened = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
+    assert len(reopened) == 2 and torch.equal(reopened[2], first[0]) and torch.equal(reopened[4], second[0])
+
+
 def test_store_errors_name_the_problem(tmp_path):
     store = LocalFeatureStore(tmp_path, num_ids=5)
     with pytest.raises(ValueError, match="was written with"):

@@ -110,7 +110,7 @@ class LocalFeatureStore:
                     f"{tuple(image_descriptors.shape)} and {tuple(image_keypoints.shape)}"
                 )
         counts = [len(image_descriptors) for image_descriptors in descriptors]
-        starts = self._rows + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        starts = self._rows + np.cumsum([0, *counts[:-1]], dtype=np.int64)[: len(counts)]
         _append(self._descriptors_path, [d.detach().cpu().numpy().astype(self.dtype) for d in descriptors])
         _append(self._keypoints_path, [k.detach().cpu().numpy().astype(KEYPOINT_DTYPE) for k in keypoints])
         records = np.stack([np.asarray(image_ids, np.int64), starts, np.asarray(counts, np.int64)], axis=1)
