@@ -30,6 +30,25 @@ from .visualization import draw_pair, match_pair
 logger = logging.getLogger("fol_plugin")
 
 
+def _add_model_arguments(
+    group: argparse._ActionsContainer,
+    backbone: str = "vitl",
+    weights_help: str = "'auto' (published checkpoint), a .pth path or a URL",
+) -> None:
+    """The model and where it runs, shared by every command (a parser or an argument group)."""
+    group.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default=backbone)
+    group.add_argument("--weights", default="auto", help=weights_help)
+    group.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+
+
+def _add_resize_mode(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--resize_mode", choices=RESIZE_MODES, default="original",
+        help="'original': the original's exact pre-processing (no antialiasing)",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--database_folder", type=Path, required=True, help="folder of database images")
@@ -41,16 +60,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--positive_dist_threshold", type=float, default=DEFAULT_POSITIVE_DISTANCE, help="metres")
     data.add_argument("--recall_values", type=int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitl")
-    model.add_argument("--weights", default="auto", help="'auto' (published checkpoint), a .pth path or a URL")
-    model.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
-    model.add_argument(
-        "--resize_mode", choices=RESIZE_MODES, default="original",
-        help="'original': the original's exact pre-processing (no antialiasing)",
-    )
+    _add_model_arguments(model)
+    _add_resize_mode(model)
     model.add_argument("--batch_size", type=int, default=4)
     model.add_argument("--num_workers", type=int, default=4)
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument("--rerank_topk", type=int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none")
     rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
@@ -89,21 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
     fit.add_argument("--cities", nargs="+", default=["London", "Boston"], help="GSV-Cities cities")
-    fit.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitb")
-    fit.add_argument("--weights", default="auto", help="FoL weights to start from ('auto', path, URL, or 'none')")
+    _add_model_arguments(
+        fit, TrainConfig.backbone, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random)"
+    )
     fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT")
-    fit.add_argument("--num_trainable_blocks", type=int, default=4)
-    fit.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
-    fit.add_argument("--places_per_batch", type=int, default=60)
-    fit.add_argument("--images_per_place", type=int, default=4)
-    fit.add_argument("--epochs", type=int, default=8)
-    fit.add_argument("--lr", type=float, default=6e-5)
-    fit.add_argument("--weight_decay", type=float, default=9.5e-9)
-    fit.add_argument("--accumulation_steps", type=int, default=1)
+    fit.add_argument("--num_trainable_blocks", type=int, default=TrainConfig.num_trainable_blocks)
+    fit.add_argument("--places_per_batch", type=int, default=TrainConfig.places_per_batch)
+    fit.add_argument("--images_per_place", type=int, default=TrainConfig.images_per_place)
+    fit.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    fit.add_argument("--lr", type=float, default=TrainConfig.lr)
+    fit.add_argument("--weight_decay", type=float, default=TrainConfig.weight_decay)
+    fit.add_argument("--accumulation_steps", type=int, default=TrainConfig.accumulation_steps)
     fit.add_argument("--no_augment", action="store_true")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", default=None)
-    fit.add_argument("--num_workers", type=int, default=4)
+    fit.add_argument("--seed", type=int, default=TrainConfig.seed)
+    fit.add_argument("--num_workers", type=int, default=TrainConfig.num_workers)
     fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
     fit.add_argument("--val_queries_folder", type=Path)
     fit.add_argument("--output_dir", type=Path, required=True)
@@ -112,11 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
     show.add_argument("--output", type=Path, default=Path("fol_matches.png"))
-    show.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default="vitl")
-    show.add_argument("--weights", default="auto")
-    show.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
-    show.add_argument("--resize_mode", choices=RESIZE_MODES, default="original")
-    show.add_argument("--device", default=None)
+    _add_model_arguments(show)
+    _add_resize_mode(show)
     show.add_argument("--matcher", choices=MATCHERS, default="fol")
     show.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
     return parser

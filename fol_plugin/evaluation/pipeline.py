@@ -6,6 +6,7 @@ method's predictions with FoL (``fol-vpr rerank``). Intermediate results live in
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from ..features import (
     extract_global,
     extract_local,
 )
-from ..features.extract import LocalFeatures
+from ..features.extract import FeatureStore
 from ..features.store import ENTRY_BYTES
 from ..matching import LocalFeatures, ScorerConfig, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
@@ -224,7 +225,7 @@ def _run_description(config: EvalConfig, database: ImageSet, query_sets: list[Qu
     }
 
 
-def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeatures:
+def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> FeatureStore:
     if config.in_memory:
         return InMemoryFeatures()
     return LocalFeatureStore(folder, num_ids, LOCAL_DIM, config.store_dtype)
@@ -232,7 +233,7 @@ def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> LocalFeat
 
 def _extract_queries(
     config: EvalConfig, model: FoLModel, cache: Path, query_set: QuerySet, need_global: bool
-) -> tuple[np.ndarray | None, LocalFeatures | None]:
+) -> tuple[np.ndarray | None, FeatureStore | None]:
     paths = query_set.images.paths
     folder = cache / query_set.key
     local = _local_features(config, folder / "local", len(paths)) if config.rerank_topk else None
@@ -246,7 +247,7 @@ def _extract_queries(
 
 
 def _rerank_set(
-    config: EvalConfig, cache: Path, query_set: QuerySet, query_local: LocalFeatures, database_local: LocalFeatures
+    config: EvalConfig, cache: Path, query_set: QuerySet, query_local: FeatureStore, database_local: FeatureStore
 ) -> None:
     top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
     local_dtype = "float32" if config.in_memory else config.store_dtype
@@ -262,9 +263,12 @@ def _rerank_set(
     if scorer.name != "fol":
         score_pair = make_pair_scorer(scorer)
 
+        @functools.lru_cache(maxsize=1)  # one query at a time, against its top-k candidates
+        def query_features(q: int) -> LocalFeatures:
+            return LocalFeatures(query_local.keypoints(q), query_local[q])
+
         def pair_scorer(q: int, i: int) -> float:
-            query = LocalFeatures(query_local.keypoints(q), query_local[q])
-            return score_pair(query, LocalFeatures(database_local.keypoints(i), database_local[i]))
+            return score_pair(query_features(q), LocalFeatures(database_local.keypoints(i), database_local[i]))
 
     score_candidates(
         query_set.global_predictions,
@@ -357,10 +361,19 @@ def _prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet], Path]:
     return database, query_sets, cache
 
 
+def _num_queries(query_sets: list[QuerySet]) -> int:
+    return sum(len(query_set.images) for query_set in query_sets)
+
+
+def _candidate_ids(query_sets: list[QuerySet], top_k: int) -> np.ndarray:
+    """The database images among any query's first ``top_k`` predictions, sorted."""
+    return np.unique(np.concatenate([query_set.global_predictions[:, :top_k].ravel() for query_set in query_sets]))
+
+
 def _report_and_check(
     config: EvalConfig, cache: Path, num_database: int, query_sets: list[QuerySet], k: int, global_retrieval: bool
-) -> dict:
-    num_queries = sum(len(query_set.images) for query_set in query_sets)
+) -> None:
+    num_queries = _num_queries(query_sets)
     num_candidates = min(num_database, num_queries * min(config.rerank_topk, k))
     projection = project_resources(config, num_database, num_queries, num_candidates, global_retrieval)
     logger.info(
@@ -369,7 +382,6 @@ def _report_and_check(
         "float32 in RAM" if config.in_memory else config.store_dtype,
     )
     check_disk(config.output_dir, projection["disk"], _folder_bytes(cache))
-    return projection
 
 
 def run_eval(config: EvalConfig) -> dict:
@@ -391,8 +403,7 @@ def run_eval(config: EvalConfig) -> dict:
     database_local = _local_features(config, cache / "database_local", len(database)) if config.rerank_topk else None
     # Local features in the global pass when every database image may be a candidate (or they
     # are held in RAM anyway); else a second pass over the candidates only.
-    num_queries = sum(len(query_set.images) for query_set in query_sets)
-    single_pass = config.in_memory or num_queries * min(config.rerank_topk, k) >= len(database)
+    single_pass = config.in_memory or _num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
     with _timed(timings, "features_database_global"):
         database_global = ResumableArray(cache / "database_global.npy", (len(database), GLOBAL_DIM))
         extract_global(
@@ -406,8 +417,7 @@ def run_eval(config: EvalConfig) -> dict:
             )
     extra = {}
     if config.rerank_topk:
-        top_k = min(config.rerank_topk, k)
-        candidates = np.unique(np.concatenate([s.global_predictions[:, :top_k].ravel() for s in query_sets]))
+        candidates = _candidate_ids(query_sets, min(config.rerank_topk, k))
         with _timed(timings, "features_database_local"):
             extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
         for query_set in query_sets:
@@ -461,8 +471,7 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray]) -> dict:
     with _timed(timings, "load_model"):
         model = load_model(config.backbone, config.weights, config.extraction.device)
     database_local = _local_features(config, cache / "database_local", len(database))
-    top_k = config.rerank_topk
-    candidates = np.unique(np.concatenate([s.global_predictions[:, :top_k].ravel() for s in query_sets]))
+    candidates = _candidate_ids(query_sets, config.rerank_topk)
     with _timed(timings, "features_database_local"):
         extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
     for query_set in query_sets:

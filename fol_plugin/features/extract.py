@@ -18,7 +18,7 @@ from .store import InMemoryFeatures, LocalFeatureStore
 
 logger = logging.getLogger(__name__)
 
-LocalFeatures = LocalFeatureStore | InMemoryFeatures
+FeatureStore = LocalFeatureStore | InMemoryFeatures  # local features by image id, on disk or in RAM
 
 
 @dataclass
@@ -75,7 +75,7 @@ def extract_global(
     paths: Sequence[str],
     descriptors: ResumableArray,
     config: ExtractionConfig,
-    local_features: LocalFeatures | None = None,
+    local_features: FeatureStore | None = None,
     desc: str = "Global descriptors",
 ) -> np.ndarray:
     """Global descriptors of every image into ``descriptors`` [N, 8448], resuming after its
@@ -89,7 +89,7 @@ def extract_global(
         logger.info("%s: resuming after %d of %d images", desc, start, len(paths))
     loader = _loader(paths, range(start, len(paths)), config)
     done = start
-    for images, indices in tqdm(loader, desc=desc, unit="batch", initial=0, total=len(loader)):
+    for images, indices in tqdm(loader, desc=desc, unit="batch"):
         images = images.to(config.device)
         if local_features is None:
             global_descriptors = model(images)
@@ -114,7 +114,7 @@ def extract_local(
     model: FoLModel,
     paths: Sequence[str],
     image_ids: np.ndarray,
-    local_features: LocalFeatures,
+    local_features: FeatureStore,
     config: ExtractionConfig,
     desc: str = "Local features",
 ) -> None:

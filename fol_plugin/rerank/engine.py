@@ -108,8 +108,6 @@ def _count_exact(
     """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
     m = keys.shape[1]
     query_np, candidate_np = query.numpy(), candidate.numpy()
-    if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
-        return len(mutual_matches(query, candidate, threshold)[0])
     # Each query cell's best candidate in the float32 GEMM, and that GEMM value.
     best_candidate, best_value, col_chunk_keys = kernels.exact_row_best(
         keys, KEY_VALUES, eps, delta, threshold, query_np, candidate_np
@@ -133,8 +131,6 @@ def _count_bf16(
     keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
 ) -> int:
     """Approximate count for one candidate: arg-maxima of the bf16 similarity itself."""
-    if threshold <= KEY_THRESHOLD_MARGIN * eps:
-        return len(mutual_matches(query, candidate, threshold)[0])
     best_candidate, best_query = kernels.first_arg_maxima(keys, *kernels.scan_maxima(keys))
     best_candidate, best_query = torch.from_numpy(best_candidate), torch.from_numpy(best_query)
     mutual = best_query[best_candidate] == torch.arange(len(query))
@@ -191,12 +187,14 @@ def mutual_match_scores(
     def score(index: int) -> int:
         candidate = candidates[index]
         candidate_bf16 = candidate.bfloat16()
-        bounds = _bounds(query_stats, _rounding_stats(candidate, candidate_bf16), query.shape[1])
+        eps, delta = _bounds(query_stats, _rounding_stats(candidate, candidate_bf16), query.shape[1])
+        if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
+            return len(mutual_matches(query, candidate, threshold)[0])
         buffer = free_buffers.get()
         try:
             product = buffer[: len(query) * len(candidate)].view(len(query), len(candidate))
             torch.mm(query_bf16, candidate_bf16.T, out=product)
-            return count(_bf16_keys(product), query, candidate, threshold, *bounds)
+            return count(_bf16_keys(product), query, candidate, threshold, eps, delta)
         finally:
             free_buffers.put(buffer)
 

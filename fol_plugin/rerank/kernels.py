@@ -4,12 +4,13 @@ The matrix ``S~ = bf16(Q) bf16(D)^T`` [n, m] arrives as its raw bf16 bit pattern
 the keys the scans compare. Among non-negative values the key order is the float order, and every
 negative value has a negative key, below them all (though negative keys are not in float order).
 The scans only decide on positive thresholds, so the keys serve as they are. Thresholds are keys
-too; :data:`NO_THRESHOLD` is above every key, :data:`KEY_MIN` at or below every key. One full pass (:func:`scan_maxima`) records
-the maxima of rows, columns and blocks of cells; the exact scans then read only the blocks
-whose maximum reaches their threshold. Exact similarities are float32 products summed in float64;
-where two cells are closer than float32 rounding, :func:`gemm_value` recomputes the float32 GEMM's
-own value to decide as the original does. The scans release the GIL, so callers can run several
-in threads.
+too; :data:`NO_THRESHOLD` is above every key, :data:`KEY_MIN` at or below every key.
+
+One full pass (:func:`scan_maxima`) records the maxima of rows, columns and blocks of cells; the
+exact scans then read only the blocks whose maximum reaches their threshold. Exact similarities
+are float32 products summed in float64; where two cells are closer than float32 rounding,
+:func:`gemm_value` recomputes the float32 GEMM's own value to decide as the original does. The
+scans release the GIL, so callers can run several in threads.
 """
 from __future__ import annotations
 

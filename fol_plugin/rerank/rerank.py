@@ -14,7 +14,6 @@ from .mutual import MATCH_THRESHOLD
 DEFAULT_TOP_K = 100
 
 
-
 class FeatureSource(Protocol):
     """Local descriptors by image id: a LocalFeatureStore, a list or a dict of tensors."""
 

@@ -198,12 +198,13 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     for epoch in range(start_epoch, config.epochs):
         dataset.set_epoch(epoch)
+        epoch_seed = config.seed * 1000 + epoch  # the place order and CEL's partners of this epoch
         loader = DataLoader(
             dataset, batch_size=config.places_per_batch, shuffle=True, drop_last=len(places) > config.places_per_batch,
             collate_fn=collate_places, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+            generator=torch.Generator().manual_seed(epoch_seed),
         )
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed)
         model.train()
         sums: dict[str, float] = {}
         steps = 0
