@@ -160,15 +160,28 @@ def test_vismatch_matcher(tiny_weights, monkeypatch):
     assert 0 <= result["num_inliers"] <= len(result["matched_kpts0"])
 
 
+# The harness's own model inputs, through FoL's hub entrypoint, in the harness's environment: it
+# needs torchvision, which this process never imports.
+OURS_ON_HARNESS_INPUTS = """
+import sys
+import numpy as np
+import torch
+from test_dataset import TestDataset
+
+toy, hub, output = sys.argv[1:]
+dataset = TestDataset(f"{toy}/database", f"{toy}/queries", image_size=[322, 322], use_labels=False)
+model = torch.hub.load(hub, "get_trained_model", source="local", backbone="vitb")
+with torch.inference_mode():
+    np.save(output, np.concatenate([model(dataset[i][0][None]).numpy() for i in range(dataset.num_database)]))
+"""
+
+
 @pytest.mark.slow
 def test_vpr_methods_evaluation_main_gives_fols_descriptors(tmp_path, parity_fixture):
     root = harness_root("FOL_VPR_METHODS_EVALUATION_ROOT")
-    try:
-        import faiss  # noqa: F401
-        import loguru  # noqa: F401
-        import torchvision.transforms  # noqa: F401
-    except Exception as error:  # torchvision's compiled ops fail to load with some torch builds
-        pytest.skip(f"the harness's dependencies do not load here: {error}")
+    probe = subprocess.run([sys.executable, "-c", "import faiss, loguru, torchvision.transforms"], capture_output=True, text=True)
+    if probe.returncode:  # torchvision's compiled ops fail to load with some torch builds
+        pytest.skip(f"the harness's dependencies do not load here: {probe.stderr.strip().splitlines()[-1]}")
     clone = tmp_path / "harness"
     shutil.copytree(root, clone)
     add_fol = load_module("add_fol", ADAPTERS / "vpr_methods_evaluation" / "add_fol.py")
@@ -183,16 +196,7 @@ def test_vpr_methods_evaluation_main_gives_fols_descriptors(tmp_path, parity_fix
                "--save_descriptors", "--num_workers", "0", "--log_dir", "fol"]
     subprocess.run(command, cwd=clone, env=environment, check=True)
     saved = np.load(next((clone / "logs" / "fol").glob("*/database_descriptors.npy")))
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.syspath_prepend(str(clone))
-    monkeypatch.setenv("TORCH_HOME", environment["TORCH_HOME"])
-    try:
-        from test_dataset import TestDataset
-
-        dataset = TestDataset(str(toy / "database"), str(toy / "queries"), image_size=[322, 322], use_labels=False)
-        model = torch.hub.load(str(REPO_ROOT), "get_trained_model", source="local", backbone="vitb")
-        with torch.inference_mode():
-            ours = np.concatenate([model(dataset[i][0][None]).numpy() for i in range(dataset.num_database)])
-    finally:
-        monkeypatch.undo()
-    np.testing.assert_allclose(saved, ours, atol=1e-5, rtol=0)
+    ours = tmp_path / "ours.npy"
+    subprocess.run([sys.executable, "-c", OURS_ON_HARNESS_INPUTS, str(toy), str(REPO_ROOT), str(ours)],
+                   cwd=clone, env=environment, check=True)
+    np.testing.assert_allclose(saved, np.load(ours), atol=1e-5, rtol=0)
