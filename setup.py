@@ -22,6 +22,8 @@ setup(
         "faiss-cpu>=1.7.4",
         "scikit-learn>=1.1",
         "matplotlib>=3.5",
+        "pillow>=9",
+        "xxhash>=3",
         "pytorch-metric-learning>=2",
     ],
     entry_points={"console_scripts": ["fol-vpr = fol_plugin.cli:main"]},

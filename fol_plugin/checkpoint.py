@@ -61,23 +61,59 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _torch_load(path: Path, map_location: str | torch.device) -> object:
-    """torch.load, trying the safe weights-only unpickler before the full one."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; reading it with the full unpickler", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds Python objects that only the full unpickler (which can run code) reads."""
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
-    """Read a checkpoint file, with an error naming the file when it is missing or unreadable."""
+def _needs_full_unpickler(error: pickle.UnpicklingError) -> bool:
+    """Whether the weights-only unpickler refused a Python object (a GLOBAL), not broken bytes."""
+    return "GLOBAL" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "nsupported" in line), lines[0] if lines else "")
+
+
+def unsafe_checkpoint_message(path: str | os.PathLike, error: BaseException) -> str:
+    """Why ``path`` is refused, and the one-line conversion to run in a trusted environment."""
+    reason = _first_line(error)
+    return (
+        f"{path} holds Python objects beyond tensors and plain containers ({reason}). fol-plugin reads checkpoints "
+        "with torch.load(weights_only=True) only, because the full unpickler can run code hidden in the file. "
+        "If you trust the file, convert it once in an environment of your own: "
+        f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+        f"c = c.state_dict() if hasattr(c, 'state_dict') else c.get('model_state_dict', c); "
+        f"torch.save({{'model_state_dict': c}}, '{path}.safe.pth')\" "
+        f"and pass {path}.safe.pth instead"
+    )
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", option: str = "--weights (weights= from Python)"
+) -> object:
+    """Read a checkpoint file with the weights-only unpickler, which cannot run code.
+
+    Args:
+        option: how the user named the file, for error messages (a CLI flag or an argument).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a PyTorch checkpoint.
+        UnsafeCheckpointError: the file needs the full unpickler (never used here).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist; check the path given as weights=")
+        raise CheckpointError(f"checkpoint file {path} does not exist; check the path given as {option}")
     try:
-        return _torch_load(path, map_location)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if _needs_full_unpickler(error):
+            raise UnsafeCheckpointError(unsafe_checkpoint_message(path, error)) from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(error)}); "
+            "it may be truncated or corrupt: delete it and download it again"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
             "it may be truncated or corrupt: delete it and download it again"
@@ -98,19 +134,51 @@ def download_checkpoint(
     try:
         with _socket_timeout(timeout):
             return torch.hub.load_state_dict_from_url(url, map_location=map_location, progress=progress, weights_only=True)
-    except pickle.UnpicklingError:
-        return read_checkpoint(target, map_location)
+    except pickle.UnpicklingError as error:
+        if _needs_full_unpickler(error):
+            raise UnsafeCheckpointError(unsafe_checkpoint_message(target, error)) from None
+        raise CheckpointError(
+            f"{target} (cached from {url}) is not a readable PyTorch checkpoint ({_first_line(error)}); "
+            "it may be truncated: delete it so it is downloaded again"
+        ) from None
     except Exception as error:
         if not target.is_file():
             raise CheckpointDownloadError(
                 f"could not download FoL weights from {url} ({type(error).__name__}: {error}). "
                 f"Download the file by hand and place it at {target} (the torch.hub cache, under $TORCH_HOME), "
-                "or pass weights='/path/to/checkpoint.pth'"
+                "or pass --weights /path/to/checkpoint.pth (weights= from Python)"
             ) from error
         raise CheckpointError(
             f"{target} (cached from {url}) is not a readable PyTorch checkpoint "
             f"({type(error).__name__}: {error}); it may be truncated: delete it so it is downloaded again"
         ) from error
+
+
+def weights_file(
+    backbone: str | ViTConfig, weights: str | os.PathLike, progress: bool = True
+) -> Path:
+    """The local file that ``weights`` ("auto", a URL or a path) names; published checkpoints and
+    URLs are downloaded into the torch.hub cache first when they are not there yet.
+
+    Raises:
+        CheckpointError: a local file is missing, or a download failed.
+    """
+    source = _published_url(backbone) if weights == "auto" else str(weights)
+    if urlparse(source).scheme not in ("http", "https"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} does not exist; check the path given as --weights (weights=)")
+        return path
+    target = cache_path(source)
+    if not target.is_file():
+        download_checkpoint(source, progress=progress)
+    return target
+
+
+def _published_url(backbone: str | ViTConfig) -> str:
+    if not isinstance(backbone, str) or backbone not in WEIGHT_URLS:
+        raise ValueError(f"no published FoL weights for backbone {backbone!r}; published: {sorted(WEIGHT_URLS)}")
+    return WEIGHT_URLS[backbone]
 
 
 def extract_state_dict(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
@@ -154,7 +222,7 @@ def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source
     ]
     if mismatched:
         found = checkpoint_backbone(state_dict)
-        hint = f"; it looks like a {found} checkpoint: load it with backbone={found!r}" if found else ""
+        hint = f"; it looks like a {found} checkpoint: load it with --backbone {found} (backbone={found!r} from Python)" if found else ""
         raise CheckpointError(f"{source} does not fit this FoL model: wrong shapes for {_list_keys(mismatched)}{hint}")
     missing = [key for key in expected if key not in state_dict]
     if missing:
@@ -166,10 +234,26 @@ def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available and the CPU otherwise."""
+    """``device``, or CUDA when available and the CPU otherwise.
+
+    Raises:
+        ValueError: the device is unknown or not available here.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for, but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    return device
 
 
 def load_model(
@@ -196,11 +280,7 @@ def load_model(
     """
     if weights is None:
         return FoLModel(backbone, **model_kwargs).to(resolve_device(device)).eval()
-    if weights == "auto":
-        if not isinstance(backbone, str) or backbone not in WEIGHT_URLS:
-            raise ValueError(f"no published FoL weights for backbone {backbone!r}; published: {sorted(WEIGHT_URLS)}")
-        weights = WEIGHT_URLS[backbone]
-    source = str(weights)
+    source = _published_url(backbone) if weights == "auto" else str(weights)
     if urlparse(source).scheme in ("http", "https"):
         checkpoint = download_checkpoint(source, progress=progress, map_location=map_location)
     else:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import WEIGHT_URLS, load_model, resolve_device
+from .cache import CacheError, CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
+from .checkpoint import WEIGHT_URLS, CheckpointError, load_model, resolve_device
 from .data import RESIZE_MODES
 from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images, load_image_set
 from .data.places import folder_places, gsv_cities_places
 from .evaluation.outputs import read_preds_files
-from .checkpoint import CheckpointError
-from .evaluation.pipeline import EvalConfig, InsufficientDiskError, run_eval, run_rerank
+from .evaluation.pipeline import EvalConfig, run_eval, run_rerank
+from .evaluation.resources import InsufficientDiskError
 from .evaluation.recalls import DEFAULT_RECALL_VALUES
 from .features import STORE_DTYPES, ExtractionConfig, check_image_size
 from .matching import GEOMETRIC_MODELS, MATCHERS, SCORERS, ScorerConfig
@@ -29,6 +30,28 @@ from .visualization import draw_pair, match_pair
 
 logger = logging.getLogger("fol_plugin")
 
+# Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback (--debug shows it).
+USER_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
+    CacheError, CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
+)
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
+    return value
+
 
 def _add_model_arguments(
     group: argparse._ActionsContainer,
@@ -38,7 +61,9 @@ def _add_model_arguments(
     """The model and where it runs, shared by every command (a parser or an argument group)."""
     group.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default=backbone)
     group.add_argument("--weights", default="auto", help=weights_help)
-    group.add_argument("--image_size", type=int, nargs=2, default=[322, 322], metavar=("H", "W"))
+    group.add_argument(
+        "--image_size", type=_positive_int, nargs=2, default=[322, 322], metavar=("H", "W"), help="multiples of 14"
+    )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
 
 
@@ -58,14 +83,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--no_labels", action="store_true", help="images have no @east@north@ names: skip recalls")
     data.add_argument("--positive_dist_threshold", type=float, default=DEFAULT_POSITIVE_DISTANCE, help="metres")
-    data.add_argument("--recall_values", type=int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
+    data.add_argument("--recall_values", type=_positive_int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
     model = parser.add_argument_group("model")
     _add_model_arguments(model)
     _add_resize_mode(model)
-    model.add_argument("--batch_size", type=int, default=4)
-    model.add_argument("--num_workers", type=int, default=4)
+    model.add_argument("--batch_size", type=_positive_int, default=4)
+    model.add_argument("--num_workers", type=_non_negative_int, default=4)
     rerank = parser.add_argument_group("re-ranking")
-    rerank.add_argument("--rerank_topk", type=int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none")
+    rerank.add_argument(
+        "--rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none"
+    )
     rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
     rerank.add_argument(
         "--rerank_scorer", choices=SCORERS, default="fol", metavar="SCORER",
@@ -80,16 +107,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--in_memory", action="store_true", help="keep all database local features in RAM")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=Path, required=True, help="results, and the cache a rerun resumes from")
-    output.add_argument("--num_preds_to_save", type=int, default=0, help="PNG grids and preds/*.txt with this many")
+    output.add_argument(
+        "--num_preds_to_save", type=_non_negative_int, default=0, help="PNG grids and preds/*.txt with this many"
+    )
     output.add_argument("--save_descriptors", action="store_true", help="keep the global descriptors as .npy")
     output.add_argument("--keep_cache", action="store_true", help="keep <output_dir>/cache after success")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fol-vpr", description=__doc__.splitlines()[0])
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("-v", "--debug", action="store_true", help="debug logging, and tracebacks with errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_common(commands.add_parser("eval", help="FoL global retrieval, then FoL re-ranking, with recalls"))
-    rerank = commands.add_parser("rerank", help="re-rank another method's predictions with FoL")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    _add_common(command("eval", "FoL global retrieval, then FoL re-ranking, with recalls"))
+    rerank = command("rerank", "re-rank another method's predictions with FoL")
     _add_common(rerank)
     given = rerank.add_argument_group("predictions to re-rank (one per --queries_folder, in order)")
     given.add_argument(
@@ -98,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
     given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
-    fit = commands.add_parser("train", help="fine-tune FoL with the paper's losses")
+    fit = command("train", "fine-tune FoL with the paper's losses")
     fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
     fit.add_argument("--cities", nargs="+", default=["London", "Boston"], help="GSV-Cities cities")
@@ -120,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--val_queries_folder", type=Path)
     fit.add_argument("--output_dir", type=Path, required=True)
     fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
-    show = commands.add_parser("visualize", help="FoL's regions and matches on two images, as one PNG")
+    show = command("visualize", "FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
     show.add_argument("--output", type=Path, default=Path("fol_matches.png"))
@@ -236,35 +271,50 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
     return predictions
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if args.command in ("visualize", "train"):
-        try:
-            (visualize if args.command == "visualize" else fine_tune)(args)
-        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
-            logger.error("%s", error)
-            return 2
-        except KeyboardInterrupt:
-            if args.command == "train":
-                logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
-            return 130
-        return 0
+def evaluate(args: argparse.Namespace) -> None:
+    """``fol-vpr eval`` and ``fol-vpr rerank``: run, then print the recalls."""
     config = _config(args)
     try:
         if args.command == "eval":
             summary = run_eval(config)
         else:
             summary = run_rerank(config, load_given_predictions(args, max(config.rerank_topk, max(config.recall_values))))
-    except (ValueError, FileNotFoundError, CheckpointError, InsufficientDiskError) as error:
-        logger.error("%s", error)
-        return 2
     except KeyboardInterrupt:
         logger.error("Interrupted: finished work is kept in %s/cache; rerun the same command to resume", config.output_dir)
-        return 130
+        raise
     for key, results in summary["query_sets"].items():
         for stage in ("global", "reranked"):
             if results[stage]:
                 print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
     print(f"Results in {config.output_dir}")
+
+
+COMMANDS = {"eval": evaluate, "rerank": evaluate, "train": fine_tune, "visualize": visualize}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        if args.debug:
+            logger.exception("%s", error)
+        else:
+            logger.error("%s", _user_message(error))
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        if args.command == "train":
+            logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
+        return INTERRUPTED_EXIT
     return 0
+
+
+def _user_message(error: BaseException) -> str:
+    """One line for the user (an OSError names its file)."""
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[-1]):
+        return f"{error.strerror or error}: {error.filename}; check its permissions, or choose another path"
+    return str(error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from fol_plugin.evaluation import EvalConfig
+from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel, ViTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,66 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: clone the project beside ../shared to run this test")
     return path
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch) -> Path:
+    """fol-plugin's per-user state (checkpoint digests) in a temporary folder, never in the home."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    monkeypatch.setenv("FOL_PLUGIN_CACHE", str(folder))
+    return folder
+
+
+IMAGE_SIZE = (126, 126)  # 81 patches: the smallest square FoL takes, fast for the tiny ViT
+SPACING = 100.0  # metres between database places
+NEAR_QUERIES = (0, 3, 7)  # database images whose copy is a query labelled 10 m from it
+FAR_QUERIES = (5, 11)  # copies labelled 1 km past the last place: no positive at all
+
+
+@pytest.fixture(scope="session")
+def labelled_set(tmp_path_factory) -> Path:
+    """17 toy database photos on a line, 100 m apart; 5 queries, each an exact copy of a
+    database photo, three labelled 10 m from it and two far from every place."""
+    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
+    root = tmp_path_factory.mktemp("labelled")
+    (root / "database").mkdir()
+    (root / "queries").mkdir()
+    for i, source in enumerate(sources):
+        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    for q, i in enumerate(NEAR_QUERIES + FAR_QUERIES):
+        east = SPACING * i + 10 if i in NEAR_QUERIES else SPACING * (len(sources) + 10)
+        shutil.copyfile(sources[i], root / "queries" / utm_name(east, 0.0, f"copy{i:02d}"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save({"model_state_dict": FoLModel(TINY_VIT).state_dict()}, path)
+    return path
+
+
+def copy_indices(database_paths: list[str], query_paths: list[str]) -> list[int]:
+    """The database index of each query's source photo."""
+    names = [Path(p).name.split("@")[-2] for p in database_paths]
+    return [names.index("db" + Path(p).name.split("@")[-2].removeprefix("copy")) for p in query_paths]
+
+
+def config_for(root: Path, output: Path, weights: Path, **overrides) -> EvalConfig:
+    settings = dict(
+        database_folder=root / "database",
+        queries_folders=[root / "queries"],
+        output_dir=output,
+        backbone=TINY_VIT,
+        weights=str(weights),
+        extraction=ExtractionConfig(image_size=IMAGE_SIZE, batch_size=4, num_workers=0),
+        rerank_topk=8,
+        num_preds_to_save=2,
+        keep_cache=True,
+    )
+    settings.update(overrides)
+    return EvalConfig(**settings)
 
 
 @pytest.fixture

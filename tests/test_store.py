@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fol_plugin.features import LocalFeatureStore, ResumableArray
+from fol_plugin.features.store import ENTRY_BYTES
 
 
 def features(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,33 +20,37 @@ def test_ragged_round_trip_in_both_precisions(tmp_path):
         store = LocalFeatureStore(tmp_path / dtype, num_ids=10, dtype=dtype)
         items = {7: features(0, 30), 2: features(1, 5), 4: features(2, 0)}
         store.add(list(items), [d for d, _ in items.values()], [k for _, k in items.values()])
-        reopened = LocalFeatureStore(tmp_path / dtype, num_ids=10, dtype=dtype)
+        reopened = LocalFeatureStore(tmp_path / dtype, num_ids=10, dtype=dtype, mode="r")
         assert len(reopened) == 3 and 7 in reopened and 3 not in reopened
         assert reopened.missing(np.array([1, 2, 3, 4])).tolist() == [1, 3]
         for image_id, (descriptors, keypoints) in items.items():
             assert reopened[image_id].shape == descriptors.shape and reopened[image_id].dtype == torch.float32
             assert torch.allclose(reopened[image_id], descriptors, rtol=0, atol=tolerance)
             assert torch.equal(reopened.keypoints(image_id), keypoints)
-    per_image = {dtype: LocalFeatureStore(tmp_path / dtype, 10, dtype=dtype).bytes_per_image() for dtype in ("float32", "float16")}
-    assert per_image["float32"] == pytest.approx((35 * (128 * 4 + 8) + 3 * 24) / 3)
-    assert per_image["float16"] == pytest.approx((35 * (128 * 2 + 8) + 3 * 24) / 3)
+    per_image = {
+        dtype: LocalFeatureStore(tmp_path / dtype, 10, dtype=dtype, mode="r").bytes_per_image()
+        for dtype in ("float32", "float16")
+    }
+    assert per_image["float32"] == pytest.approx((35 * (128 * 4 + 8) + 3 * ENTRY_BYTES) / 3)
+    assert per_image["float16"] == pytest.approx((35 * (128 * 2 + 8) + 3 * ENTRY_BYTES) / 3)
 
 
 def test_an_interrupted_write_is_cut_back_to_the_last_complete_image(tmp_path):
     store = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
     first = features(0, 12)
     store.add([3], [first[0]], [first[1]])
+    store.close()
     # An interruption in the middle of the next image: data written, its record half written.
     with open(tmp_path / "descriptors.bin", "ab") as handle:
         handle.write(b"\x01" * 1000)
-    with open(tmp_path / "entries.bin", "ab") as handle:
+    with open(tmp_path / "entries.commits", "ab") as handle:
         handle.write(np.array([1, 12], np.int64).tobytes())
     resumed = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
     assert len(resumed) == 1 and 1 not in resumed
     assert torch.equal(resumed[3], first[0])
     second = features(1, 4)
     resumed.add([1], [second[0]], [second[1]])
-    assert torch.equal(LocalFeatureStore(tmp_path, 5, dtype="float32")[1], second[0])
+    assert torch.equal(LocalFeatureStore(tmp_path, 5, dtype="float32", mode="r")[1], second[0])
 
 
 def test_an_empty_batch_changes_nothing(tmp_path):
@@ -56,14 +61,14 @@ def test_an_empty_batch_changes_nothing(tmp_path):
     store.add([], [], [])
     second = features(1, 3)
     store.add([4], [second[0]], [second[1]])
-    reopened = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
+    reopened = LocalFeatureStore(tmp_path, num_ids=5, dtype="float32", mode="r")
     assert len(reopened) == 2 and torch.equal(reopened[2], first[0]) and torch.equal(reopened[4], second[0])
 
 
 def test_store_errors_name_the_problem(tmp_path):
     store = LocalFeatureStore(tmp_path, num_ids=5)
     with pytest.raises(ValueError, match="was written with"):
-        LocalFeatureStore(tmp_path, num_ids=5, dtype="float32")
+        LocalFeatureStore(tmp_path, num_ids=5, dtype="float32", mode="r")
     descriptors, keypoints = features(0, 3)
     with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
         store.add([5], [descriptors], [keypoints])

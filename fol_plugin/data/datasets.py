@@ -43,7 +43,7 @@ class ImageSet:
 
 def list_images(folder: str | os.PathLike) -> list[str]:
     """Image paths of ``folder``: from ``<folder>_images_paths.txt`` if present, else a sorted
-    recursive search for .jpg/.jpeg/.png files."""
+    recursive search for .jpg/.jpeg/.png files that follows directory symlinks."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -60,12 +60,31 @@ def list_images(folder: str | os.PathLike) -> list[str]:
             )
         logger.info("Read %d image paths of %s from %s", len(paths), folder, paths_file)
         return paths
-    paths = sorted(
-        str(path) for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    paths = sorted(_walk_images(folder))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}; check --database_folder / --queries_folder")
     return paths
+
+
+def _walk_images(folder: Path) -> list[str]:
+    """Image files under ``folder``, following directory symlinks as ``glob(recursive=True)``
+    does; a link back to one of its own parent folders (a loop) is skipped with a warning."""
+    found: list[str] = []
+
+    def walk(directory: str, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(directory)
+        if real in ancestors:
+            logger.warning("%s leads back to its parent %s: skipping it (a symlink loop)", directory, real)
+            return
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    walk(entry.path, ancestors | {real})
+                elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(entry.path)
+
+    walk(str(folder), frozenset())
+    return found
 
 
 def utm_from_name(path: str) -> tuple[float, float]:

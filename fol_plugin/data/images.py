@@ -6,12 +6,15 @@ import tempfile
 from pathlib import Path
 
 import kornia
+import numpy as np
 import torch
 from kornia.io import ImageLoadType
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("original", "antialias")
+RGB_MAX = 255.0
 # File signatures and the extension kornia.io decodes each with.
 _SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
 _KORNIA_SUFFIXES = {".jpg": (".jpg", ".jpeg"), ".png": (".png",)}
@@ -26,7 +29,10 @@ def _content_suffix(path: Path) -> str | None:
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to RGB.
 
-    The format is read from the file's content, so a PNG named ``.jpg`` still loads.
+    The format is read from the file's content, so a PNG named ``.jpg`` still loads. kornia-rs
+    decodes 8-bit RGB, grey and RGBA files; the modes it does not take (CMYK JPEGs, grey + alpha,
+    16-bit PNGs) are converted as Pillow's ``convert("RGB")`` does, which is what
+    VPR-methods-evaluation decodes with. EXIF orientation is ignored, as there.
 
     Returns:
         [3, H, W] float32 in [0, 1].
@@ -42,8 +48,20 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             alias = Path(folder) / f"image{suffix}"
             alias.symlink_to(path.resolve())
             return kornia.io.load_image(alias, ImageLoadType.RGB32)
-    except (ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}; re-save it as JPEG or PNG or remove it") from error
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        return _load_with_pillow(path, error)
+
+
+def _load_with_pillow(path: Path, kornia_error: Exception) -> torch.Tensor:
+    """[3, H, W] float32 in [0, 1] through Pillow's ``convert("RGB")``, or an error naming the file."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"cannot decode image {path}: {kornia_error}; {error}; re-save it as JPEG or PNG or remove it"
+        ) from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / RGB_MAX
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

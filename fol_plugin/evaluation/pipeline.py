@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_model
+from ..cache import RunCache, checkpoint_digest, disk_full_guard, listing_digest
+from ..cache.integrity import folder_bytes
+from ..cache.run_cache import CACHE_FOLDER, LOCK_FILE
+from ..checkpoint import load_model, weights_file
 from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
 from ..features import (
     ExtractionConfig,
@@ -33,22 +37,21 @@ from ..features import (
     extract_local,
 )
 from ..features.extract import FeatureStore
-from ..features.store import ENTRY_BYTES
 from ..matching import LocalFeatures, ScorerConfig, make_pair_scorer
-from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE, FoLModel
-from ..models.local_features import NUM_SELECTED_PATCHES
+from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
 from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
 from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
 from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
+from .resources import GIB, InsufficientDiskError, check_disk, project_resources
 
 logger = logging.getLogger(__name__)
 
-CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
-KEYPOINT_BYTES = 8  # (x, y) float32
-GIB = 1024**3
-CACHE_FOLDER = "cache"
-RUN_FILE = "run.json"
+RECALLS_FILE = "recalls.json"
+DATABASE_DESCRIPTORS_FILE = "database_descriptors.npy"
+# Names a query set's output folder may not take: they are the run's own files and folders.
+RESERVED_NAMES = {CACHE_FOLDER, LOCK_FILE, RECALLS_FILE, DATABASE_DESCRIPTORS_FILE}
+UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 @dataclass
@@ -125,9 +128,7 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
     query_sets, keys = [], set()
     for folder in config.queries_folders:
         images = load_image_set(folder, config.labelled)
-        key = images.name
-        while key in keys:
-            key = f"{key}_{len(keys)}"
+        key = output_key(folder, keys)
         keys.add(key)
         positives = None
         if config.labelled:
@@ -135,6 +136,19 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
         query_sets.append(QuerySet(images=images, key=key, positives=positives))
     logger.info("Database: %d images; queries: %s", len(database), {s.key: len(s.images) for s in query_sets})
     return database, query_sets
+
+
+def output_key(folder: Path, taken: set[str]) -> str:
+    """The name of a query set's output folder: the query folder's own name (resolved, so that
+    ``queries/..`` names its parent), made safe, never one of the run's own names, and unique."""
+    name = UNSAFE_CHARACTERS.sub("_", Path(folder).resolve().name).strip("._") or "queries"
+    if name in RESERVED_NAMES:
+        name = f"queries_{name}"
+    key, suffix = name, 1
+    while key in taken:
+        suffix += 1
+        key = f"{name}_{suffix}"
+    return key
 
 
 def num_predictions(config: EvalConfig, num_database: int) -> int:
@@ -145,79 +159,14 @@ def num_predictions(config: EvalConfig, num_database: int) -> int:
     return min(wanted, num_database)
 
 
-def cells_per_image(image_size: tuple[int, int]) -> int:
-    """Upper bound on the local features of one image at ``image_size``."""
-    patches = (image_size[0] // PATCH_SIZE) * (image_size[1] // PATCH_SIZE)
-    return CELLS_PER_PATCH * min(NUM_SELECTED_PATCHES, patches)
-
-
-def project_resources(
-    config: EvalConfig, num_database: int, num_queries: int, num_candidates: int, global_retrieval: bool = True
-) -> dict[str, float]:
-    """Projected disk and RAM (bytes) of a run: global descriptors, local features, scores.
-
-    Args:
-        num_candidates: database images whose local features are needed (at most Q x top-k).
-        global_retrieval: whether the run extracts and searches global descriptors (not for
-            ``fol-vpr rerank``).
-    """
-    cells = cells_per_image(config.extraction.image_size)
-    itemsize = 4 if config.in_memory else np.dtype(config.store_dtype).itemsize
-    local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + ENTRY_BYTES
-    global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4 if global_retrieval else 0
-    local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
-    scores_bytes = num_queries * config.rerank_topk * 4
-    matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + torch.get_num_threads() * cells * cells * 2
-    search_ram = (min(num_database, config.search_chunk_size) + num_queries) * GLOBAL_DIM * 4 if global_retrieval else 0
-    in_memory_locals = (num_queries + num_database) * cells * (LOCAL_DIM + 2) * 4 if config.in_memory else 0
-    return {
-        "disk": global_bytes + scores_bytes + (0 if config.in_memory else local_bytes),
-        "ram": max(matching_ram, search_ram) + in_memory_locals,
-        "local_bytes_per_image": local_image,
-    }
-
-
-class InsufficientDiskError(RuntimeError):
-    """The output folder's disk cannot hold a run."""
-
-
-def check_disk(folder: Path, needed: float, already_there: float) -> None:
-    """Refuse to start when ``folder``'s disk cannot hold what the run still has to write."""
-    free = shutil.disk_usage(folder).free
-    if needed - already_there > free:
-        raise InsufficientDiskError(
-            f"this run needs {needed / GIB:.2f} GiB in {folder} ({already_there / GIB:.2f} GiB already there) but only "
-            f"{free / GIB:.2f} GiB are free: free space, pick another --output_dir, use --store_dtype float16 or lower "
-            f"--rerank_topk"
-        )
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
-
-
-def _check_run_file(cache: Path, description: dict) -> None:
-    """The cache must come from the same model, pre-processing and images; record them."""
-    run_file = cache / RUN_FILE
-    if run_file.exists():
-        stored = json.loads(run_file.read_text())
-        if stored != description:
-            changed = sorted(key for key in description if stored.get(key) != description[key])
-            raise ValueError(
-                f"{cache} holds features of another run (differs in {changed}); use another --output_dir or delete {cache}"
-            )
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(description, indent=1))
-
-
-def _run_description(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet]) -> dict:
-    def listing(images: ImageSet) -> list:
-        return [str(images.folder), len(images), images.paths[0], images.paths[-1]]
+def _fingerprint(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], weights: Path) -> dict:
+    """What every cached file depends on (see :mod:`fol_plugin.cache.run_cache`)."""
+    def listing(images: ImageSet) -> dict:
+        return {"images": len(images), "listing": listing_digest(images.folder, images.paths)}
 
     return {
         "backbone": str(config.backbone),
-        "weights": str(config.weights),
+        "weights": checkpoint_digest(weights),
         "image_size": list(config.extraction.image_size),
         "resize_mode": config.extraction.resize_mode,
         "database": listing(database),
@@ -226,9 +175,10 @@ def _run_description(config: EvalConfig, database: ImageSet, query_sets: list[Qu
 
 
 def _local_features(config: EvalConfig, folder: Path, num_ids: int) -> FeatureStore:
+    """The local features of one image list: in RAM, or in a store named by its precision."""
     if config.in_memory:
         return InMemoryFeatures()
-    return LocalFeatureStore(folder, num_ids, LOCAL_DIM, config.store_dtype)
+    return LocalFeatureStore(folder.with_name(f"{folder.name}_{config.store_dtype}"), num_ids, LOCAL_DIM, config.store_dtype)
 
 
 def _extract_queries(
@@ -335,6 +285,9 @@ def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Quer
         for stage in ("global", "reranked"):
             if summary["query_sets"][query_set.key][stage]:
                 logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
+    temporary = output_dir / f"{RECALLS_FILE}.tmp"
+    temporary.write_text(json.dumps(summary, indent=2))
+    os.replace(temporary, output_dir / RECALLS_FILE)
     return summary
 
 
@@ -350,15 +303,14 @@ def _keep_descriptors(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet], Path]:
+def _prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
+    """Check the configuration and list the images, before anything is written."""
     check_image_size(config.extraction.image_size)
     if config.rerank_topk < 0:
         raise ValueError(f"--rerank_topk {config.rerank_topk} must be 0 (no re-ranking) or positive")
-    database, query_sets = load_sets(config)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    cache = config.output_dir / CACHE_FOLDER
-    _check_run_file(cache, _run_description(config, database, query_sets))
-    return database, query_sets, cache
+    if config.weights is None:
+        raise ValueError("evaluation needs FoL weights: --weights auto (the published checkpoint) or a .pth file")
+    return load_sets(config)
 
 
 def _num_queries(query_sets: list[QuerySet]) -> int:
@@ -372,7 +324,8 @@ def _candidate_ids(query_sets: list[QuerySet], top_k: int) -> np.ndarray:
 
 def _report_and_check(
     config: EvalConfig, cache: Path, num_database: int, query_sets: list[QuerySet], k: int, global_retrieval: bool
-) -> None:
+) -> float:
+    """Log the projected resources and refuse a run the disk cannot hold; returns the projected disk bytes."""
     num_queries = _num_queries(query_sets)
     num_candidates = min(num_database, num_queries * min(config.rerank_topk, k))
     projection = project_resources(config, num_database, num_queries, num_candidates, global_retrieval)
@@ -381,7 +334,26 @@ def _report_and_check(
         projection["disk"] / GIB, cache, projection["ram"] / GIB, projection["local_bytes_per_image"] / 1e6,
         "float32 in RAM" if config.in_memory else config.store_dtype,
     )
-    check_disk(config.output_dir, projection["disk"], _folder_bytes(cache))
+    check_disk(config.output_dir, projection["disk"], folder_bytes(cache))
+    return projection["disk"]
+
+
+@contextmanager
+def _open_cache(
+    config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], k: int, global_retrieval: bool
+) -> Iterator[tuple[Path, Path]]:
+    """Lock the output folder, check its cache against this run, refuse a run the disk cannot
+    hold, and turn a full disk into a message; yields (cache folder, local checkpoint file)."""
+    with RunCache(config.output_dir) as run_cache:
+        weights = weights_file(config.backbone, config.weights)
+        run_cache.check(_fingerprint(config, database, query_sets, weights))
+        needed = _report_and_check(config, run_cache.folder, len(database), query_sets, k, global_retrieval)
+        with disk_full_guard(config.output_dir, lambda: needed - folder_bytes(run_cache.folder)):
+            yield run_cache.folder, weights
+        if config.keep_cache:
+            logger.info("Cache kept in %s", run_cache.folder)
+        else:
+            run_cache.discard()
 
 
 def run_eval(config: EvalConfig) -> dict:
@@ -391,50 +363,77 @@ def run_eval(config: EvalConfig) -> dict:
         The summary written to ``recalls.json``.
     """
     timings: dict[str, float] = {}
-    database, query_sets, cache = _prepare(config)
+    database, query_sets = _prepare(config)
     k = num_predictions(config, len(database))
-    _report_and_check(config, cache, len(database), query_sets, k, global_retrieval=True)
-    with _timed(timings, "load_model"):
-        model = load_model(config.backbone, config.weights, config.extraction.device)
-    query_global, query_local = {}, {}
-    for query_set in query_sets:
-        with _timed(timings, f"features_{query_set.key}"):
-            query_global[query_set.key], query_local[query_set.key] = _extract_queries(config, model, cache, query_set, True)
-    database_local = _local_features(config, cache / "database_local", len(database)) if config.rerank_topk else None
-    # Local features in the global pass when every database image may be a candidate (or they
-    # are held in RAM anyway); else a second pass over the candidates only.
-    single_pass = config.in_memory or _num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
-    with _timed(timings, "features_database_global"):
-        database_global = ResumableArray(cache / "database_global.npy", (len(database), GLOBAL_DIM))
-        extract_global(
-            model, database.paths, database_global, config.extraction,
-            database_local if single_pass else None, desc="Database",
-        )
-    with _timed(timings, "global_search"):
+    with _open_cache(config, database, query_sets, k, global_retrieval=True) as (cache, weights):
+        with _timed(timings, "load_model"):
+            model = load_model(config.backbone, weights, config.extraction.device)
+        query_global, query_local = {}, {}
         for query_set in query_sets:
-            query_set.global_distances, query_set.global_predictions = exact_search(
-                database_global.array, query_global[query_set.key], k, config.search_chunk_size
+            with _timed(timings, f"features_{query_set.key}"):
+                query_global[query_set.key], query_local[query_set.key] = _extract_queries(
+                    config, model, cache, query_set, True
+                )
+        database_local = _local_features(config, cache / "database_local", len(database)) if config.rerank_topk else None
+        # Local features in the global pass when every database image may be a candidate (or they
+        # are held in RAM anyway); else a second pass over the candidates only.
+        single_pass = config.in_memory or _num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
+        with _timed(timings, "features_database_global"):
+            database_global = ResumableArray(cache / "database_global.npy", (len(database), GLOBAL_DIM))
+            extract_global(
+                model, database.paths, database_global, config.extraction,
+                database_local if single_pass else None, desc="Database",
             )
-    extra = {}
-    if config.rerank_topk:
-        candidates = _candidate_ids(query_sets, min(config.rerank_topk, k))
-        with _timed(timings, "features_database_local"):
-            extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
-        for query_set in query_sets:
-            with _timed(timings, f"rerank_{query_set.key}"):
-                _rerank_set(config, cache, query_set, query_local[query_set.key], database_local)
-        if isinstance(database_local, LocalFeatureStore):
-            extra["store_bytes_per_image"] = round(database_local.bytes_per_image())
-    with _timed(timings, "outputs"):
-        if config.save_descriptors:
-            _keep_descriptors(database_global.path, config.output_dir / "database_descriptors.npy")
+        with _timed(timings, "global_search"):
             for query_set in query_sets:
-                folder = config.output_dir / query_set.key
-                folder.mkdir(parents=True, exist_ok=True)
-                _keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
-        summary = _write_outputs(config, database, query_sets, timings, extra)
-    _finish(config, cache, summary)
+                query_set.global_distances, query_set.global_predictions = exact_search(
+                    database_global.array, query_global[query_set.key], k, config.search_chunk_size
+                )
+        extra = {}
+        if config.rerank_topk:
+            candidates = _candidate_ids(query_sets, min(config.rerank_topk, k))
+            with _timed(timings, "features_database_local"):
+                extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
+            for query_set in query_sets:
+                with _timed(timings, f"rerank_{query_set.key}"):
+                    _rerank_set(config, cache, query_set, query_local[query_set.key], database_local)
+            if isinstance(database_local, LocalFeatureStore):
+                extra["store_bytes_per_image"] = round(database_local.bytes_per_image())
+        with _timed(timings, "outputs"):
+            if config.save_descriptors:
+                _keep_descriptors(database_global.path, config.output_dir / DATABASE_DESCRIPTORS_FILE)
+                for query_set in query_sets:
+                    folder = config.output_dir / query_set.key
+                    folder.mkdir(parents=True, exist_ok=True)
+                    _keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
+            summary = _write_outputs(config, database, query_sets, timings, extra)
     return summary
+
+
+def check_predictions(predictions: np.ndarray, num_queries: int, num_database: int, source: str) -> np.ndarray:
+    """Given predictions as [Q, K] int64 database indices, or an error naming ``source``, the
+    value and the fix."""
+    given = np.asarray(predictions)
+    if given.ndim != 2 or len(given) != num_queries or given.shape[1] == 0:
+        raise ValueError(f"{source} are {given.shape}, expected [{num_queries} queries, K >= 1 predictions]")
+    if not (np.issubdtype(given.dtype, np.integer) or np.issubdtype(given.dtype, np.floating)):
+        raise ValueError(f"{source} hold {given.dtype} values, expected integer database indices")
+    if np.issubdtype(given.dtype, np.floating):
+        bad = ~np.isfinite(given) | (given != np.round(given))
+        if bad.any():
+            q, j = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{source} hold {given[q, j]} at query {q}, rank {j}: database indices must be whole numbers; "
+                "save them as integers"
+            )
+    outside = (given < 0) | (given >= num_database)
+    if outside.any():
+        q, j = (int(v) for v in np.argwhere(outside)[0])
+        raise ValueError(
+            f"{source} hold database index {int(given[q, j])} at query {q}, rank {j}, outside [0, {num_database}) "
+            f"of this --database_folder: they are for another database"
+        )
+    return given.astype(np.int64)
 
 
 def run_rerank(config: EvalConfig, predictions: list[np.ndarray]) -> dict:
@@ -450,44 +449,26 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray]) -> dict:
     if config.rerank_topk <= 0:
         raise ValueError("fol-vpr rerank needs --rerank_topk > 0")
     timings: dict[str, float] = {}
-    database, query_sets, cache = _prepare(config)
+    database, query_sets = _prepare(config)
     if len(predictions) != len(query_sets):
         raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
     for query_set, given in zip(query_sets, predictions):
-        given = np.asarray(given)
-        if given.ndim != 2 or len(given) != len(query_set.images):
-            raise ValueError(
-                f"the predictions for {query_set.images.folder} are {given.shape}, expected "
-                f"[{len(query_set.images)} queries, K]"
-            )
-        if given.min() < 0 or given.max() >= len(database):
-            raise ValueError(
-                f"the predictions for {query_set.images.folder} hold database index {int(given.max())} "
-                f"or {int(given.min())}, outside [0, {len(database)}): they are for another database"
-            )
-        query_set.global_predictions = given.astype(np.int64)
+        query_set.global_predictions = check_predictions(
+            given, len(query_set.images), len(database), f"the predictions for {query_set.images.folder}"
+        )
     k = max(s.global_predictions.shape[1] for s in query_sets)
-    _report_and_check(config, cache, len(database), query_sets, k, global_retrieval=False)
-    with _timed(timings, "load_model"):
-        model = load_model(config.backbone, config.weights, config.extraction.device)
-    database_local = _local_features(config, cache / "database_local", len(database))
-    candidates = _candidate_ids(query_sets, config.rerank_topk)
-    with _timed(timings, "features_database_local"):
-        extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
-    for query_set in query_sets:
-        with _timed(timings, f"features_{query_set.key}"):
-            _, query_local = _extract_queries(config, model, cache, query_set, False)
-        with _timed(timings, f"rerank_{query_set.key}"):
-            _rerank_set(config, cache, query_set, query_local, database_local)
-    with _timed(timings, "outputs"):
-        summary = _write_outputs(config, database, query_sets, timings, {})
-    _finish(config, cache, summary)
+    with _open_cache(config, database, query_sets, k, global_retrieval=False) as (cache, weights):
+        with _timed(timings, "load_model"):
+            model = load_model(config.backbone, weights, config.extraction.device)
+        database_local = _local_features(config, cache / "database_local", len(database))
+        candidates = _candidate_ids(query_sets, config.rerank_topk)
+        with _timed(timings, "features_database_local"):
+            extract_local(model, database.paths, candidates, database_local, config.extraction, desc="Database (local)")
+        for query_set in query_sets:
+            with _timed(timings, f"features_{query_set.key}"):
+                _, query_local = _extract_queries(config, model, cache, query_set, False)
+            with _timed(timings, f"rerank_{query_set.key}"):
+                _rerank_set(config, cache, query_set, query_local, database_local)
+        with _timed(timings, "outputs"):
+            summary = _write_outputs(config, database, query_sets, timings, {})
     return summary
-
-
-def _finish(config: EvalConfig, cache: Path, summary: dict) -> None:
-    (config.output_dir / "recalls.json").write_text(json.dumps(summary, indent=2))
-    if config.keep_cache:
-        logger.info("Cache kept in %s", cache)
-    else:
-        shutil.rmtree(cache)

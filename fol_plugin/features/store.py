@@ -2,31 +2,46 @@
 
 Layout of a store folder:
 
-- ``meta.json``: descriptor dimension and dtype, and the number of image ids.
+- ``meta.json``: format, descriptor dimension and dtype, and the number of image ids.
 - ``descriptors.bin``: every image's descriptors [N_i, D] concatenated (float16 or float32).
 - ``keypoints.bin``: their keypoints [N_i, 2] float32, (x, y) in network-input pixels.
-- ``entries.bin``: one int64 record (image id, first row, rows) per stored image, appended after
-  its data is on disk, so a record never points at missing data.
+- ``entries.commits``: one int64 record (image id, first row, rows, checksum of the image's
+  descriptor and keypoint bytes) per stored image, appended and fsynced after its data, so a
+  record never points at missing data.
+- ``.lock``: held by the one writer (fcntl).
 
-Opening an existing store keeps every complete record and cuts whatever an interruption left
-half-written, so extraction resumes where it stopped without recomputing or corrupting stored
-images. Reads are memory-mapped: RAM does not grow with the number of stored images beyond a
-small index (16 bytes per image id).
+Opening a store verifies every record against the data (bounds and checksum): an image whose
+data is truncated, zero-padded or altered is reported and left out, so it is computed again;
+nothing damaged is read. A writer (``mode="a"``) also cuts what an interruption left
+half-written, then appends. A reader (``mode="r"``) never writes: opened beside a writer, it
+sees the images whose records were complete when it opened. Reads are memory-mapped: RAM does
+not grow with the number of stored images beyond a small index (16 bytes per image id).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, fsync_append
+from ..cache.lock import DirectoryLock
+
+logger = logging.getLogger(__name__)
+
 STORE_DTYPES = ("float16", "float32")
+STORE_FORMAT = 2
 KEYPOINT_DTYPE = np.float32
-ENTRY_FIELDS = 3  # image id, first row, number of rows
+ENTRY_FIELDS = 4  # image id, first row, number of rows, checksum
 ENTRY_BYTES = ENTRY_FIELDS * 8
 META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+STORE_MODES = ("a", "r")
+MAX_LISTED_IDS = 10
 
 
 class LocalFeatureStore:
@@ -37,50 +52,116 @@ class LocalFeatureStore:
         num_ids: size of the id space (e.g. the number of database images).
         dim: descriptor dimension.
         dtype: "float16" (default, half the disk) or "float32" (bit-exact descriptors).
+        mode: "a" to add images (one writer at a time; others are refused), "r" to read only.
     """
 
-    def __init__(self, folder: str | os.PathLike, num_ids: int, dim: int = 128, dtype: str = "float16") -> None:
+    def __init__(
+        self, folder: str | os.PathLike, num_ids: int, dim: int = 128, dtype: str = "float16", mode: str = "a"
+    ) -> None:
         if dtype not in STORE_DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {STORE_DTYPES}")
+        if mode not in STORE_MODES:
+            raise ValueError(f"mode={mode!r}; choose one of {STORE_MODES}")
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = {"num_ids": int(num_ids), "dim": int(dim), "dtype": dtype}
-        meta_path = self.folder / META_FILE
-        if meta_path.exists():
-            stored = json.loads(meta_path.read_text())
-            if stored != meta:
-                raise ValueError(
-                    f"the local-feature store in {self.folder} was written with {stored}, not {meta}; "
-                    f"use another folder or delete this one"
-                )
-        else:
-            meta_path.write_text(json.dumps(meta))
+        self.mode = mode
         self.num_ids, self.dim, self.dtype = int(num_ids), int(dim), np.dtype(dtype)
+        self._lock = None
+        if mode == "a":
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock = DirectoryLock(self.folder, LOCK_FILE, f"the local-feature store {self.folder}")
+            self._lock.acquire()
+        self._check_meta({"format": STORE_FORMAT, "num_ids": self.num_ids, "dim": self.dim, "dtype": dtype})
         self._descriptors_path = self.folder / "descriptors.bin"
         self._keypoints_path = self.folder / "keypoints.bin"
-        self._entries_path = self.folder / "entries.bin"
+        self._entries = CommitLog(self.folder / f"entries{COMMITS_SUFFIX}", ENTRY_FIELDS)
         self._start = np.full(self.num_ids, -1, np.int64)
         self._count = np.zeros(self.num_ids, np.int64)
         self._rows = self._recover()
         self._descriptor_map: np.ndarray | None = None
         self._keypoint_map: np.ndarray | None = None
 
+    def _check_meta(self, meta: dict) -> None:
+        meta_path = self.folder / META_FILE
+        if not meta_path.exists():
+            if self.mode == "r":
+                raise FileNotFoundError(f"{self.folder} holds no local-feature store ({META_FILE} is missing)")
+            meta_path.write_text(json.dumps(meta))
+            return
+        try:
+            stored = json.loads(meta_path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{meta_path} is damaged ({error}); delete {self.folder} to compute it again") from None
+        if stored != meta:
+            raise ValueError(
+                f"the local-feature store in {self.folder} was written with {stored}, not {meta}; "
+                f"use another folder or delete this one"
+            )
+
+    def close(self) -> None:
+        """Release the writer's lock (reading stays possible)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> LocalFeatureStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _data_files(self) -> list[tuple[Path, int]]:
+        """The data files with their bytes per row."""
+        return [
+            (self._descriptors_path, self.dim * self.dtype.itemsize),
+            (self._keypoints_path, 2 * np.dtype(KEYPOINT_DTYPE).itemsize),
+        ]
+
     def _recover(self) -> int:
-        """Load the complete records; cut partial records and data past the last one."""
-        for path in (self._entries_path, self._descriptors_path, self._keypoints_path):
-            path.touch()
-        complete = self._entries_path.stat().st_size // ENTRY_BYTES
-        os.truncate(self._entries_path, complete * ENTRY_BYTES)
-        entries = np.fromfile(self._entries_path, dtype=np.int64).reshape(-1, ENTRY_FIELDS)
-        rows = 0
-        for image_id, start, count in entries:
-            if start != rows or not 0 <= image_id < self.num_ids:
-                raise ValueError(f"{self._entries_path} is corrupt (record {image_id}, {start}, {count}); delete {self.folder}")
-            self._start[image_id], self._count[image_id] = start, count
-            rows += count
-        os.truncate(self._descriptors_path, rows * self.dim * self.dtype.itemsize)
-        os.truncate(self._keypoints_path, rows * 2 * np.dtype(KEYPOINT_DTYPE).itemsize)
-        return rows
+        """Index the intact records; report damaged ones. A writer also cuts partial writes and
+        drops damaged records. Returns the row where new data goes."""
+        began = time.perf_counter()
+        records = self._entries.read()
+        available = min(
+            path.stat().st_size // row_bytes if path.exists() else 0 for path, row_bytes in self._data_files()
+        )
+        descriptors = _memmap(self._descriptors_path, self.dtype, (available, self.dim))
+        keypoints = _memmap(self._keypoints_path, KEYPOINT_DTYPE, (available, 2))
+        intact = np.zeros(len(records), bool)
+        damaged: dict[str, list[int]] = {}
+        for index, (image_id, start, count, expected) in enumerate(records):
+            if not (0 <= image_id < self.num_ids and 0 <= start and 0 <= count):
+                problem = "an impossible record"
+            elif start + count > available:
+                problem = "missing data (truncated files)"
+            elif checksum(descriptors[start : start + count], keypoints[start : start + count]) != expected:
+                problem = "a checksum mismatch (altered or zero-padded data)"
+            else:
+                intact[index] = True
+                self._start[image_id], self._count[image_id] = start, count
+                continue
+            damaged.setdefault(problem, []).append(int(image_id))
+        for problem, image_ids in damaged.items():
+            shown = ", ".join(map(str, image_ids[:MAX_LISTED_IDS])) + (" ..." if len(image_ids) > MAX_LISTED_IDS else "")
+            logger.warning(
+                "%s: %d image(s) with %s, left out so they are computed again: ids %s",
+                self.folder, len(image_ids), problem, shown,
+            )
+        kept = records[intact]
+        end = int((kept[:, 1] + kept[:, 2]).max()) if len(kept) else 0
+        if self.mode == "a":
+            if damaged:
+                temporary = self._entries.path.with_suffix(".tmp")
+                temporary.unlink(missing_ok=True)
+                fsync_append(temporary, [kept])
+                os.replace(temporary, self._entries.path)
+            else:
+                self._entries.keep(len(records))  # drop a partial record
+            for path, row_bytes in self._data_files():
+                path.touch()
+                os.truncate(path, end * row_bytes)
+        if len(records):
+            logger.debug("Verified %d images of %s in %.2f s", len(records), self.folder, time.perf_counter() - began)
+        return end
 
     def __contains__(self, image_id: int) -> bool:
         return bool(self._start[image_id] >= 0)
@@ -96,6 +177,8 @@ class LocalFeatureStore:
     def add(self, image_ids: list[int], descriptors: list[torch.Tensor], keypoints: list[torch.Tensor]) -> None:
         """Append images: per image, descriptors [N_i, D] and keypoints [N_i, 2]. The batch is
         durable once this returns (one fsync per file and batch)."""
+        if self.mode != "a" or self._lock is None:
+            raise ValueError(f"the local-feature store {self.folder} is open read-only (or closed); open it with mode='a'")
         for image_id, image_descriptors, image_keypoints in zip(image_ids, descriptors, keypoints, strict=True):
             if not 0 <= image_id < self.num_ids:
                 raise ValueError(f"image id {image_id} is outside [0, {self.num_ids}) of the store {self.folder}")
@@ -109,12 +192,19 @@ class LocalFeatureStore:
                     f"expected descriptors [N, {self.dim}] and keypoints [N, 2], got "
                     f"{tuple(image_descriptors.shape)} and {tuple(image_keypoints.shape)}"
                 )
-        counts = [len(image_descriptors) for image_descriptors in descriptors]
-        starts = self._rows + np.cumsum([0, *counts[:-1]], dtype=np.int64)[: len(counts)]
-        _append(self._descriptors_path, [d.detach().cpu().numpy().astype(self.dtype) for d in descriptors])
-        _append(self._keypoints_path, [k.detach().cpu().numpy().astype(KEYPOINT_DTYPE) for k in keypoints])
-        records = np.stack([np.asarray(image_ids, np.int64), starts, np.asarray(counts, np.int64)], axis=1)
-        _append(self._entries_path, [records])
+        if not image_ids:
+            return
+        descriptor_arrays = [d.detach().cpu().numpy().astype(self.dtype) for d in descriptors]
+        keypoint_arrays = [k.detach().cpu().numpy().astype(KEYPOINT_DTYPE) for k in keypoints]
+        counts = [len(array) for array in descriptor_arrays]
+        starts = self._rows + np.cumsum([0, *counts[:-1]], dtype=np.int64)
+        sums = [checksum(d, k) for d, k in zip(descriptor_arrays, keypoint_arrays)]
+        fsync_append(self._descriptors_path, descriptor_arrays)
+        fsync_append(self._keypoints_path, keypoint_arrays)
+        records = np.stack(
+            [np.asarray(image_ids, np.int64), starts, np.asarray(counts, np.int64), np.asarray(sums, np.int64)], axis=1
+        )
+        self._entries.append(records)
         self._start[records[:, 0]], self._count[records[:, 0]] = starts, records[:, 2]
         self._rows += int(sum(counts))
         self._descriptor_map = self._keypoint_map = None
@@ -142,16 +232,8 @@ class LocalFeatureStore:
     def bytes_per_image(self) -> float:
         """Mean disk bytes per stored image (descriptors, keypoints and index record)."""
         stored = len(self)
-        total = sum(path.stat().st_size for path in (self._descriptors_path, self._keypoints_path, self._entries_path))
+        total = sum(path.stat().st_size for path in (self._descriptors_path, self._keypoints_path, self._entries.path))
         return total / stored if stored else 0.0
-
-
-def _append(path: Path, arrays: list[np.ndarray]) -> None:
-    with open(path, "ab") as handle:
-        for array in arrays:
-            handle.write(np.ascontiguousarray(array).tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:

@@ -52,8 +52,12 @@ def check_images(images: torch.Tensor) -> tuple[int, int]:
     """Validate a [B, 3, H, W] batch and return its patch grid (h, w)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"FoL expects images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("FoL got an empty batch [0, 3, H, W]: give at least one image")
     height, width = images.shape[-2:]
     for name, size in (("height", height), ("width", width)):
+        if size <= 0:
+            raise ValueError(f"image {name} {size} must be positive: a multiple of the patch size {PATCH_SIZE}, e.g. 322")
         if size % PATCH_SIZE:
             below, above = nearest_valid_sizes(size)
             raise ValueError(
@@ -101,8 +105,23 @@ class FoLModel(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[BackboneOutput, AggregatorOutput]:
         """Backbone and aggregator outputs for [B, 3, H, W] ImageNet-normalised images."""
         check_images(images)
+        self._check_dtype(images)
         tokens = self.backbone(images)
         return tokens, self.aggregator(tokens.feature_map, tokens.class_token, tokens.region_cue)
+
+    def _check_dtype(self, images: torch.Tensor) -> None:
+        """Float images of the weights' dtype (any float dtype under autocast)."""
+        if not images.is_floating_point():
+            raise TypeError(
+                f"FoL takes float images, ImageNet-normalised, not {images.dtype}: convert RGB in [0, 1] with "
+                "fol_plugin.preprocess(images.float() / 255, size)"
+            )
+        weights = next(self.parameters()).dtype
+        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {weights}: pass images.to({weights}) "
+                f"or run the model under torch.autocast"
+            )
 
     def dense_local_map(self, feature_map: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> [B, 128, 4h - 3, 4w - 3], not normalised."""

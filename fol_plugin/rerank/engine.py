@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .mutual import MATCH_THRESHOLD, check_descriptors, mutual_matches, reference_match_scores
+from .mutual import MATCH_THRESHOLD, as_descriptors, check_descriptors, mutual_matches, reference_match_scores
 
 PRECISIONS = ("exact", "bf16")
 BF16_UNIT_ROUNDOFF = 2.0**-8
@@ -150,8 +150,8 @@ def mutual_match_scores(
     float32 algorithm does.
 
     Args:
-        query: [n, 128] L2-normalised local descriptors of the query.
-        candidates: one [m_j, 128] L2-normalised tensor per candidate image.
+        query: [n, 128] L2-normalised local descriptors of the query (a tensor or a NumPy array).
+        candidates: one [m_j, 128] L2-normalised tensor (or array) per candidate image.
         threshold: cosine similarity a mutual match must exceed to count.
         precision: "exact" (the float32 algorithm's scores) or "bf16" (faster, approximate).
 
@@ -160,6 +160,8 @@ def mutual_match_scores(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of {PRECISIONS}")
+    query = as_descriptors(query)
+    candidates = [as_descriptors(candidate) for candidate in candidates]
     check_descriptors("query", query)
     for candidate in candidates:
         check_descriptors("candidate", candidate, query.shape[1])
@@ -185,6 +187,10 @@ def mutual_match_scores(
         free_buffers.put(torch.empty(len(query) * largest, dtype=torch.bfloat16))
 
     def score(index: int) -> int:
+        with torch.inference_mode():  # worker threads do not inherit the caller's grad mode
+            return score_one(index)
+
+    def score_one(index: int) -> int:
         candidate = candidates[index]
         candidate_bf16 = candidate.bfloat16()
         eps, delta = _bounds(query_stats, _rounding_stats(candidate, candidate_bf16), query.shape[1])

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 MATCH_THRESHOLD = 0.7
+
+
+def as_descriptors(descriptors: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Descriptors as a tensor outside autograd: NumPy arrays are wrapped (no copy), tensors detached."""
+    if isinstance(descriptors, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(descriptors))
+    if not isinstance(descriptors, torch.Tensor):
+        raise TypeError(f"local descriptors must be a tensor or a NumPy array, got {type(descriptors).__name__}")
+    return descriptors.detach()
 
 
 def check_descriptors(name: str, descriptors: torch.Tensor, dim: int | None = None) -> None:

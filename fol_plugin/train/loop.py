@@ -91,7 +91,7 @@ class TrainConfig:
 def load_dinov2_weights(model: FoLModel, path: str | Path) -> None:
     """Load an official DINOv2 checkpoint (its ViT key layout) into the backbone; every backbone
     weight must be there with the right shape."""
-    state = read_checkpoint(Path(path), "cpu")
+    state = read_checkpoint(Path(path), "cpu", option="--dinov2_weights")
     state = state.get("model", state.get("teacher", state)) if isinstance(state, dict) else state
     backbone = model.backbone.model.state_dict()
     missing = sorted(set(backbone) - set(state))
@@ -185,7 +185,7 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
     )
     start_epoch, rows, best_score = 0, [], -math.inf
     if resume:
-        checkpoint = read_checkpoint(last, "cpu")
+        checkpoint = read_checkpoint(last, "cpu", option="--resume")
         model.load_state_dict(checkpoint["model_state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
