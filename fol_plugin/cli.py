@@ -36,6 +36,7 @@ USER_ERRORS = (
     CacheError, CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
 )
 USER_ERROR_EXIT = 2
+WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error raised in a worker
 INTERRUPTED_EXIT = 130
 
 
@@ -314,7 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_message(error: BaseException) -> str:
-    """One line for the user (an OSError names its file)."""
+    """One line for the user: an OSError names its file, and an error re-raised from a DataLoader
+    worker (whose message carries the worker's traceback) keeps its last line only."""
     if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[-1]):
         return f"{error.strerror or error}: {error.filename}; check its permissions, or choose another path"
-    return str(error)
+    message = str(error)
+    if WORKER_TRACEBACK in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
+    return message

@@ -523,3 +523,13 @@ def test_a_memory_mapped_array_the_disk_cannot_hold_fails_at_creation_not_with_s
     with pytest.raises(DiskFullError, match="disk full at .*; free"):
         with fol_plugin.cache.disk_full_guard(small_tmpfs, lambda: 2e9):
             ResumableArray(small_tmpfs / "again.npy", (64, 8448))
+
+
+def test_an_unreadable_image_read_in_a_worker_process_is_one_line(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog):
+    root = tmp_path / "broken"
+    shutil.copytree(labelled_set, root)
+    (root / "database" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    args = eval_args(root, tmp_path / "out", tiny_weights, "--no_labels")
+    args[args.index("--num_workers") + 1] = "1"
+    line = user_error(caplog, *args)
+    assert line.startswith("cannot decode image ") and "zz_broken.jpg" in line and "\n" not in line

@@ -90,7 +90,7 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model(synthetic, tmp_p
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and "loss_contrast" in rows[0] and "R@5" in rows[0]
     assert (tmp_path / "run" / PLOT).stat().st_size > 1000
-    saved = torch.load(tmp_path / "run" / BEST, weights_only=False)
+    saved = torch.load(tmp_path / "run" / BEST, weights_only=True)
     assert set(saved) >= {"model_state_dict", "optimizer_state_dict", "epoch_num", "recalls"}
 
 
@@ -114,8 +114,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(synthetic, tmp_path, mon
         train(config, synthetic["places"])
     resumed = train(config, synthetic["places"], resume=True)
     assert [e["loss_total"] for e in resumed["epochs"]] == [e["loss_total"] for e in straight["epochs"]]
-    a = torch.load(tmp_path / "straight" / LAST, weights_only=False)["model_state_dict"]
-    b = torch.load(tmp_path / "resumed" / LAST, weights_only=False)["model_state_dict"]
+    a = torch.load(tmp_path / "straight" / LAST, weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "resumed" / LAST, weights_only=True)["model_state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -124,7 +124,7 @@ def test_a_trained_checkpoint_loads_through_the_hub(synthetic, tmp_path):
     config = tiny_config(tmp_path / "vitb", backbone="vitb", num_trainable_blocks=1, places_per_batch=2, epochs=1)
     train(config, synthetic["places"][:2])
     model = torch.hub.load(str(REPO_ROOT), "fol_vitb14", source="local", pretrained=False, weights=str(tmp_path / "vitb" / BEST))
-    saved = torch.load(tmp_path / "vitb" / BEST, weights_only=False)["model_state_dict"]
+    saved = torch.load(tmp_path / "vitb" / BEST, weights_only=True)["model_state_dict"]
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
