@@ -1,27 +1,38 @@
 """fol-plugin: FoL ("Focus on Local", AAAI 2025) visual place recognition as a drop-in method.
 
 Pipeline: ``data`` (images) -> ``models`` (backbone -> aggregator -> global / local features)
--> ``rerank`` (FoL's local mutual matching).
+-> ``retrieval`` (global search) -> ``rerank`` (FoL's local mutual matching) -> ``evaluation``.
+
+The names below are imported when first used, so that ``fol-vpr --help`` starts without torch.
 """
-from .checkpoint import WEIGHT_URLS, CheckpointDownloadError, CheckpointError, load_model
-from .data import load_image, preprocess
-from .models import GLOBAL_DIM, FoLFeatures, FoLModel, ViTConfig
-from .models.resizing import PatchSizeResizer
-from .rerank import mutual_match_scores
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GLOBAL_DIM",
-    "WEIGHT_URLS",
-    "CheckpointDownloadError",
-    "CheckpointError",
-    "FoLFeatures",
-    "FoLModel",
-    "PatchSizeResizer",
-    "ViTConfig",
-    "load_image",
-    "load_model",
-    "mutual_match_scores",
-    "preprocess",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "GLOBAL_DIM": ".models",
+    "WEIGHT_URLS": ".checkpoint",
+    "CheckpointDownloadError": ".checkpoint",
+    "CheckpointError": ".checkpoint",
+    "FoLFeatures": ".models",
+    "FoLModel": ".models",
+    "PatchSizeResizer": ".models.resizing",
+    "ViTConfig": ".models",
+    "load_image": ".data",
+    "load_model": ".checkpoint",
+    "mutual_match_scores": ".rerank",
+    "preprocess": ".data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

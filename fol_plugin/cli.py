@@ -9,32 +9,43 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from . import __version__
+from .options import (
+    BACKBONES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_POSITIVE_DISTANCE,
+    DEFAULT_RECALL_VALUES,
+    DEFAULT_TOP_K,
+    GEOMETRIC_MODELS,
+    IMAGES_PER_PLACE,
+    MATCHERS,
+    PRECISIONS,
+    RESIZE_MODES,
+    SCORERS,
+    STORE_DTYPES,
+    TRAIN_ACCUMULATION_STEPS,
+    TRAIN_BACKBONE,
+    TRAIN_EPOCHS,
+    TRAIN_LR,
+    TRAIN_PLACES_PER_BATCH,
+    TRAIN_SEED,
+    TRAIN_TRAINABLE_BLOCKS,
+    TRAIN_WEIGHT_DECAY,
+    default_num_workers,
+)
 
-from .cache import CacheError, CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
-from .checkpoint import WEIGHT_URLS, CheckpointError, load_model, resolve_device
-from .data import RESIZE_MODES
-from .data.datasets import DEFAULT_POSITIVE_DISTANCE, list_images, load_image_set
-from .data.places import folder_places, gsv_cities_places
-from .evaluation.outputs import read_preds_files
-from .evaluation.pipeline import EvalConfig, run_eval, run_rerank
-from .evaluation.resources import InsufficientDiskError
-from .evaluation.recalls import DEFAULT_RECALL_VALUES
-from .features import STORE_DTYPES, ExtractionConfig, check_image_size
-from .matching import GEOMETRIC_MODELS, MATCHERS, SCORERS, ScorerConfig
-from .rerank import DEFAULT_TOP_K, PRECISIONS
-from .retrieval import exact_search
-from .train.loop import TrainConfig, train
-from .visualization import draw_pair, match_pair
+if TYPE_CHECKING:
+    import numpy as np
 
+    from .evaluation.pipeline import EvalConfig
+
+# Only argparse and .options are imported up front, so `fol-vpr --help` answers at once; each
+# command imports what it runs.
 logger = logging.getLogger("fol_plugin")
 
-# Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback (--debug shows it).
-USER_ERRORS = (
-    ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
-    CacheError, CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
-)
 USER_ERROR_EXIT = 2
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error raised in a worker
 INTERRUPTED_EXIT = 130
@@ -60,10 +71,11 @@ def _add_model_arguments(
     weights_help: str = "'auto' (published checkpoint), a .pth path or a URL",
 ) -> None:
     """The model and where it runs, shared by every command (a parser or an argument group)."""
-    group.add_argument("--backbone", choices=sorted(WEIGHT_URLS), default=backbone)
+    group.add_argument("--backbone", choices=BACKBONES, default=backbone)
     group.add_argument("--weights", default="auto", help=weights_help)
     group.add_argument(
-        "--image_size", type=_positive_int, nargs=2, default=[322, 322], metavar=("H", "W"), help="multiples of 14"
+        "--image_size", type=_positive_int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("H", "W"),
+        help="multiples of 14"
     )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
 
@@ -71,7 +83,8 @@ def _add_model_arguments(
 def _add_resize_mode(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--resize_mode", choices=RESIZE_MODES, default="original",
-        help="'original': the original's exact pre-processing (no antialiasing)",
+        help="'original': FoL's own evaluation (bilinear, no antialiasing); 'bilinear_antialias': "
+        "VPR-methods-evaluation's (torchvision >= 0.17 Resize); 'antialias': kornia's",
     )
 
 
@@ -88,8 +101,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     _add_model_arguments(model)
     _add_resize_mode(model)
-    model.add_argument("--batch_size", type=_positive_int, default=4)
-    model.add_argument("--num_workers", type=_non_negative_int, default=4)
+    model.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
+    model.add_argument(
+        "--num_workers", type=_non_negative_int, default=default_num_workers(),
+        help="image-decoding processes (default: this machine's cores, at most 4)",
+    )
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument(
         "--rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none"
@@ -116,7 +132,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fol-vpr", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fol-vpr",
+        description="Evaluate FoL (Focus on Local, AAAI 2025) visual place recognition, re-rank another method's "
+        "predictions with FoL, fine-tune it, or draw its matches. Also runs as: python -m fol_plugin.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("-v", "--debug", action="store_true", help="debug logging, and tracebacks with errors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,19 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
     fit.add_argument("--cities", nargs="+", default=["London", "Boston"], help="GSV-Cities cities")
     _add_model_arguments(
-        fit, TrainConfig.backbone, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random)"
+        fit, TRAIN_BACKBONE, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random)"
     )
     fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT")
-    fit.add_argument("--num_trainable_blocks", type=int, default=TrainConfig.num_trainable_blocks)
-    fit.add_argument("--places_per_batch", type=int, default=TrainConfig.places_per_batch)
-    fit.add_argument("--images_per_place", type=int, default=TrainConfig.images_per_place)
-    fit.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    fit.add_argument("--lr", type=float, default=TrainConfig.lr)
-    fit.add_argument("--weight_decay", type=float, default=TrainConfig.weight_decay)
-    fit.add_argument("--accumulation_steps", type=int, default=TrainConfig.accumulation_steps)
+    fit.add_argument("--num_trainable_blocks", type=int, default=TRAIN_TRAINABLE_BLOCKS)
+    fit.add_argument("--places_per_batch", type=int, default=TRAIN_PLACES_PER_BATCH)
+    fit.add_argument("--images_per_place", type=int, default=IMAGES_PER_PLACE)
+    fit.add_argument("--epochs", type=int, default=TRAIN_EPOCHS)
+    fit.add_argument("--lr", type=float, default=TRAIN_LR)
+    fit.add_argument("--weight_decay", type=float, default=TRAIN_WEIGHT_DECAY)
+    fit.add_argument("--accumulation_steps", type=int, default=TRAIN_ACCUMULATION_STEPS)
     fit.add_argument("--no_augment", action="store_true")
-    fit.add_argument("--seed", type=int, default=TrainConfig.seed)
-    fit.add_argument("--num_workers", type=int, default=TrainConfig.num_workers)
+    fit.add_argument("--seed", type=int, default=TRAIN_SEED)
+    fit.add_argument("--num_workers", type=_non_negative_int, default=default_num_workers())
     fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
     fit.add_argument("--val_queries_folder", type=Path)
     fit.add_argument("--output_dir", type=Path, required=True)
@@ -169,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fine_tune(args: argparse.Namespace) -> None:
     """``fol-vpr train``."""
+    from .data.datasets import load_image_set
+    from .data.places import folder_places, gsv_cities_places
+    from .features import check_image_size
+    from .train.loop import TrainConfig, train
+
     if args.dataset == "gsv_cities":
         places = gsv_cities_places(args.data_root, args.cities, args.images_per_place)
     else:
@@ -193,6 +219,10 @@ def fine_tune(args: argparse.Namespace) -> None:
 
 def visualize(args: argparse.Namespace) -> None:
     """``fol-vpr visualize``: write the figure and print the counts."""
+    from .checkpoint import load_model, resolve_device
+    from .features import check_image_size
+    from .visualization import draw_pair, match_pair
+
     check_image_size(tuple(args.image_size))
     for path in (args.query, args.database):
         if not path.is_file():
@@ -208,6 +238,11 @@ def visualize(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
+    from .checkpoint import resolve_device
+    from .evaluation.pipeline import EvalConfig
+    from .features import ExtractionConfig
+    from .matching import ScorerConfig
+
     return EvalConfig(
         database_folder=args.database_folder,
         queries_folders=args.queries_folders,
@@ -234,6 +269,12 @@ def _config(args: argparse.Namespace) -> EvalConfig:
 
 def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]:
     """Per query set, in the order of ``--queries_folder``, the [Q, K] predictions given to ``fol-vpr rerank``."""
+    import numpy as np
+
+    from .data.datasets import list_images
+    from .evaluation.outputs import read_preds_files
+    from .retrieval import exact_search
+
     num_sets = len(args.queries_folders)
     if args.predictions and args.database_descriptors:
         raise ValueError("give either --predictions or --database_descriptors/--queries_descriptors, not both")
@@ -274,6 +315,8 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
 
 def evaluate(args: argparse.Namespace) -> None:
     """``fol-vpr eval`` and ``fol-vpr rerank``: run, then print the recalls."""
+    from .evaluation.pipeline import run_eval, run_rerank
+
     config = _config(args)
     try:
         if args.command == "eval":
@@ -301,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         if args.debug:
             logger.exception("%s", error)
         else:
@@ -312,6 +355,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
         return INTERRUPTED_EXIT
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback
+    (``--debug`` shows it). Imported when an error is caught, not at start-up."""
+    from .cache import CacheError, CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
+    from .checkpoint import CheckpointError
+    from .evaluation.resources import InsufficientDiskError
+
+    return (
+        ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
+        CacheError, CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
+    )
 
 
 def _user_message(error: BaseException) -> str:

@@ -32,7 +32,7 @@ from fol_plugin.features import store as store_module
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import mutual_match_scores, rerank
 
-from .conftest import TINY_VIT, config_for, save_upstream_checkpoint
+from .conftest import TINY_VIT, config_for
 
 OUTPUT_FILES = ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy")
 REPO_ROOT = Path(__file__).resolve().parents[1]

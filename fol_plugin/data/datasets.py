@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from ..options import DEFAULT_POSITIVE_DISTANCE
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PATHS_FILE_SUFFIX = "_images_paths.txt"
-DEFAULT_POSITIVE_DISTANCE = 25.0  # metres
 
 
 @dataclass

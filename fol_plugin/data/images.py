@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import kornia
 import numpy as np
 import torch
+import torch.nn.functional as F
 from kornia.io import ImageLoadType
 from PIL import Image
 
+from ..options import RESIZE_MODES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("original", "antialias")
 RGB_MAX = 255.0
 # File signatures and the extension kornia.io decodes each with.
 _SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
@@ -71,23 +75,47 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return kornia.enhance.normalize(images, mean, std)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU resize rounds differently with the number of threads (by up to 5e-7 here):
+    pre-processing runs single-threaded, as in a DataLoader worker, so that inputs do not depend
+    on ``--num_workers``."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def preprocess(images: torch.Tensor, size: tuple[int, int] | None, resize_mode: str = "original") -> torch.Tensor:
-    """Network input from RGB images in [0, 1].
+    """Network input from RGB images in [0, 1]: ImageNet normalisation, then a resize.
 
     Args:
         images: [3, H, W] or [B, 3, H, W] in [0, 1].
         size: target (H, W), or None to keep the size.
-        resize_mode: "original" reproduces FoL's evaluation (normalise, then bilinear resize without
-            antialiasing, align_corners=False); "antialias" resizes with antialiasing.
+        resize_mode: the resize of the normalised images, bilinear with ``align_corners=False``:
+
+            - "original": without antialiasing, as FoL's own evaluation (torchvision <= 0.16).
+            - "bilinear_antialias": torch's antialiased bilinear (``F.interpolate(...,
+              antialias=True)``), which is what torchvision >= 0.17 ``Resize`` computes on tensors,
+              so VPR-methods-evaluation's pre-processing.
+            - "antialias": kornia's antialiasing (a Gaussian blur first); matches no harness.
 
     Returns:
-        [B, 3, H', W'] ImageNet-normalised.
+        [B, 3, H', W'] ImageNet-normalised; the same on any number of threads.
     """
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r}; choose one of {RESIZE_MODES}")
-    batch = normalize(images if images.ndim == 4 else images.unsqueeze(0))
-    if size is None or tuple(batch.shape[-2:]) == tuple(size):
-        return batch
-    return kornia.geometry.transform.resize(
-        batch, tuple(size), interpolation="bilinear", align_corners=False, antialias=resize_mode == "antialias"
-    )
+    with _one_thread():
+        batch = normalize(images if images.ndim == 4 else images.unsqueeze(0))
+        if size is None or tuple(batch.shape[-2:]) == tuple(size):
+            return batch
+        if resize_mode == "bilinear_antialias":
+            return F.interpolate(batch, tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        return kornia.geometry.transform.resize(
+            batch, tuple(size), interpolation="bilinear", align_corners=False, antialias=resize_mode == "antialias"
+        )

@@ -19,11 +19,11 @@ from kornia.geometry.transform import resize
 from torch.utils.data import Dataset
 
 from .datasets import IMAGE_EXTENSIONS
+from ..options import IMAGES_PER_PLACE
 from .images import RESIZE_MODES, load_image, normalize
 
 logger = logging.getLogger(__name__)
 
-IMAGES_PER_PLACE = 4
 GSV_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 3, 9
 

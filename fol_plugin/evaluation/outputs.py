@@ -62,15 +62,13 @@ def write_preds_files(
     positives: Sequence[np.ndarray] | None,
 ) -> None:
     """``folder/{q:03d}.txt`` per query in VPR-methods-evaluation's format (query path, predicted
-    paths, positive paths), readable by :func:`read_preds_files` and that harness's tools."""
+    paths, and with labels positive paths), readable by :func:`read_preds_files` and that
+    harness's tools."""
     folder.mkdir(parents=True, exist_ok=True)
     for q, row in enumerate(predictions):
-        positive_paths = [] if positives is None else [database_paths[i] for i in positives[q]]
-        sections = [
-            PREDS_HEADERS[0], query_paths[q] + "\n",
-            PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n",
-            PREDS_HEADERS[2], "\n".join(positive_paths) + "\n",
-        ]
+        sections = [PREDS_HEADERS[0], query_paths[q] + "\n", PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n"]
+        if positives is not None:
+            sections += [PREDS_HEADERS[2], "\n".join(database_paths[i] for i in positives[q]) + "\n"]
         (folder / f"{q:03d}.txt").write_text("\n".join(sections))
 
 
@@ -86,10 +84,14 @@ def read_preds_files(folder: str | os.PathLike, query_paths: Sequence[str], data
             raise FileNotFoundError(f"{path} is missing: {folder} must hold one file per query ({len(query_paths)})")
         lines = [line.strip() for line in path.read_text().splitlines()]
         try:
-            start, end = lines.index(PREDS_HEADERS[1]) + 1, lines.index(PREDS_HEADERS[2])
+            start = lines.index(PREDS_HEADERS[1]) + 1
             listed_query = lines[lines.index(PREDS_HEADERS[0]) + 1]
         except ValueError:
-            raise ValueError(f"{path} is not a VPR-methods-evaluation predictions file (no {PREDS_HEADERS} sections)") from None
+            raise ValueError(
+                f"{path} is not a VPR-methods-evaluation predictions file (no {PREDS_HEADERS[:2]} sections)"
+            ) from None
+        # The positives section is there only when the harness had labels.
+        end = lines.index(PREDS_HEADERS[2]) if PREDS_HEADERS[2] in lines else len(lines)
         if _path_key(listed_query) != _path_key(query_path):
             raise ValueError(
                 f"{path} is for query {listed_query}, but query {q} of --queries_folder is {query_path}: "

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cache import RunCache, checkpoint_digest, disk_full_guard, listing_digest
 from ..cache.integrity import folder_bytes
@@ -43,7 +42,7 @@ from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
 from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
 from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
-from .resources import GIB, InsufficientDiskError, check_disk, project_resources
+from .resources import GIB, check_disk, project_resources
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +154,10 @@ def num_predictions(config: EvalConfig, num_database: int) -> int:
     """Predictions kept per query: enough for the recalls, the re-ranking and the saved figures."""
     wanted = max(max(config.recall_values), config.rerank_topk, config.num_preds_to_save)
     if wanted > num_database:
-        logger.warning("Only %d database images: keeping %d predictions per query, not %d", num_database, num_database, wanted)
+        logger.warning(
+            "Only %d database images: keeping %d predictions per query, not %d (R@N above %d counts all of them, as "
+            "VPR-methods-evaluation does)", num_database, num_database, wanted, num_database,
+        )
     return min(wanted, num_database)
 
 
@@ -239,8 +241,8 @@ def _rerank_set(
 def _recalls(config: EvalConfig, query_set: QuerySet, predictions: np.ndarray | None) -> dict[str, float] | None:
     if predictions is None or query_set.positives is None:
         return None
-    recall_values = [n for n in config.recall_values if n <= predictions.shape[1]]
-    return {f"R@{n}": round(value, 4) for n, value in compute_recalls(predictions, query_set.positives, recall_values).items()}
+    recalls = compute_recalls(predictions, query_set.positives, config.recall_values)
+    return {f"R@{n}": round(value, 4) for n, value in recalls.items()}
 
 
 def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_RECALL_VALUES = (1, 5, 10, 20)
+from ..options import DEFAULT_RECALL_VALUES
 
 
 def compute_recalls(
@@ -16,7 +16,8 @@ def compute_recalls(
     Args:
         predictions: [Q, K] database indices, best first.
         positives: per query, the database indices that are correct.
-        recall_values: the N of each recall@N; each must be at most K.
+        recall_values: the N of each recall@N; an N above K counts all K predictions, as
+            VPR-methods-evaluation does when the database has fewer than N images.
 
     Returns:
         {N: recall@N in percent}.
@@ -24,11 +25,9 @@ def compute_recalls(
     predictions = np.asarray(predictions)
     if len(predictions) != len(positives):
         raise ValueError(f"{len(predictions)} prediction rows for {len(positives)} queries")
-    too_long = [n for n in recall_values if n > predictions.shape[1]]
-    if too_long:
-        raise ValueError(f"recall@{too_long} needs more than the {predictions.shape[1]} predictions per query")
     hits = np.array([np.isin(row, query_positives) for row, query_positives in zip(predictions, positives)])
     if len(hits) == 0:
         return {n: 0.0 for n in recall_values}
-    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), predictions.shape[1])
+    never = np.iinfo(np.int64).max
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), never)
     return {n: float((first_hit < n).mean() * 100) for n in recall_values}

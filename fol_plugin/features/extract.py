@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..data import load_image, preprocess
 from ..models import FoLModel, check_images
+from ..options import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, default_num_workers
 from .arrays import ResumableArray
 from .store import InMemoryFeatures, LocalFeatureStore
 
@@ -27,16 +28,16 @@ class ExtractionConfig:
 
     Attributes:
         image_size: (H, W) every image is resized to; multiples of 14.
-        resize_mode: "original" (FoL's evaluation pre-processing) or "antialias".
+        resize_mode: one of RESIZE_MODES (:func:`fol_plugin.data.preprocess`).
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images.
         device: where the model runs.
     """
 
-    image_size: tuple[int, int] = (322, 322)
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     resize_mode: str = "original"
-    batch_size: int = 4
-    num_workers: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_workers: int = field(default_factory=default_num_workers)
     device: str = "cpu"
 
 

@@ -30,10 +30,10 @@ import torch
 
 from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, fsync_append
 from ..cache.lock import DirectoryLock
+from ..options import STORE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-STORE_DTYPES = ("float16", "float32")
 STORE_FORMAT = 2
 KEYPOINT_DTYPE = np.float32
 ENTRY_FIELDS = 4  # image id, first row, number of rows, checksum

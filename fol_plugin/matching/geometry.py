@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from kornia.geometry.ransac import RANSAC
 
+from ..options import GEOMETRIC_MODELS
 from .features import LAF_SCALE, LocalFeatures
 from .matchers import Matches
 
-GEOMETRIC_MODELS = ("homography", "fundamental")
 MIN_MATCHES = {"homography": 4, "fundamental": 8}
 DEFAULT_INLIER_THRESHOLD = LAF_SCALE  # pixels: one local-grid cell
 DEFAULT_SEED = 0

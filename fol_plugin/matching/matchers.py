@@ -13,12 +13,10 @@ from dataclasses import dataclass
 import torch
 from kornia.feature import DescriptorMatcher, GeometryAwareDescriptorMatcher
 
+from ..options import DESCRIPTOR_MATCHERS, MATCHERS
 from ..rerank.mutual import MATCH_THRESHOLD, mutual_matches
 from .features import LocalFeatures
 
-DESCRIPTOR_MATCHERS = ("nn", "mnn", "snn", "smnn")
-GEOMETRY_AWARE_MATCHERS = ("fginn", "adalam")
-MATCHERS = ("fol", *DESCRIPTOR_MATCHERS, *GEOMETRY_AWARE_MATCHERS)
 # kornia's default ratio-test thresholds; nn and mnn take none.
 DEFAULT_RATIO = {"nn": 1.0, "mnn": 1.0, "snn": 0.8, "smnn": 0.95}
 

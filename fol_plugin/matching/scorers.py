@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..options import RANSAC_SUFFIX, SCORERS
 from .features import LocalFeatures
 from .geometry import DEFAULT_INLIER_THRESHOLD, DEFAULT_SEED, verify
-from .matchers import MATCHERS, match
-
-RANSAC_SUFFIX = "+ransac"
-SCORERS = tuple(MATCHERS) + tuple(name + RANSAC_SUFFIX for name in MATCHERS)
+from .matchers import match
 
 
 @dataclass

@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..options import PRECISIONS
 from . import kernels
 from .mutual import MATCH_THRESHOLD, as_descriptors, check_descriptors, mutual_matches, reference_match_scores
 
-PRECISIONS = ("exact", "bf16")
 BF16_UNIT_ROUNDOFF = 2.0**-8
 HALF_ULP_BELOW_ONE = BF16_UNIT_ROUNDOFF / 2  # bf16 rounding error of any value in (-1, 1)
 FP32_UNIT_ROUNDOFF = 2.0**-24
@@ -106,7 +106,6 @@ def _count_exact(
     keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
 ) -> int:
     """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
-    m = keys.shape[1]
     query_np, candidate_np = query.numpy(), candidate.numpy()
     # Each query cell's best candidate in the float32 GEMM, and that GEMM value.
     best_candidate, best_value, col_chunk_keys = kernels.exact_row_best(

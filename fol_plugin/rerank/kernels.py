@@ -14,8 +14,12 @@ scans release the GIL, so callers can run several in threads.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
+
+from ..cache.fingerprint import user_cache_dir
 
 NO_THRESHOLD = 1 << 16
 KEY_MIN = -(1 << 15)
@@ -26,6 +30,22 @@ ROW_BLOCK = 64  # rows of a column per recorded block maximum
 DOT_FASTMATH = {"reassoc", "contract"}
 # Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
 GEMM_FASTMATH = {"contract"}
+
+
+def _cached_njit(**options) -> Callable:
+    """``numba.njit(cache=True)``, its compiled cache in ``<user cache>/numba`` instead of beside
+    the installed package (a ``NUMBA_CACHE_DIR`` of the user's own still wins). numba picks the
+    cache folder when it decorates, so the setting is changed for that moment only."""
+
+    def decorate(function: Callable) -> Callable:
+        previous = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = previous or str(user_cache_dir() / "numba")
+        try:
+            return numba.njit(cache=True, **options)(function)
+        finally:
+            numba.config.CACHE_DIR = previous
+
+    return decorate
 
 
 @numba.njit(inline="always")
@@ -62,7 +82,7 @@ def _scan_row(row: np.ndarray, chunk_key: np.ndarray, col_block_key: np.ndarray)
     return best
 
 
-@numba.njit(nogil=True, cache=True)
+@_cached_njit(nogil=True)
 def scan_maxima(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Maximum keys of ``keys`` [n, m] per row, per column, and per block of cells.
 
@@ -96,7 +116,7 @@ def _first_reaching(line: np.ndarray, block_keys: np.ndarray, block: int, target
     return index
 
 
-@numba.njit(nogil=True, cache=True)
+@_cached_njit(nogil=True)
 def first_arg_maxima(
     keys: np.ndarray, row_key: np.ndarray, col_key: np.ndarray, row_chunk_key: np.ndarray, col_chunk_key: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +132,7 @@ def first_arg_maxima(
     return row_arg, col_arg
 
 
-@numba.njit(nogil=True, cache=True, fastmath=GEMM_FASTMATH)
+@_cached_njit(nogil=True, fastmath=GEMM_FASTMATH)
 def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.float32:
     """candidate[i] . query[j] as torch's float32 CPU matmul computes it: one fused multiply-add
     per term, in order (checked bit for bit by the tests)."""
@@ -122,7 +142,7 @@ def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.f
     return total
 
 
-@numba.njit(nogil=True, cache=True, fastmath=DOT_FASTMATH)
+@_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
 def exact_row_best(
     keys: np.ndarray,
     key_values: np.ndarray,
@@ -188,7 +208,7 @@ def exact_row_best(
     return best_arg, best_value, col_chunk_key
 
 
-@numba.njit(nogil=True, cache=True, fastmath=DOT_FASTMATH)
+@_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
 def beaten_anchors(
     keys: np.ndarray,
     col_chunk_key: np.ndarray,
@@ -230,7 +250,7 @@ def beaten_anchors(
     return beaten
 
 
-@numba.njit(nogil=True, cache=True)
+@_cached_njit(nogil=True)
 def count_unbeaten_anchors(
     keys: np.ndarray,
     col_chunk_key: np.ndarray,

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..options import DEFAULT_TOP_K
 from .engine import mutual_match_scores
 from .mutual import MATCH_THRESHOLD
-
-DEFAULT_TOP_K = 100
 
 
 class FeatureSource(Protocol):

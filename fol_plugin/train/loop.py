@@ -24,9 +24,22 @@ from matplotlib.ticker import MaxNLocator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..options import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGES_PER_PLACE,
+    TRAIN_ACCUMULATION_STEPS,
+    TRAIN_BACKBONE,
+    TRAIN_EPOCHS,
+    TRAIN_LR,
+    TRAIN_PLACES_PER_BATCH,
+    TRAIN_SEED,
+    TRAIN_TRAINABLE_BLOCKS,
+    TRAIN_WEIGHT_DECAY,
+    default_num_workers,
+)
 from ..checkpoint import load_model, read_checkpoint, resolve_device
 from ..data.datasets import ImageSet, find_positives
-from ..data.places import IMAGES_PER_PLACE, PlaceDataset, collate_places
+from ..data.places import PlaceDataset, collate_places
 from ..evaluation.recalls import compute_recalls
 from ..features import ExtractionConfig, ResumableArray, extract_global
 from ..models import GLOBAL_DIM, FoLModel, ViTConfig
@@ -66,24 +79,24 @@ class TrainConfig:
     """
 
     output_dir: Path
-    backbone: str | ViTConfig = "vitb"
+    backbone: str | ViTConfig = TRAIN_BACKBONE
     weights: str | None = "auto"
     dinov2_weights: str | None = None
-    num_trainable_blocks: int = 4
-    image_size: tuple[int, int] = (322, 322)
-    places_per_batch: int = 60
+    num_trainable_blocks: int = TRAIN_TRAINABLE_BLOCKS
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    places_per_batch: int = TRAIN_PLACES_PER_BATCH
     images_per_place: int = IMAGES_PER_PLACE
     augment: bool = True
-    epochs: int = 8
-    lr: float = 6e-5
-    weight_decay: float = 9.5e-9
+    epochs: int = TRAIN_EPOCHS
+    lr: float = TRAIN_LR
+    weight_decay: float = TRAIN_WEIGHT_DECAY
     lr_end_factor: float = 0.1
     decay_iterations: int = 10_000
-    accumulation_steps: int = 1
+    accumulation_steps: int = TRAIN_ACCUMULATION_STEPS
     mixed_precision: bool = True
-    seed: int = 0
+    seed: int = TRAIN_SEED
     device: str | None = None
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)
     validation: tuple[ImageSet, ImageSet] | None = None
     loss_weights: LossWeights = field(default_factory=LossWeights)
 

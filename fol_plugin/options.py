@@ -1,0 +1,44 @@
+"""The names and defaults that the command line shows, in a module free of heavy imports, so that
+``fol-vpr --help`` answers at once. The modules that use them import them from here: each is
+named once."""
+from __future__ import annotations
+
+import os
+
+BACKBONES = ("vitb", "vitl")
+DEFAULT_IMAGE_SIZE = (322, 322)
+RESIZE_MODES = ("original", "bilinear_antialias", "antialias")  # see fol_plugin.data.images.preprocess
+STORE_DTYPES = ("float16", "float32")
+PRECISIONS = ("exact", "bf16")
+DEFAULT_TOP_K = 100
+DEFAULT_RECALL_VALUES = (1, 5, 10, 20)
+DEFAULT_POSITIVE_DISTANCE = 25.0  # metres
+DEFAULT_BATCH_SIZE = 4
+DESCRIPTOR_MATCHERS = ("nn", "mnn", "snn", "smnn")
+GEOMETRY_AWARE_MATCHERS = ("fginn", "adalam")
+MATCHERS = ("fol", *DESCRIPTOR_MATCHERS, *GEOMETRY_AWARE_MATCHERS)
+RANSAC_SUFFIX = "+ransac"
+SCORERS = tuple(MATCHERS) + tuple(name + RANSAC_SUFFIX for name in MATCHERS)
+GEOMETRIC_MODELS = ("homography", "fundamental")
+MAX_DEFAULT_WORKERS = 4
+
+# fol-vpr train (fol_plugin.train.loop.TrainConfig)
+TRAIN_BACKBONE = "vitb"
+TRAIN_TRAINABLE_BLOCKS = 4
+TRAIN_PLACES_PER_BATCH = 60
+IMAGES_PER_PLACE = 4
+TRAIN_EPOCHS = 8
+TRAIN_LR = 6e-5
+TRAIN_WEIGHT_DECAY = 9.5e-9
+TRAIN_ACCUMULATION_STEPS = 1
+TRAIN_SEED = 0
+
+
+def default_num_workers() -> int:
+    """DataLoader workers that fit this machine: one per usable core, at most 4 (more than the
+    cores makes torch warn, and decoding is rarely the bottleneck)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(MAX_DEFAULT_WORKERS, cores)
