@@ -51,6 +51,20 @@ WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error
 INTERRUPTED_EXIT = 130
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help`` (none where the default is None: the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give options without a help text one, so that ``--help`` shows their defaults too."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default is not None:
+            action.help = "(default: %(default)s)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -104,7 +118,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     model.add_argument(
         "--num_workers", type=_non_negative_int, default=default_num_workers(),
-        help="image-decoding processes (default: this machine's cores, at most 4)",
+        help="image-decoding processes: this machine's cores, at most 4",
     )
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument(
@@ -143,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        return commands.add_parser(name, help=help, parents=[shared], formatter_class=_DefaultsFormatter)
 
     _add_common(command("eval", "FoL global retrieval, then FoL re-ranking, with recalls"))
     rerank = command("rerank", "re-rank another method's predictions with FoL")
@@ -185,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize_mode(show)
     show.add_argument("--matcher", choices=MATCHERS, default="fol")
     show.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
+    for subparser in commands.choices.values():
+        _show_defaults(subparser)
     return parser
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import kornia
 import numpy as np
 import torch
 from matplotlib.collections import LineCollection
@@ -17,6 +16,9 @@ from .models import FoLModel
 
 PANEL_INCHES = 5.0
 REGION_ALPHA = 0.45
+REGION_COLOURS = "jet"
+KEYPOINT_SIZE = 2.0
+KEYPOINT_ALPHA = 0.9
 MATCH_COLOUR = "gold"
 INLIER_COLOUR = "lime"
 LINE_WIDTH = 0.6
@@ -27,10 +29,10 @@ GAP = 10  # pixels between the two images of a match panel
 class PairResult:
     """What the figure shows, for scripts: matches, RANSAC inliers and the model."""
 
-    features: tuple[LocalFeatures, LocalFeatures]
+    features: tuple[LocalFeatures, LocalFeatures]  # keypoints in each original image's pixels
     matches: torch.Tensor  # [K, 2]
     inliers: torch.Tensor  # [K] bool
-    model: torch.Tensor | None  # [3, 3]
+    model: torch.Tensor | None  # [3, 3], between the original images' pixels
 
 
 @torch.inference_mode()
@@ -42,42 +44,51 @@ def match_pair(
     matcher: str = "fol",
     ransac_model: str = "homography",
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, PairResult]:
-    """Extract, match and verify two images.
+) -> tuple[list[torch.Tensor], torch.Tensor, PairResult]:
+    """Extract, match and verify two images, as :func:`fol_plugin.matching.extract_local_features`,
+    :func:`~fol_plugin.matching.match` and :func:`~fol_plugin.matching.verify` do one by one.
 
     Returns:
-        the two images resized to ``image_size`` [2, 3, H, W] in [0, 1] (keypoints are in their
-        pixels), the selection scores [2, h, w], and the :class:`PairResult`.
+        the two original images [3, H_i, W_i] in [0, 1] (keypoints are in their pixels), the
+        selection scores [2, h, w], and the :class:`PairResult`.
     """
-    raw = [load_image(path) for path in paths]
-    shown = torch.cat([kornia.geometry.transform.resize(image[None], image_size, antialias=True) for image in raw]).clamp(0, 1)
+    images = [load_image(path) for path in paths]
     device = next(model.parameters()).device
-    inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in raw]).to(device)
+    inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in images]).to(device)
     features = model.extract(inputs)
-    local = tuple(LocalFeatures(k.cpu(), d.cpu()) for k, d in zip(features.keypoints, features.local_descriptors))
+    local = []
+    for image, keypoints, descriptors in zip(images, features.keypoints, features.local_descriptors):
+        scale = (image.shape[-1] / image_size[1], image.shape[-2] / image_size[0])
+        local.append(LocalFeatures(keypoints.cpu() * torch.tensor(scale), descriptors.cpu(), scale))
     matches = match(local[0], local[1], matcher)
-    homography, inliers = verify(local[0], local[1], matches, ransac_model, seed=seed)
-    return shown, features.region_scores.cpu(), PairResult(local, matches.indices, inliers, homography)
+    geometric_model, inliers = verify(local[0], local[1], matches, ransac_model, seed=seed)
+    return images, features.region_scores.cpu(), PairResult(tuple(local), matches.indices, inliers, geometric_model)
 
 
 def draw_pair(
-    images: torch.Tensor, region_scores: torch.Tensor, result: PairResult, names: tuple[str, str], ransac_model: str
+    images: list[torch.Tensor], region_scores: torch.Tensor, result: PairResult, names: tuple[str, str], ransac_model: str
 ) -> Figure:
-    """Three rows: selected regions on both images, all matches, and the RANSAC inliers."""
-    height, width = images.shape[-2:]
+    """Three rows, each image at its own aspect ratio: the selection score of every patch (with a
+    colour bar) and the local features of the selected regions; all matches; the RANSAC inliers."""
     pictures = [image.permute(1, 2, 0).numpy() for image in images]
-    figure = Figure(figsize=(2 * PANEL_INCHES, 3 * PANEL_INCHES * height / width + 1.2))
-    grid = figure.add_gridspec(3, 2)
+    side_by_side = _side_by_side(pictures)
+    top_height = max(picture.shape[0] / picture.shape[1] for picture in pictures) * PANEL_INCHES
+    pair_height = 2 * PANEL_INCHES * side_by_side.shape[0] / side_by_side.shape[1]
+    figure = Figure(figsize=(2 * PANEL_INCHES, top_height + 2 * pair_height + 1.2))
+    grid = figure.add_gridspec(3, 2, height_ratios=(top_height, pair_height, pair_height))
     for column, (picture, scores, name) in enumerate(zip(pictures, region_scores, names)):
         axis = figure.add_subplot(grid[0, column])
+        height, width = picture.shape[:2]
         axis.imshow(picture)
-        heat = kornia.geometry.transform.resize(scores[None, None], (height, width), interpolation="nearest")[0, 0]
-        axis.imshow(heat.numpy(), cmap="jet", alpha=REGION_ALPHA, extent=(0, width, height, 0))
+        heat = axis.imshow(
+            scores.numpy(), cmap=REGION_COLOURS, alpha=REGION_ALPHA, extent=(0, width, height, 0), interpolation="nearest"
+        )
         keypoints = result.features[column].keypoints.numpy()
-        axis.scatter(keypoints[:, 0], keypoints[:, 1], s=0.3, c="white", alpha=0.5)
+        axis.scatter(keypoints[:, 0], keypoints[:, 1], s=KEYPOINT_SIZE, c="white", alpha=KEYPOINT_ALPHA, linewidths=0)
         axis.set_title(f"{name}: {len(keypoints)} local features in the selected regions", fontsize=9)
         axis.set_axis_off()
-    side_by_side = np.concatenate([pictures[0], np.ones((height, GAP, 3)), pictures[1]], axis=1)
+        figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02, label="selection score")
+    offset = np.array([pictures[0].shape[1] + GAP, 0])
     kept = result.inliers
     rows = (
         (result.matches, MATCH_COLOUR, f"{len(result.matches)} matches"),
@@ -87,10 +98,20 @@ def draw_pair(
         axis = figure.add_subplot(grid[row, :])
         axis.imshow(side_by_side)
         start = result.features[0].keypoints[pairs[:, 0]].numpy()
-        end = result.features[1].keypoints[pairs[:, 1]].numpy() + np.array([width + GAP, 0])
+        end = result.features[1].keypoints[pairs[:, 1]].numpy() + offset
         axis.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colour, linewidths=LINE_WIDTH))
         axis.set_title(title, fontsize=10)
         axis.set_axis_off()
     figure.suptitle(f"FoL: {len(result.matches)} matches, {int(kept.sum())} RANSAC inliers", fontsize=11)
     figure.tight_layout()
     return figure
+
+
+def _side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
+    """Two [H_i, W_i, 3] pictures on one white canvas, top-aligned, ``GAP`` pixels apart."""
+    height = max(picture.shape[0] for picture in pictures)
+    width = pictures[0].shape[1] + GAP + pictures[1].shape[1]
+    canvas = np.ones((height, width, 3), dtype=pictures[0].dtype)
+    canvas[: pictures[0].shape[0], : pictures[0].shape[1]] = pictures[0]
+    canvas[: pictures[1].shape[0], pictures[0].shape[1] + GAP :] = pictures[1]
+    return canvas

@@ -207,9 +207,9 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(labelled_set, tin
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(pipeline, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     caplog.set_level("INFO")
-    with pytest.raises(InsufficientDiskError, match=r"this run needs .* GiB .* only 0.00 GiB are free.*--store_dtype float16"):
+    with pytest.raises(InsufficientDiskError, match=r"this run needs .* GB .* only 0.00 GB are free.*--store_dtype float16"):
         run_eval(config_for(labelled_set, tmp_path / "out", tiny_weights))
-    assert "Projected:" in caplog.text and "GiB on disk" in caplog.text
+    assert "Projected:" in caplog.text and "GB on disk" in caplog.text
 
 
 def test_a_matcher_plus_ransac_scorer_reranks(labelled_set, tiny_weights, tmp_path):

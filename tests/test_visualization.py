@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from kornia.io import ImageLoadType, load_image
 
+import fol_plugin
 from fol_plugin import checkpoint, cli
 from fol_plugin.matching import match, verify
 from fol_plugin.models import FoLModel
@@ -19,7 +20,8 @@ def test_visualize_writes_a_readable_figure_with_the_counts(tmp_path, capsys, mo
     weights = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), weights)
     images, regions, result = match_pair(model, (pair / "query.jpg", pair / "database.jpg"), (126, 126))
-    assert images.shape == (2, 3, 126, 126) and regions.shape == (2, 9, 9)
+    originals = [fol_plugin.load_image(pair / name) for name in ("query.jpg", "database.jpg")]
+    assert [tuple(i.shape) for i in images] == [tuple(i.shape) for i in originals] and regions.shape == (2, 9, 9)
     assert len(result.matches) == len(match(*result.features, "fol"))
     assert torch.equal(result.inliers, verify(*result.features, match(*result.features, "fol"), seed=0)[1])
     figure = draw_pair(images, regions, result, ("query.jpg", "database.jpg"), "homography")
@@ -34,7 +36,7 @@ def test_visualize_writes_a_readable_figure_with_the_counts(tmp_path, capsys, mo
     assert code == 0
     assert f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers" in capsys.readouterr().out
     picture = load_image(output, ImageLoadType.RGB8)
-    assert picture.shape[0] == 3 and picture.shape[1] > 1000 and picture.shape[2] == 1000
+    assert picture.shape[0] == 3 and picture.shape[1] > 500 and picture.shape[2] == 1000
     assert picture.float().std() > 20  # not blank
 
 

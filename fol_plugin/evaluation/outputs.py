@@ -16,6 +16,7 @@ from ..data import load_image
 CORRECT_COLOUR = "tab:green"
 WRONG_COLOUR = "tab:red"
 PANEL_INCHES = 3.0
+TITLE_CHARS = 32
 PREDS_HEADERS = ("Query path:", "Predictions paths:", "Positives paths:")
 
 
@@ -122,22 +123,23 @@ def save_prediction_grids(
     positives: Sequence[np.ndarray] | None,
     num_preds: int,
     title: str,
+    scores: np.ndarray | None = None,
 ) -> None:
-    """``folder/{q:03d}.png``: the query then its first ``num_preds`` predictions, framed green
-    (positive) or red (not) when labelled."""
+    """``folder/{q:03d}.png``: the query then its first ``num_preds`` predictions, each titled
+    with its rank, file name and FoL score (``scores`` [Q, num_preds], NaN where there is none),
+    framed green (positive) or red (not) when labelled."""
     folder.mkdir(parents=True, exist_ok=True)
     for q in tqdm(range(len(predictions)), desc=f"Figures ({title})", unit="query"):
         row = predictions[q, :num_preds]
-        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 0.4))
+        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 0.6))
         axes = figure.subplots(1, len(row) + 1)
-        panels = [(query_paths[q], "query", None)]
-        panels += [
-            (database_paths[i], f"#{rank + 1} (db {int(i)})", None if positives is None else bool(np.isin(i, positives[q])))
-            for rank, i in enumerate(row)
-        ]
+        labels = panel_labels(query_paths[q], [database_paths[i] for i in row], None if scores is None else scores[q])
+        panels = [(query_paths[q], labels[0], None)]
+        for i, label in zip(row, labels[1:]):
+            panels.append((database_paths[i], label, None if positives is None else bool(np.isin(i, positives[q]))))
         for axis, (path, label, correct) in zip(np.atleast_1d(axes), panels):
             axis.imshow(load_image(path).permute(1, 2, 0).numpy())
-            axis.set_title(label, fontsize=9)
+            axis.set_title(label, fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
             if correct is not None:
@@ -147,3 +149,31 @@ def save_prediction_grids(
         figure.suptitle(f"{title}: query {q}")
         figure.tight_layout()
         figure.savefig(folder / f"{q:03d}.png", dpi=80)
+
+
+def panel_labels(query_path: str, prediction_paths: Sequence[str], scores: np.ndarray | None) -> list[str]:
+    """Titles of a grid's panels: the query's file name, then each prediction's rank, file name
+    and FoL score (``scores`` [n], NaN where it has none)."""
+    labels = [f"query\n{_short_name(query_path)}"]
+    for rank, path in enumerate(prediction_paths):
+        label = f"#{rank + 1}: {_short_name(path)}"
+        if scores is not None and np.isfinite(scores[rank]):
+            label += f"\nFoL score {scores[rank]:.0f}"
+        labels.append(label)
+    return labels
+
+
+def _short_name(path: str) -> str:
+    """A file name short enough for a panel title (the middle elided)."""
+    name = Path(path).name
+    return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]
+
+
+def scores_in_order(predictions: np.ndarray, global_predictions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The FoL score of each entry of ``predictions`` [Q, n]: scores [Q, k] are in the global
+    order; NaN past the re-ranked candidates."""
+    shown = np.full(predictions.shape, np.nan)
+    for q in range(len(predictions)):
+        score_of = dict(zip(global_predictions[q, : scores.shape[1]].tolist(), scores[q].tolist()))
+        shown[q] = [score_of.get(int(i), np.nan) for i in predictions[q]]
+    return shown

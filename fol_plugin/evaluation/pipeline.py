@@ -40,9 +40,9 @@ from ..matching import LocalFeatures, ScorerConfig, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
 from ..rerank import DEFAULT_TOP_K, order_by_scores, score_candidates
 from ..retrieval import DEFAULT_CHUNK_SIZE, exact_search
-from .outputs import save_prediction_grids, write_predictions_csv, write_preds_files
+from .outputs import save_prediction_grids, scores_in_order, write_predictions_csv, write_preds_files
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
-from .resources import GIB, check_disk, project_resources
+from .resources import GB, MB, check_disk, project_resources
 
 logger = logging.getLogger(__name__)
 
@@ -275,12 +275,16 @@ def _write_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Quer
             for stage, predictions in stages:
                 shown = predictions[:, : config.num_preds_to_save]
                 write_preds_files(folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives)
+                scores = None
+                if query_set.scores is not None:
+                    scores = scores_in_order(shown, query_set.global_predictions, query_set.scores)
                 save_prediction_grids(
                     folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
-                    config.num_preds_to_save, f"{query_set.key} {stage}",
+                    config.num_preds_to_save, f"{query_set.key} {stage}", scores,
                 )
         summary["query_sets"][query_set.key] = {
             "num_queries": len(query_set.images),
+            "rerank_topk_used": 0 if query_set.scores is None else int(query_set.scores.shape[1]),
             "global": _recalls(config, query_set, query_set.global_predictions),
             "reranked": _recalls(config, query_set, query_set.reranked),
         }
@@ -332,8 +336,8 @@ def _report_and_check(
     num_candidates = min(num_database, num_queries * min(config.rerank_topk, k))
     projection = project_resources(config, num_database, num_queries, num_candidates, global_retrieval)
     logger.info(
-        "Projected: %.2f GiB on disk in %s, %.2f GiB of RAM beyond the model; local features %.2f MB per image (%s)",
-        projection["disk"] / GIB, cache, projection["ram"] / GIB, projection["local_bytes_per_image"] / 1e6,
+        "Projected: up to %.2f GB on disk in %s, %.2f GB of RAM beyond the model; local features up to %.2f MB per "
+        "image (%s)", projection["disk"] / GB, cache, projection["ram"] / GB, projection["local_bytes_per_image"] / MB,
         "float32 in RAM" if config.in_memory else config.store_dtype,
     )
     check_disk(config.output_dir, projection["disk"], folder_bytes(cache))
@@ -401,6 +405,7 @@ def run_eval(config: EvalConfig) -> dict:
                     _rerank_set(config, cache, query_set, query_local[query_set.key], database_local)
             if isinstance(database_local, LocalFeatureStore):
                 extra["store_bytes_per_image"] = round(database_local.bytes_per_image())
+                logger.info("Local features on disk: %.2f MB per image", extra["store_bytes_per_image"] / MB)
         with _timed(timings, "outputs"):
             if config.save_descriptors:
                 _keep_descriptors(database_global.path, config.output_dir / DATABASE_DESCRIPTORS_FILE)

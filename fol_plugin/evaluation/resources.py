@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
 KEYPOINT_BYTES = 8  # (x, y) float32
-GIB = 1024**3
+GB = 1e9  # decimal units everywhere: GB = 1e9 bytes, MB = 1e6 bytes
+MB = 1e6
 
 
 class InsufficientDiskError(RuntimeError):
@@ -36,6 +37,7 @@ def project_resources(
     config: EvalConfig, num_database: int, num_queries: int, num_candidates: int, global_retrieval: bool = True
 ) -> dict[str, float]:
     """Projected disk and RAM (bytes) of a run: global descriptors, local features, scores.
+    Local features are counted at their upper bound (16 cells for each of 225 patches).
 
     Args:
         num_candidates: database images whose local features are needed (at most Q x top-k).
@@ -63,7 +65,7 @@ def check_disk(folder: Path, needed: float, already_there: float) -> None:
     free = shutil.disk_usage(folder).free
     if needed - already_there > free:
         raise InsufficientDiskError(
-            f"this run needs {needed / GIB:.2f} GiB in {folder} ({already_there / GIB:.2f} GiB already there) but only "
-            f"{free / GIB:.2f} GiB are free: free space, pick another --output_dir, use --store_dtype float16 or lower "
+            f"this run needs {needed / GB:.2f} GB in {folder} ({already_there / GB:.2f} GB already there) but only "
+            f"{free / GB:.2f} GB are free: free space, pick another --output_dir, use --store_dtype float16 or lower "
             f"--rerank_topk"
         )

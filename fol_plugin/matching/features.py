@@ -20,12 +20,17 @@ class LocalFeatures:
     """One image's local features.
 
     Attributes:
-        keypoints: [N, 2] (x, y) in pixels of the image the features were extracted from.
+        keypoints: [N, 2] (x, y) in pixels of the image the features describe.
         descriptors: [N, D] L2-normalised.
+        scale: (x, y) image pixels per network-input pixel: 1 for keypoints in the network's
+            frame, the resize factors for keypoints mapped back to the original image.
+            :func:`.geometry.verify` works in the network's frame, where one local-grid cell is
+            the same 3.5 px in every image.
     """
 
     keypoints: torch.Tensor
     descriptors: torch.Tensor
+    scale: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.descriptors.ndim != 2 or self.keypoints.shape != (len(self.descriptors), 2):
@@ -53,7 +58,8 @@ def to_lafs(keypoints: torch.Tensor, scale: float = LAF_SCALE) -> torch.Tensor:
 def extract_local_features(
     model: FoLModel, image: torch.Tensor, image_size: tuple[int, int] | None = None, resize_mode: str = "original"
 ) -> LocalFeatures:
-    """FoL local features of one RGB image [3, H, W] in [0, 1], keypoints in its own pixels.
+    """FoL local features of one RGB image [3, H, W] in [0, 1], keypoints in its own pixels
+    (``scale`` records the resize, so verification runs in the network's frame).
 
     Args:
         image_size: the network input (H', W'), multiples of 14; None rounds H and W to the
@@ -62,5 +68,6 @@ def extract_local_features(
     size = image_size or tuple(round_to_patch_multiple(s) for s in image.shape[-2:])
     device = next(model.parameters()).device
     features = model.extract(preprocess(image, size, resize_mode).to(device))
-    scale = torch.tensor([image.shape[-1] / size[1], image.shape[-2] / size[0]])
-    return LocalFeatures(features.keypoints[0].cpu() * scale, features.local_descriptors[0].cpu())
+    scale = (image.shape[-1] / size[1], image.shape[-2] / size[0])
+    keypoints = features.keypoints[0].cpu() * torch.tensor(scale)
+    return LocalFeatures(keypoints, features.local_descriptors[0].cpu(), scale)

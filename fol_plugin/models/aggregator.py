@@ -96,6 +96,10 @@ class FoLAggregator(nn.Module):
     def forward(self, feature_map: torch.Tensor, class_token: torch.Tensor, region_cue: torch.Tensor) -> AggregatorOutput:
         """Aggregate B feature maps of N = h*w > 64 patches.
 
+        The class token's layers run on one image at a time: a [B, C] matrix product rounds
+        differently for B = 1 (a matrix-vector kernel) than for B > 1, and results must not
+        depend on what else is in the batch.
+
         Args:
             feature_map: [B, C, h, w].
             class_token: [B, C].
@@ -104,7 +108,7 @@ class FoLAggregator(nn.Module):
         mask_guide = torch.where(region_cue >= MASK_GUIDE_THRESHOLD, region_cue, torch.zeros_like(region_cue))
         local = self.cluster_features(feature_map).flatten(2)  # [B, 128, N]
         scores = self.score(feature_map).flatten(2)  # [B, 64, N]
-        token = self.token_features(class_token)  # [B, 256]
+        token = torch.cat([self.token_features(one) for one in class_token.split(1)])  # [B, 256], see below
         assignment = log_optimal_transport(scores, 1 - mask_guide, SINKHORN_ITERATIONS).exp()[:, :-1]
         selection_score = clip_top_values(assignment.mean(dim=1)).softmax(dim=-1)
         clusters = F.normalize(local @ assignment.transpose(1, 2), p=2, dim=1)  # [B, 128, 64]

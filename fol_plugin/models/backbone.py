@@ -218,7 +218,8 @@ class DINOv2Backbone(nn.Module):
         for block in vit.blocks[num_frozen:-1]:
             x = block(x)
         last = vit.blocks[-1]
-        region_cue = last.attn.class_attention(last.norm1(x))[:, :, 1:].sum(dim=1)
+        # One image at a time, like the class token's layers: a batched [1, T] product rounds with the batch size.
+        region_cue = torch.cat([last.attn.class_attention(one) for one in last.norm1(x).split(1)])[:, :, 1:].sum(dim=1)
         x = vit.norm(last(x))
         feature_map = x[:, 1:].reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return BackboneOutput(feature_map=feature_map, class_token=x[:, 0], region_cue=region_cue)
