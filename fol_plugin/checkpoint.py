@@ -65,9 +65,12 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds Python objects that only the full unpickler (which can run code) reads."""
 
 
-def _needs_full_unpickler(error: pickle.UnpicklingError) -> bool:
-    """Whether the weights-only unpickler refused a Python object (a GLOBAL), not broken bytes."""
-    return "GLOBAL" in str(error)
+def _unpickling_error(path: Path, described: str, error: pickle.UnpicklingError, fix: str) -> CheckpointError:
+    """The weights-only unpickler's refusal as our error: an :class:`UnsafeCheckpointError` when
+    the file holds a Python object (a GLOBAL), else a damaged file with ``fix``."""
+    if "GLOBAL" in str(error):
+        return UnsafeCheckpointError(unsafe_checkpoint_message(path, error))
+    return CheckpointError(f"{described} is not a readable PyTorch checkpoint ({_first_line(error)}); {fix}")
 
 
 def _first_line(error: BaseException) -> str:
@@ -107,12 +110,8 @@ def read_checkpoint(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if _needs_full_unpickler(error):
-            raise UnsafeCheckpointError(unsafe_checkpoint_message(path, error)) from None
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({_first_line(error)}); "
-            "it may be truncated or corrupt: delete it and download it again"
-        ) from None
+        fix = "it may be truncated or corrupt: delete it and download it again"
+        raise _unpickling_error(path, str(path), error, fix) from None
     except Exception as error:  # torch raises RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
@@ -135,11 +134,8 @@ def download_checkpoint(
         with _socket_timeout(timeout):
             return torch.hub.load_state_dict_from_url(url, map_location=map_location, progress=progress, weights_only=True)
     except pickle.UnpicklingError as error:
-        if _needs_full_unpickler(error):
-            raise UnsafeCheckpointError(unsafe_checkpoint_message(target, error)) from None
-        raise CheckpointError(
-            f"{target} (cached from {url}) is not a readable PyTorch checkpoint ({_first_line(error)}); "
-            "it may be truncated: delete it so it is downloaded again"
+        raise _unpickling_error(
+            target, f"{target} (cached from {url})", error, "it may be truncated: delete it so it is downloaded again"
         ) from None
     except Exception as error:
         if not target.is_file():
@@ -167,7 +163,9 @@ def weights_file(
     if urlparse(source).scheme not in ("http", "https"):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} does not exist; check the path given as --weights (weights=)")
+            raise CheckpointError(
+                f"checkpoint file {path} does not exist; check the path given as --weights (weights= from Python)"
+            )
         return path
     target = cache_path(source)
     if not target.is_file():
@@ -222,7 +220,9 @@ def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source
     ]
     if mismatched:
         found = checkpoint_backbone(state_dict)
-        hint = f"; it looks like a {found} checkpoint: load it with --backbone {found} (backbone={found!r} from Python)" if found else ""
+        hint = ""
+        if found:
+            hint = f"; it looks like a {found} checkpoint: load it with --backbone {found} (backbone={found!r} from Python)"
         raise CheckpointError(f"{source} does not fit this FoL model: wrong shapes for {_list_keys(mismatched)}{hint}")
     missing = [key for key in expected if key not in state_dict]
     if missing:
