@@ -367,6 +367,7 @@ def test_image_search_follows_directory_symlinks_without_looping(labelled_set, t
     shutil.copyfile(sorted((labelled_set / "database").iterdir())[0], folder / "own.jpg")
     (folder / "linked").symlink_to(labelled_set / "database", target_is_directory=True)
     (folder / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "._own.jpg").write_bytes(b"macOS metadata")  # hidden: glob skips it, so do we
     caplog.set_level("WARNING")
     found = list_images(folder)
     assert len(found) == 18 and found[-1] == str(folder / "own.jpg")

@@ -68,8 +68,9 @@ def list_images(folder: str | os.PathLike) -> list[str]:
 
 
 def _walk_images(folder: Path) -> list[str]:
-    """Image files under ``folder``, following directory symlinks as ``glob(recursive=True)``
-    does; a link back to one of its own parent folders (a loop) is skipped with a warning."""
+    """Image files under ``folder`` as VPR-methods-evaluation's ``glob(recursive=True)`` finds
+    them: directory symlinks followed, hidden names (``.*``, e.g. macOS ``._x.jpg``) skipped; a
+    link back to one of its own parent folders (a loop) is skipped with a warning."""
     found: list[str] = []
 
     def walk(directory: str, ancestors: frozenset[str]) -> None:
@@ -79,6 +80,8 @@ def _walk_images(folder: Path) -> list[str]:
             return
         with os.scandir(directory) as entries:
             for entry in entries:
+                if entry.name.startswith("."):
+                    continue
                 if entry.is_dir():
                     walk(entry.path, ancestors | {real})
                 elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
