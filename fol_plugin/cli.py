@@ -390,7 +390,8 @@ def _user_message(error: BaseException) -> str:
     """One line for the user: an OSError names its file, and an error re-raised from a DataLoader
     worker (whose message carries the worker's traceback) keeps its last line only."""
     if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[-1]):
-        return f"{error.strerror or error}: {error.filename}; check its permissions, or choose another path"
+        hint = "; check its permissions, or choose another path" if isinstance(error, PermissionError) else ""
+        return f"{error.strerror or error}: {error.filename}{hint}"
     message = str(error)
     if WORKER_TRACEBACK in message:
         last = message.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ from PIL import Image
 
 import fol_plugin
 from fol_plugin import checkpoint, cli
-from fol_plugin.cache import CacheMismatchError, DiskFullError, RunLockedError, checkpoint_digest
+from fol_plugin.cache import CacheMismatchError, DiskFullError, RunCache, RunLockedError, checkpoint_digest
 from fol_plugin.cache import fingerprint as fingerprint_module
 from fol_plugin.checkpoint import CheckpointError, UnsafeCheckpointError, load_model, read_checkpoint
 from fol_plugin.data.datasets import list_images
@@ -534,3 +534,20 @@ def test_an_unreadable_image_read_in_a_worker_process_is_one_line(labelled_set, 
     args[args.index("--num_workers") + 1] = "1"
     line = user_error(caplog, *args)
     assert line.startswith("cannot decode image ") and "zz_broken.jpg" in line and "\n" not in line
+
+
+def test_the_run_cache_decides_between_resuming_starting_afresh_and_refusing(tmp_path):
+    fingerprint = {"weights": "a", "image_size": [126, 126]}
+    with RunCache(tmp_path) as cache:
+        cache.check(fingerprint)
+        (cache.folder / "part.commits").write_bytes(b"\x01" * 16)  # finished work
+        cache.check(fingerprint)  # the same run: resume
+        with pytest.raises(CacheMismatchError, match=r'differs in image_size: \[126, 126\] -> \[224, 224\]'):
+            cache.check({**fingerprint, "image_size": [224, 224]})
+        (cache.folder / "run.json").unlink()
+        with pytest.raises(CacheMismatchError, match="run.json is missing, so the .* MB of results"):
+            cache.check(fingerprint)
+        (cache.folder / "part.commits").write_bytes(b"")  # no finished work: anything goes
+        cache.check({**fingerprint, "image_size": [224, 224]})
+        assert json.loads((cache.folder / "run.json").read_text())["fingerprint"]["image_size"] == [224, 224]
+        assert not (cache.folder / "part.commits").exists()

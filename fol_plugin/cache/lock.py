@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -51,7 +52,7 @@ class DirectoryLock:
         handle.truncate()
         handle.write(json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv),
+            "command": shlex.join(sys.argv),
         }))
         handle.flush()
         self._handle = handle

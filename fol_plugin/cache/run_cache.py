@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -76,20 +77,20 @@ class RunCache:
     def check(self, fingerprint: dict) -> None:
         """Resume, start afresh or refuse (see the module docstring); records ``fingerprint``."""
         fingerprint = {"cache_format": CACHE_FORMAT, **fingerprint}
-        stored, problem = self._stored_fingerprint()
+        record, problem = self._stored_record()
+        stored = record["fingerprint"] if record else None
+        work = self.work_bytes()
         if stored == fingerprint:
-            work = self.work_bytes()
             if work:
                 logger.info("Resuming from %s (%.1f MB of finished work)", self.folder, work / MB)
             return
-        work = self.work_bytes()
         if work:
-            if problem:
+            if stored is None:
+                problem = problem or "is missing"
                 raise CacheMismatchError(
                     f"{self.run_file} {problem}, so the {work / MB:.1f} MB of results beside it cannot be trusted: "
                     f"discard them with `rm -rf {self.folder}` and rerun this command"
                 )
-            record = json.loads(self.run_file.read_text())
             raise CacheMismatchError(
                 f"{self.folder} holds {work / MB:.1f} MB of results of another configuration (differs in "
                 f"{'; '.join(_differences(stored, fingerprint))}). To reuse them, rerun the command that made them: "
@@ -99,22 +100,21 @@ class RunCache:
             logger.info("Starting %s afresh: it held no finished work", self.folder)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
-        record = {"fingerprint": fingerprint, "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {"fingerprint": fingerprint, "command": shlex.join(sys.argv), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         temporary = self.run_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(record, indent=1))
         os.replace(temporary, self.run_file)
 
-    def _stored_fingerprint(self) -> tuple[dict | None, str | None]:
-        """(fingerprint, None), (None, None) when there is none, or (None, what is wrong with it)."""
+    def _stored_record(self) -> tuple[dict | None, str | None]:
+        """(run.json's record, None), (None, None) when there is none, or (None, what is wrong with it)."""
         if not self.run_file.exists():
             return None, None
         try:
             record = json.loads(self.run_file.read_text())
-            fingerprint = record["fingerprint"]
-            if not isinstance(fingerprint, dict):
-                raise TypeError("fingerprint is not a mapping")
-            return fingerprint, None
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            if not isinstance(record.get("fingerprint"), dict):
+                raise TypeError("no fingerprint mapping")
+            return record, None
+        except (OSError, ValueError, AttributeError, TypeError) as error:
             return None, f"is damaged or from another fol-plugin version ({type(error).__name__}: {error})"
 
     def discard(self) -> None:
