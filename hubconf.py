@@ -18,7 +18,7 @@ from fol_plugin.checkpoint import load_model
 from fol_plugin.models import FoLModel
 from fol_plugin.models.resizing import PatchSizeResizer
 
-dependencies = ["torch", "kornia", "numpy", "numba", "tqdm", "PIL"]
+dependencies = ["torch", "kornia", "numpy", "numba", "tqdm", "PIL", "xxhash"]
 
 
 def _build(
