@@ -161,7 +161,7 @@ def num_predictions(config: EvalConfig, num_database: int) -> int:
     return min(wanted, num_database)
 
 
-def _fingerprint(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], weights: Path) -> dict:
+def _cache_inputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], weights: Path) -> dict:
     """What every cached file depends on (see :mod:`fol_plugin.cache.run_cache`)."""
     def listing(images: ImageSet) -> dict:
         return {"images": len(images), "listing": listing_digest(images.folder, images.paths)}
@@ -352,7 +352,7 @@ def _open_cache(
     hold, and turn a full disk into a message; yields (cache folder, local checkpoint file)."""
     with RunCache(config.output_dir) as run_cache:
         weights = weights_file(config.backbone, config.weights)
-        run_cache.check(_fingerprint(config, database, query_sets, weights))
+        run_cache.check(_cache_inputs(config, database, query_sets, weights))
         needed = _report_and_check(config, run_cache.folder, len(database), query_sets, k, global_retrieval)
         with disk_full_guard(config.output_dir, lambda: needed - folder_bytes(run_cache.folder)):
             yield run_cache.folder, weights
