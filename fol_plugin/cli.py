@@ -376,13 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback
     (``--debug`` shows it). Imported when an error is caught, not at start-up."""
-    from .cache import CacheError, CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
+    from .cache import CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
     from .checkpoint import CheckpointError
     from .evaluation.resources import InsufficientDiskError
 
     return (
         ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
-        CacheError, CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
+        CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
     )
 
 

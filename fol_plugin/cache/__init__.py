@@ -13,12 +13,11 @@ The files that hold the work (:class:`fol_plugin.features.ResumableArray`,
 :class:`fol_plugin.features.LocalFeatureStore`) verify themselves with :mod:`.integrity`.
 """
 from .fingerprint import checkpoint_digest, listing_digest
-from .integrity import CacheError, CommitLog, DiskFullError, checksum, disk_full_guard, preallocate
+from .integrity import CommitLog, DiskFullError, checksum, disk_full_guard, preallocate
 from .lock import DirectoryLock, RunLockedError
 from .run_cache import CacheMismatchError, OutputFolderError, RunCache
 
 __all__ = [
-    "CacheError",
     "CacheMismatchError",
     "CommitLog",
     "DirectoryLock",

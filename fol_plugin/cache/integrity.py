@@ -24,10 +24,6 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
 
 
-class CacheError(RuntimeError):
-    """A cached file is damaged beyond what can be recomputed in place."""
-
-
 class DiskFullError(RuntimeError):
     """The disk filled up while a run was writing."""
 
