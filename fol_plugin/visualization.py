@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from .data import load_image, preprocess
 from .matching import LocalFeatures, match, verify
+from .matching.features import in_image_pixels
 from .models import FoLModel
 
 PANEL_INCHES = 5.0
@@ -56,10 +57,10 @@ def match_pair(
     device = next(model.parameters()).device
     inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in images]).to(device)
     features = model.extract(inputs)
-    local = []
-    for image, keypoints, descriptors in zip(images, features.keypoints, features.local_descriptors):
-        scale = (image.shape[-1] / image_size[1], image.shape[-2] / image_size[0])
-        local.append(LocalFeatures(keypoints.cpu() * torch.tensor(scale), descriptors.cpu(), scale))
+    local = [
+        in_image_pixels(keypoints, descriptors, tuple(image.shape[-2:]), image_size)
+        for image, keypoints, descriptors in zip(images, features.keypoints, features.local_descriptors)
+    ]
     matches = match(local[0], local[1], matcher)
     geometric_model, inliers = verify(local[0], local[1], matches, ransac_model, seed=seed)
     return images, features.region_scores.cpu(), PairResult(tuple(local), matches.indices, inliers, geometric_model)

@@ -54,6 +54,15 @@ def to_lafs(keypoints: torch.Tensor, scale: float = LAF_SCALE) -> torch.Tensor:
     return laf_from_center_scale_ori(centres, scales, torch.zeros_like(scales[..., 0]))
 
 
+def in_image_pixels(
+    keypoints: torch.Tensor, descriptors: torch.Tensor, image_hw: tuple[int, int], network_hw: tuple[int, int]
+) -> LocalFeatures:
+    """One image's features with keypoints [N, 2] mapped from the network's input (H', W') to the
+    image's own pixels (H, W); ``scale`` records the resize."""
+    scale = (image_hw[1] / network_hw[1], image_hw[0] / network_hw[0])
+    return LocalFeatures(keypoints.cpu() * torch.tensor(scale), descriptors.cpu(), scale)
+
+
 @torch.inference_mode()
 def extract_local_features(
     model: FoLModel, image: torch.Tensor, image_size: tuple[int, int] | None = None, resize_mode: str = "original"
@@ -68,6 +77,4 @@ def extract_local_features(
     size = image_size or tuple(round_to_patch_multiple(s) for s in image.shape[-2:])
     device = next(model.parameters()).device
     features = model.extract(preprocess(image, size, resize_mode).to(device))
-    scale = (image.shape[-1] / size[1], image.shape[-2] / size[0])
-    keypoints = features.keypoints[0].cpu() * torch.tensor(scale)
-    return LocalFeatures(keypoints, features.local_descriptors[0].cpu(), scale)
+    return in_image_pixels(features.keypoints[0], features.local_descriptors[0], tuple(image.shape[-2:]), size)
