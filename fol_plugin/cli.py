@@ -19,7 +19,9 @@ from .options import (
     DEFAULT_POSITIVE_DISTANCE,
     DEFAULT_RECALL_VALUES,
     DEFAULT_TOP_K,
+    EXTRACTION_PRECISIONS,
     GEOMETRIC_MODELS,
+    GLOBAL_DTYPES,
     IMAGES_PER_PLACE,
     MATCHERS,
     PRECISIONS,
@@ -33,6 +35,8 @@ from .options import (
     TRAIN_PLACES_PER_BATCH,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
+    DEFAULT_SEARCH_CHUNK,
+    DEFAULT_DIST_TIMEOUT_MIN,
     TRAIN_WEIGHT_DECAY,
     default_num_workers,
 )
@@ -40,7 +44,7 @@ from .options import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from .evaluation.pipeline import EvalConfig
+    from .evaluation.config import EvalConfig
 
 # Only argparse and .options are imported up front, so `fol-vpr --help` answers at once; each
 # command imports what it runs.
@@ -120,6 +124,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--num_workers", type=_non_negative_int, default=default_num_workers(),
         help="image-decoding processes: this machine's cores, at most 4",
     )
+    model.add_argument(
+        "--extraction_precision", choices=EXTRACTION_PRECISIONS, default="fp32",
+        help="'fp32' gives the published checkpoints' numbers; 'bf16'/'fp16' run the ViT under autocast (faster, "
+        "see docs/PRECISION.md)",
+    )
     rerank = parser.add_argument_group("re-ranking")
     rerank.add_argument(
         "--rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none"
@@ -136,6 +145,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="local features on disk; float16 halves the disk but scores may differ from the original's",
     )
     rerank.add_argument("--in_memory", action="store_true", help="keep all database local features in RAM")
+    scale = parser.add_argument_group("large datasets (see README: Large datasets, many GPUs, clusters)")
+    scale.add_argument(
+        "--global_dtype", choices=GLOBAL_DTYPES, default="float32",
+        help="database descriptors on disk; float16 halves them (searched in float32)",
+    )
+    scale.add_argument("--search_chunk_size", type=_positive_int, default=DEFAULT_SEARCH_CHUNK, help="database rows per faiss index")
+    scale.add_argument(
+        "--plan", type=_positive_int, nargs="?", const=0, default=None, metavar="PROCESSES",
+        help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; optionally "
+        "for PROCESSES processes (default: this run's)",
+    )
+    scale.add_argument(
+        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
+        help="under torchrun, how long a process waits for the slowest one",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=Path, required=True, help="results, and the cache a rerun resumes from")
     output.add_argument(
@@ -255,7 +279,7 @@ def visualize(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace) -> EvalConfig:
     from .checkpoint import resolve_device
-    from .evaluation.pipeline import EvalConfig
+    from .evaluation.config import EvalConfig
     from .features import ExtractionConfig
     from .matching import ScorerConfig
 
@@ -268,6 +292,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         extraction=ExtractionConfig(
             image_size=tuple(args.image_size), resize_mode=args.resize_mode, batch_size=args.batch_size,
             num_workers=args.num_workers, device=str(resolve_device(args.device)),
+            precision=args.extraction_precision,
         ),
         recall_values=tuple(args.recall_values),
         positive_dist_threshold=args.positive_dist_threshold,
@@ -280,6 +305,8 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         num_preds_to_save=args.num_preds_to_save,
         save_descriptors=args.save_descriptors,
         keep_cache=args.keep_cache,
+        search_chunk_size=args.search_chunk_size,
+        global_dtype=args.global_dtype,
     )
 
 
@@ -330,23 +357,57 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """``fol-vpr eval`` and ``fol-vpr rerank``: run, then print the recalls."""
+    """``fol-vpr eval`` and ``fol-vpr rerank``: run (or plan), then print the recalls. Under
+    torchrun every process runs this; rank 0 prints."""
+    from .distributed import start
     from .evaluation.pipeline import run_eval, run_rerank
+    from .evaluation.plan import plan_run
 
     config = _config(args)
+    processes = start(config.extraction.device, args.dist_timeout)
+    config.extraction.device = processes.device
+    config.extraction.progress = processes.is_main
+    if not processes.is_main:
+        _quiet_rank(processes.rank)
+    if args.plan is not None:
+        if processes.is_main:
+            print(plan_run(config, args.plan or processes.world_size, args.command == "eval"))
+        processes.stop()
+        return
     try:
         if args.command == "eval":
-            summary = run_eval(config)
+            summary = run_eval(config, processes)
         else:
-            summary = run_rerank(config, load_given_predictions(args, max(config.rerank_topk, max(config.recall_values))))
+            predictions = load_given_predictions(args, max(config.rerank_topk, max(config.recall_values)))
+            summary = run_rerank(config, predictions, processes)
     except KeyboardInterrupt:
         logger.error("Interrupted: finished work is kept in %s/cache; rerun the same command to resume", config.output_dir)
         raise
+    processes.stop()
+    if not processes.is_main:
+        return
     for key, results in summary["query_sets"].items():
         for stage in ("global", "reranked"):
             if results[stage]:
                 print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
     print(f"Results in {config.output_dir}")
+
+
+def _quiet_rank(rank: int) -> None:
+    """Logging of a process other than rank 0: warnings and errors only, marked with its rank."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
+    logger.setLevel(logging.WARNING)
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """Under torchrun, the failed rank's error in torchrun's summary (its error file)."""
+    import os
+
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
 
 
 COMMANDS = {"eval": evaluate, "rerank": evaluate, "train": fine_tune, "visualize": visualize}
@@ -365,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.exception("%s", error)
         else:
             logger.error("%s", _user_message(error))
+        _record_for_torchrun(error)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         if args.command == "train":

@@ -10,6 +10,8 @@ DEFAULT_IMAGE_SIZE = (322, 322)
 RESIZE_MODES = ("original", "bilinear_antialias", "antialias")  # see fol_plugin.data.images.preprocess
 STORE_DTYPES = ("float16", "float32")
 PRECISIONS = ("exact", "bf16")
+EXTRACTION_PRECISIONS = ("fp32", "bf16", "fp16")
+GLOBAL_DTYPES = ("float32", "float16")
 DEFAULT_TOP_K = 100
 DEFAULT_RECALL_VALUES = (1, 5, 10, 20)
 DEFAULT_POSITIVE_DISTANCE = 25.0  # metres
@@ -21,6 +23,8 @@ RANSAC_SUFFIX = "+ransac"
 SCORERS = tuple(MATCHERS) + tuple(name + RANSAC_SUFFIX for name in MATCHERS)
 GEOMETRIC_MODELS = ("homography", "fundamental")
 MAX_DEFAULT_WORKERS = 4
+DEFAULT_SEARCH_CHUNK = 65536  # database rows per faiss index
+DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run waits at a barrier
 
 # fol-vpr train (fol_plugin.train.loop.TrainConfig)
 TRAIN_BACKBONE = "vitb"

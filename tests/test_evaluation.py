@@ -204,7 +204,7 @@ def test_an_unreadable_image_is_named(labelled_set, tiny_weights, tmp_path):
 
 def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(labelled_set, tiny_weights, tmp_path, monkeypatch, caplog):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(pipeline, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     caplog.set_level("INFO")
     with pytest.raises(InsufficientDiskError, match=r"this run needs .* GB .* only 0.00 GB are free.*--store_dtype float16"):

@@ -26,7 +26,8 @@ from fol_plugin.cache import CacheMismatchError, DiskFullError, RunCache, RunLoc
 from fol_plugin.cache import fingerprint as fingerprint_module
 from fol_plugin.checkpoint import CheckpointError, UnsafeCheckpointError, load_model, read_checkpoint
 from fol_plugin.data.datasets import list_images
-from fol_plugin.evaluation import pipeline, run_eval
+from fol_plugin.evaluation import config as config_module
+from fol_plugin.evaluation import run_eval
 from fol_plugin.features import LocalFeatureStore, ResumableArray
 from fol_plugin.features import store as store_module
 from fol_plugin.models import FoLModel
@@ -192,8 +193,9 @@ def test_damaged_global_descriptors_are_found_and_recomputed(
     run_eval(config_for(labelled_set, tmp_path / "run", tiny_weights, keep_cache=True))
     assert same_outputs(tmp_path / "run", reference_run)
     assert "database_global.npy: rows" in caplog.text and "are damaged" in caplog.text
-    # Only the rows from the first damaged batch (of 4) on go through the model again.
-    assert calls.images == (17 - 8 if damage == "truncate" else 17 - 12)
+    # Only the damaged batches (of 4) go through the model again: rows 8-16 of the truncated
+    # file, the batch of rows 12-15 of the zeroed one.
+    assert calls.images == (17 - 8 if damage == "truncate" else 4)
 
 
 def test_a_truncated_local_store_is_found_and_its_images_recomputed(
@@ -354,8 +356,8 @@ def test_query_folder_names_cannot_write_into_the_cache_or_outside(labelled_set,
     assert sorted(p.name for p in output.iterdir()) == [".fol-vpr.lock", "data", "queries", "queries_cache", "recalls.json"]
     assert (output / "queries_cache" / "predictions_global.npy").exists()
     assert outside() == before  # nothing written outside
-    assert pipeline.output_key(Path("a/b c:*"), set()) == "b_c"
-    assert pipeline.output_key(Path("/"), set()) == "queries"
+    assert config_module.output_key(Path("a/b c:*"), set()) == "b_c"
+    assert config_module.output_key(Path("/"), set()) == "queries"
 
 
 # 6. Symlinked subfolders.

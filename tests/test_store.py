@@ -83,10 +83,10 @@ def test_store_errors_name_the_problem(tmp_path):
 
 def test_resumable_array_keeps_committed_rows_and_refuses_another_shape(tmp_path):
     array = ResumableArray(tmp_path / "a.npy", (6, 3))
-    array.array[:4] = 1.5
-    array.commit(4)
+    assert array.todo() == [range(0, 6)]
+    array.write(0, np.full((4, 3), 1.5))
     reopened = ResumableArray(tmp_path / "a.npy", (6, 3))
-    assert reopened.rows_done == 4 and not reopened.complete
+    assert reopened.todo() == [range(4, 6)] and not reopened.complete
     assert (reopened.array[:4] == 1.5).all()
     with pytest.raises(ValueError, match="another run"):
         ResumableArray(tmp_path / "a.npy", (7, 3))

@@ -1,10 +1,14 @@
-"""What an evaluation writes: per-query CSV, VPR-methods-evaluation ``preds/*.txt`` files, PNG
-grids, and reading those ``preds/*.txt`` files back."""
+"""What an evaluation writes: ``recalls.json``, predictions, per-query CSV, VPR-methods-evaluation
+``preds/*.txt`` files, PNG grids, and reading those ``preds/*.txt`` files back."""
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,11 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ..data import load_image
+from ..data.datasets import ImageSet
+from .config import RECALLS_FILE, EvalConfig, QuerySet
+from .recalls import compute_recalls
+
+logger = logging.getLogger(__name__)
 
 CORRECT_COLOUR = "tab:green"
 WRONG_COLOUR = "tab:red"
@@ -177,3 +186,76 @@ def scores_in_order(predictions: np.ndarray, global_predictions: np.ndarray, sco
         score_of = dict(zip(global_predictions[q, : scores.shape[1]].tolist(), scores[q].tolist()))
         shown[q] = [score_of.get(int(i), np.nan) for i in predictions[q]]
     return shown
+
+
+def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
+    """Predictions, CSV, preds files and figures per query set, and ``recalls.json`` (written
+    last, atomically); returns its summary."""
+    output_dir = config.output_dir
+    summary = {"config": _json_config(config), "query_sets": {}, "timings_s": timings, **extra}
+    for query_set in query_sets:
+        folder = output_dir / query_set.key
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "predictions_global.npy", query_set.global_predictions)
+        final = query_set.global_predictions
+        if query_set.reranked is not None:
+            np.save(folder / "predictions_reranked.npy", query_set.reranked)
+            np.save(folder / "rerank_scores.npy", query_set.scores)
+            final = query_set.reranked
+        write_predictions_csv(
+            folder / "predictions.csv",
+            query_set.images.paths,
+            database.paths,
+            final,
+            query_set.global_predictions,
+            query_set.global_distances,
+            query_set.scores,
+            query_set.positives,
+        )
+        if config.num_preds_to_save:
+            stages = [("global", query_set.global_predictions)]
+            if query_set.reranked is not None:
+                stages.append(("reranked", query_set.reranked))
+            for stage, predictions in stages:
+                shown = predictions[:, : config.num_preds_to_save]
+                write_preds_files(folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives)
+                scores = None
+                if query_set.scores is not None:
+                    scores = scores_in_order(shown, query_set.global_predictions, query_set.scores)
+                save_prediction_grids(
+                    folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
+                    config.num_preds_to_save, f"{query_set.key} {stage}", scores,
+                )
+        summary["query_sets"][query_set.key] = {
+            "num_queries": len(query_set.images),
+            "rerank_topk_used": 0 if query_set.scores is None else int(query_set.scores.shape[1]),
+            "global": _recalls(config, query_set, query_set.global_predictions),
+            "reranked": _recalls(config, query_set, query_set.reranked),
+        }
+        for stage in ("global", "reranked"):
+            if summary["query_sets"][query_set.key][stage]:
+                logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
+    temporary = output_dir / f"{RECALLS_FILE}.tmp"
+    temporary.write_text(json.dumps(summary, indent=2))
+    os.replace(temporary, output_dir / RECALLS_FILE)
+    return summary
+
+
+def _json_config(config: EvalConfig) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _recalls(config: EvalConfig, query_set: QuerySet, predictions: np.ndarray | None) -> dict[str, float] | None:
+    if predictions is None or query_set.positives is None:
+        return None
+    recalls = compute_recalls(predictions, query_set.positives, config.recall_values)
+    return {f"R@{n}": round(value, 4) for n, value in recalls.items()}
+
+
+def keep_descriptors(source: Path, target: Path) -> None:
+    """``target`` as a hard link to the cached ``source`` (a copy across file systems)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -1,10 +1,15 @@
-"""Row arrays on disk that survive interruptions and cannot be silently wrong.
+"""Row arrays on disk that survive interruptions, take several writers, and cannot be silently wrong.
 
-An array is an ``.npy`` file, pre-allocated at creation, filled in row order through a memory
-map, and a commit log ``<name>.commits`` with one record (end row, checksum of the rows since
-the previous record) per committed part. Reopening verifies the file's size and every part's
-checksum: rows after the first damaged part (truncated, zero-padded or altered) are reported and
-computed again; nothing damaged is reused.
+An array is an ``.npy`` file, pre-allocated at creation and filled in parts (a batch of images,
+a query's scores) in any order. Each writer (a process of a distributed run; ``writer=0`` in a
+plain run) has its own commit log, ``<name>.commits`` for writer 0 and ``<name>.<writer>.commits``
+for the others, with one record (first row, end row, checksum of those rows) per part, appended
+after the part's bytes are durable. Writers therefore never write the same bytes or the same log.
+
+Opening verifies the file's size and the checksum of every record that touches the rows the
+opener is responsible for (``rows``): rows whose record is damaged (truncated, zero-padded or
+altered data) are reported and computed again; nothing damaged is reused. A later run with
+another number of processes reuses every intact part, whoever wrote it.
 """
 from __future__ import annotations
 
@@ -14,30 +19,50 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, preallocate
+from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, fsync_append, preallocate
 
 logger = logging.getLogger(__name__)
 
-COMMIT_FIELDS = 2  # end row, checksum of the part
+COMMIT_FIELDS = 3  # first row, end row, checksum of the part
+
+
+def commit_log_path(path: Path, writer: int) -> Path:
+    """The commit log of ``writer`` for the array file ``path``."""
+    return path.with_suffix(COMMITS_SUFFIX if writer == 0 else f".{writer}{COMMITS_SUFFIX}")
 
 
 class ResumableArray:
-    """An .npy file filled in row order; the first ``rows_done`` rows are committed and verified.
+    """An .npy file filled in parts; :meth:`todo` lists the rows still to compute.
 
     Args:
         path: the .npy file; created (and its disk reserved) when missing, verified and resumed
-            when present.
+            when present. With several writers, one creates it before the others open it.
         shape: [N, ...] rows and their shape.
         dtype: element type.
+        rows: the rows this writer is responsible for (all by default): the rows it verifies
+            and may write.
+        writer: this writer's number (its commit log).
 
     Raises:
         ValueError: the file holds another shape or dtype (it belongs to another run).
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: str | np.dtype = np.float32) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype = np.float32,
+        rows: range | None = None,
+        writer: int = 0,
+    ) -> None:
         self.path = Path(path)
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
-        self._log = CommitLog(self.path.with_suffix(COMMITS_SUFFIX), COMMIT_FIELDS)
+        self.rows = range(self.shape[0]) if rows is None else rows
+        if self.rows.step != 1 or not 0 <= self.rows.start <= self.rows.stop <= self.shape[0]:
+            raise ValueError(f"rows {self.rows} are not a contiguous part of the {self.shape[0]} rows of {self.path}")
+        self.writer = writer
+        self._log = CommitLog(commit_log_path(self.path, writer), COMMIT_FIELDS)
+        self._done = np.zeros(self.shape[0], bool)
         header = _read_header(self.path) if self.path.exists() else None
         if header is None:
             self._create()
@@ -46,10 +71,14 @@ class ResumableArray:
 
     def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for log in self._log_paths():
+            log.unlink()  # records of an earlier file are void
         self._log.keep(0)
-        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
-        preallocate(self.path, self.array.offset + self.array.nbytes)
-        self.rows_done = 0
+        array = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
+        preallocate(self.path, array.offset + array.nbytes)
+        self._offset = array.offset
+        del array
+        self.array = np.lib.format.open_memmap(self.path, mode="r")
 
     def _reopen(self, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
         if tuple(shape) != self.shape or np.dtype(dtype) != self.dtype:
@@ -62,45 +91,87 @@ class ResumableArray:
         if size < expected:  # the missing rows are recomputed below, never read as zeros
             logger.warning("%s is truncated (%d of %d bytes)", self.path, size, expected)
         preallocate(self.path, expected)  # also where a creation was cut before its disk was reserved
-        self.array = np.lib.format.open_memmap(self.path, mode="r+")
-        self.rows_done = self._verify(valid_bytes=size - offset)
+        self._offset = offset
+        self.array = np.lib.format.open_memmap(self.path, mode="r")
+        self._verify(valid_bytes=size - offset)
 
-    def _verify(self, valid_bytes: int) -> int:
-        """Rows covered by intact parts, in order; the log is cut at the first damaged part."""
-        records = self._log.read()
+    def _log_paths(self) -> list[Path]:
+        """The commit logs of every writer of this file that exist."""
+        first = commit_log_path(self.path, 0)
+        others = sorted(self.path.parent.glob(f"{self.path.stem}.*{COMMITS_SUFFIX}"))
+        return ([first] if first.exists() else []) + others
+
+    def _logs(self) -> list[CommitLog]:
+        """Every writer's commit log of this file, this writer's first."""
+        others = [CommitLog(path, COMMIT_FIELDS) for path in self._log_paths() if path != self._log.path]
+        return [self._log, *others]
+
+    def _verify(self, valid_bytes: int) -> None:
+        """Mark the rows of intact records that touch ``self.rows``; drop this writer's damaged records."""
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        done = 0
-        for index, (end, expected) in enumerate(records):
-            end = int(end)
-            if not done < end <= len(self.array):
-                problem = f"an impossible commit record (rows {done}-{end})"
-            elif end * row_bytes > valid_bytes:
-                problem = "missing bytes (truncated file)"
-            elif checksum(self.array[done:end]) != expected:
-                problem = "a checksum mismatch (altered or zero-padded data)"
-            else:
-                done = end
-                continue
-            logger.warning(
-                "%s: rows %d-%d are damaged (%s); computing rows %d-%d again",
-                self.path, done, min(end, len(self.array)) - 1, problem, done, len(self.array) - 1,
-            )
-            self._log.keep(index)
-            return done
-        self._log.keep(len(records))  # drop a partial record
-        return done
+        for log in self._logs():
+            records = log.read()
+            intact = np.ones(len(records), bool)
+            for index, (begin, end, expected) in enumerate(records):
+                begin, end = int(begin), int(end)
+                if not 0 <= begin < end <= len(self.array):
+                    problem = f"an impossible commit record (rows {begin}-{end})"
+                elif end <= self.rows.start or begin >= self.rows.stop:
+                    continue  # another writer's rows: verified by that writer
+                elif end * row_bytes > valid_bytes:
+                    problem = "missing bytes (truncated file)"
+                elif checksum(self.array[begin:end]) != expected:
+                    problem = "a checksum mismatch (altered or zero-padded data)"
+                else:
+                    self._done[begin:end] = True
+                    continue
+                intact[index] = False
+                logger.warning("%s: rows %d-%d are damaged (%s); computing them again", self.path, begin, end - 1, problem)
+            if log is self._log:
+                self._keep(records[intact], len(records))
+
+    def _keep(self, records: np.ndarray, count: int) -> None:
+        """Rewrite this writer's log with ``records`` (drops damaged ones and a partial record)."""
+        if len(records) == count:
+            self._log.keep(count)
+            return
+        temporary = self._log.path.with_suffix(".tmp")
+        temporary.unlink(missing_ok=True)
+        fsync_append(temporary, [records])
+        os.replace(temporary, self._log.path)
+
+    def todo(self) -> list[range]:
+        """The runs of rows in ``self.rows`` still to compute, in order."""
+        missing = np.flatnonzero(~self._done[self.rows.start : self.rows.stop]) + self.rows.start
+        if len(missing) == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(missing) != 1) + 1
+        return [range(int(run[0]), int(run[-1]) + 1) for run in np.split(missing, breaks)]
 
     @property
     def complete(self) -> bool:
-        return self.rows_done == len(self.array)
+        """Whether every row of ``self.rows`` is computed."""
+        return bool(self._done[self.rows.start : self.rows.stop].all())
 
-    def commit(self, rows_done: int) -> None:
-        """Make rows ``[self.rows_done, rows_done)`` durable, then record them with their checksum."""
-        if rows_done <= self.rows_done:
-            return
-        self.array.flush()
-        self._log.append(np.array([[rows_done, checksum(self.array[self.rows_done : rows_done])]]))
-        self.rows_done = int(rows_done)
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Write ``values`` [n, ...] at rows ``[start, start + n)`` of ``self.rows``, make them
+        durable, then commit them with their checksum."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        end = start + len(values)
+        if values.shape[1:] != self.shape[1:] or not self.rows.start <= start < end <= self.rows.stop:
+            raise ValueError(
+                f"cannot write {values.shape} at row {start} of {self.path}: rows {self.rows} of {self.shape} are this "
+                "writer's"
+            )
+        row_bytes = values.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        descriptor = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(descriptor, values.tobytes(), self._offset + start * row_bytes)
+            os.fdatasync(descriptor)
+        finally:
+            os.close(descriptor)
+        self._log.append(np.array([[start, end, checksum(values)]]))
+        self._done[start:end] = True
 
 
 def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:

@@ -3,7 +3,8 @@ a store. Every stage picks up where an interrupted run stopped."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,13 +14,14 @@ from tqdm import tqdm
 
 from ..data import load_image, preprocess
 from ..models import FoLModel, check_images
-from ..options import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, default_num_workers
+from ..options import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, EXTRACTION_PRECISIONS, default_num_workers
 from .arrays import ResumableArray
 from .store import InMemoryFeatures, LocalFeatureStore
 
 logger = logging.getLogger(__name__)
 
 FeatureStore = LocalFeatureStore | InMemoryFeatures  # local features by image id, on disk or in RAM
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -32,6 +34,9 @@ class ExtractionConfig:
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images.
         device: where the model runs.
+        precision: "fp32" (the published checkpoints' numbers), or "bf16" / "fp16": the ViT
+            under autocast, the aggregator and local head in float32 (see docs/PRECISION.md).
+        progress: show progress bars.
     """
 
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
@@ -39,6 +44,12 @@ class ExtractionConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = field(default_factory=default_num_workers)
     device: str = "cpu"
+    precision: str = "fp32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in EXTRACTION_PRECISIONS:
+            raise ValueError(f"--extraction_precision {self.precision!r}; choose one of {EXTRACTION_PRECISIONS}")
 
 
 class ImageListDataset(Dataset):
@@ -61,13 +72,21 @@ def check_image_size(image_size: tuple[int, int]) -> None:
     check_images(torch.empty(1, 3, *image_size, device="meta"))
 
 
-def _loader(paths: Sequence[str], indices: Sequence[int], config: ExtractionConfig) -> DataLoader:
+def image_loader(paths: Sequence[str], indices: Sequence[int], config: ExtractionConfig) -> DataLoader:
     return DataLoader(
         ImageListDataset(paths, indices, config),
         batch_size=config.batch_size,
         num_workers=config.num_workers,
         pin_memory=torch.device(config.device).type == "cuda",
     )
+
+
+@contextmanager
+def extraction_autocast(config: ExtractionConfig) -> Iterator[None]:
+    """Autocast for a reduced extraction precision; nothing for fp32."""
+    device_type = torch.device(config.device).type
+    with torch.autocast(device_type, AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32"):
+        yield
 
 
 @torch.inference_mode()
@@ -79,35 +98,42 @@ def extract_global(
     local_features: FeatureStore | None = None,
     desc: str = "Global descriptors",
 ) -> np.ndarray:
-    """Global descriptors of every image into ``descriptors`` [N, 8448], resuming after its
-    complete rows; with ``local_features``, the images' local features go there in the same pass.
+    """Global descriptors of the images of ``descriptors.todo()`` into ``descriptors`` [N, 8448];
+    with ``local_features``, the images' local features go there in the same pass.
 
     Returns:
-        The [N, 8448] float32 memory map.
+        The [N, 8448] memory map (float32, or the array's dtype).
     """
-    start = descriptors.rows_done
-    if start:
-        logger.info("%s: resuming after %d of %d images", desc, start, len(paths))
-    loader = _loader(paths, range(start, len(paths)), config)
-    done = start
-    for images, indices in tqdm(loader, desc=desc, unit="batch"):
-        images = images.to(config.device)
-        if local_features is None:
-            global_descriptors = model(images)
-        else:
-            features = model.extract(images)
-            global_descriptors = features.global_descriptors
-            ids = indices.numpy()
-            fresh = [k for k, image_id in enumerate(ids) if image_id not in local_features]
-            local_features.add(
-                [int(ids[k]) for k in fresh],
-                [features.local_descriptors[k] for k in fresh],
-                [features.keypoints[k] for k in fresh],
-            )
-        descriptors.array[done : done + len(images)] = global_descriptors.cpu().numpy()
-        done += len(images)
-        descriptors.commit(done)
+    todo = descriptors.todo()
+    left = sum(len(rows) for rows in todo)
+    if left < len(descriptors.rows):
+        logger.info("%s: %d of %d images already computed", desc, len(descriptors.rows) - left, len(descriptors.rows))
+    with tqdm(total=left, desc=desc, unit="image", disable=not config.progress or not left) as bar, extraction_autocast(config):
+        for rows in todo:
+            for images, indices in image_loader(paths, rows, config):
+                images = images.to(config.device)
+                if local_features is None:
+                    global_descriptors = model(images)
+                else:
+                    features = model.extract(images)
+                    global_descriptors = features.global_descriptors
+                    ids = indices.numpy()
+                    fresh = [k for k, image_id in enumerate(ids) if image_id not in local_features]
+                    local_features.add(
+                        [int(ids[k]) for k in fresh],
+                        [features.local_descriptors[k] for k in fresh],
+                        [features.keypoints[k] for k in fresh],
+                    )
+                descriptors.write(int(indices[0]), _normalised(global_descriptors, config).cpu().numpy())
+                logger.debug("%s: computed images %d-%d", desc, int(indices[0]), int(indices[-1]))
+                bar.update(len(images))
     return descriptors.array
+
+
+def _normalised(descriptors: torch.Tensor, config: ExtractionConfig) -> torch.Tensor:
+    """float32 rows of unit length: a reduced-precision pass is normalised again in float32."""
+    descriptors = descriptors.float()
+    return descriptors if config.precision == "fp32" else torch.nn.functional.normalize(descriptors, dim=-1)
 
 
 @torch.inference_mode()
@@ -119,12 +145,16 @@ def extract_local(
     config: ExtractionConfig,
     desc: str = "Local features",
 ) -> None:
-    """Local features of the images ``image_ids`` (indices into ``paths``) not stored yet."""
-    wanted = np.unique(image_ids)
-    missing = local_features.missing(wanted)
-    logger.debug("%s: %d of %d images already stored", desc, len(wanted) - len(missing), len(wanted))
+    """Local features of the images ``image_ids`` (indices into ``paths``) not stored yet, in
+    the given order (a distributed run gives each process its part of the missing ids)."""
+    missing = local_features.missing(np.asarray(image_ids, dtype=np.int64))
+    logger.debug("%s: %d of %d images already stored", desc, len(image_ids) - len(missing), len(image_ids))
     if len(missing) == 0:
         return
-    for images, indices in tqdm(_loader(paths, missing, config), desc=desc, unit="batch"):
-        features = model.extract(images.to(config.device))
-        local_features.add(indices.tolist(), features.local_descriptors, features.keypoints)
+    with extraction_autocast(config):
+        for images, indices in tqdm(
+            image_loader(paths, missing, config), desc=desc, unit="batch", disable=not config.progress
+        ):
+            features = model.extract(images.to(config.device))
+            local_features.add(indices.tolist(), features.local_descriptors, features.keypoints)
+            logger.debug("%s: computed images %s", desc, indices.tolist())

@@ -1,21 +1,23 @@
 """Disk-backed, memory-mapped, ragged store of FoL local features, written incrementally.
 
-Layout of a store folder:
+Layout of a store folder, written by one or more writers (the processes of a distributed run);
+writer 0's files have no number, writer ``w``'s carry ``.<w>`` before their extension:
 
 - ``meta.json``: format, descriptor dimension and dtype, and the number of image ids.
-- ``descriptors.bin``: every image's descriptors [N_i, D] concatenated (float16 or float32).
-- ``keypoints.bin``: their keypoints [N_i, 2] float32, (x, y) in network-input pixels.
-- ``entries.commits``: one int64 record (image id, first row, rows, checksum of the image's
+- ``descriptors[.w].bin``: the writer's images' descriptors [N_i, D] concatenated (float16 or float32).
+- ``keypoints[.w].bin``: their keypoints [N_i, 2] float32, (x, y) in network-input pixels.
+- ``entries[.w].commits``: one int64 record (image id, first row, rows, checksum of the image's
   descriptor and keypoint bytes) per stored image, appended and fsynced after its data, so a
   record never points at missing data.
-- ``.lock``: held by the one writer (fcntl).
+- ``.lock[.w]``: held by the writer (fcntl).
 
-Opening a store verifies every record against the data (bounds and checksum): an image whose
-data is truncated, zero-padded or altered is reported and left out, so it is computed again;
-nothing damaged is read. A writer (``mode="a"``) also cuts what an interruption left
-half-written, then appends. A reader (``mode="r"``) never writes: opened beside a writer, it
-sees the images whose records were complete when it opened. Reads are memory-mapped: RAM does
-not grow with the number of stored images beyond a small index (16 bytes per image id).
+Opening a store verifies every record of every writer against the data (bounds and checksum):
+an image whose data is truncated, zero-padded or altered is reported and left out, so it is
+computed again; nothing damaged is read. A writer (``mode="a"``) also cuts what an interruption
+left half-written in its own files, then appends. A reader sees the images whose records were
+complete when it opened, or when it last called :meth:`LocalFeatureStore.refresh`. Reads are
+memory-mapped: RAM does not grow with the number of stored images beyond a small index (18
+bytes per image id).
 """
 from __future__ import annotations
 
@@ -44,6 +46,21 @@ STORE_MODES = ("a", "r")
 MAX_LISTED_IDS = 10
 
 
+class _Part:
+    """The files of one writer of a store, and how far its verified records reach."""
+
+    def __init__(self, folder: Path, writer: int) -> None:
+        suffix = "" if writer == 0 else f".{writer}"
+        self.writer = writer
+        self.descriptors = folder / f"descriptors{suffix}.bin"
+        self.keypoints = folder / f"keypoints{suffix}.bin"
+        self.entries = CommitLog(folder / f"entries{suffix}{COMMITS_SUFFIX}", ENTRY_FIELDS)
+        self.lock_file = f"{LOCK_FILE}{suffix}"
+        self.records_read = 0  # records of the entries log indexed so far
+        self.rows = 0  # data rows covered by the intact records
+        self.maps: tuple[np.ndarray, np.ndarray] | None = None
+
+
 class LocalFeatureStore:
     """Ragged local features of images addressed by integer ids in ``[0, num_ids)``.
 
@@ -52,11 +69,19 @@ class LocalFeatureStore:
         num_ids: size of the id space (e.g. the number of database images).
         dim: descriptor dimension.
         dtype: "float16" (default, half the disk) or "float32" (bit-exact descriptors).
-        mode: "a" to add images (one writer at a time; others are refused), "r" to read only.
+        mode: "a" to add images (one writer per ``writer`` number; others are refused), "r" to
+            read only.
+        writer: with ``mode="a"``, the files this writer appends to (a distributed run's rank).
     """
 
     def __init__(
-        self, folder: str | os.PathLike, num_ids: int, dim: int = 128, dtype: str = "float16", mode: str = "a"
+        self,
+        folder: str | os.PathLike,
+        num_ids: int,
+        dim: int = 128,
+        dtype: str = "float16",
+        mode: str = "a",
+        writer: int = 0,
     ) -> None:
         if dtype not in STORE_DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {STORE_DTYPES}")
@@ -65,20 +90,22 @@ class LocalFeatureStore:
         self.folder = Path(folder)
         self.mode = mode
         self.num_ids, self.dim, self.dtype = int(num_ids), int(dim), np.dtype(dtype)
+        self._own = _Part(self.folder, writer)
         self._lock = None
         if mode == "a":
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock = DirectoryLock(self.folder, LOCK_FILE, f"the local-feature store {self.folder}")
+            name = "the local-feature store" if writer == 0 else f"writer {writer} of the local-feature store"
+            self._lock = DirectoryLock(self.folder, self._own.lock_file, f"{name} {self.folder}")
             self._lock.acquire()
         self._check_meta({"format": STORE_FORMAT, "num_ids": self.num_ids, "dim": self.dim, "dtype": dtype})
-        self._descriptors_path = self.folder / "descriptors.bin"
-        self._keypoints_path = self.folder / "keypoints.bin"
-        self._entries = CommitLog(self.folder / f"entries{COMMITS_SUFFIX}", ENTRY_FIELDS)
+        self._parts: dict[int, _Part] = {}
         self._start = np.full(self.num_ids, -1, np.int64)
         self._count = np.zeros(self.num_ids, np.int64)
-        self._rows = self._recover()
-        self._descriptor_map: np.ndarray | None = None
-        self._keypoint_map: np.ndarray | None = None
+        self._writer_of = np.zeros(self.num_ids, np.int16)
+        began = time.perf_counter()
+        checked = self.refresh()
+        if checked:
+            logger.debug("Verified %d images of %s in %.2f s", checked, self.folder, time.perf_counter() - began)
 
     def _check_meta(self, meta: dict) -> None:
         meta_path = self.folder / META_FILE
@@ -109,26 +136,47 @@ class LocalFeatureStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _data_files(self) -> list[tuple[Path, int]]:
-        """The data files with their bytes per row."""
-        return [
-            (self._descriptors_path, self.dim * self.dtype.itemsize),
-            (self._keypoints_path, 2 * np.dtype(KEYPOINT_DTYPE).itemsize),
-        ]
+    def _row_bytes(self) -> tuple[int, int]:
+        """Bytes per row of the descriptor and keypoint files."""
+        return self.dim * self.dtype.itemsize, 2 * np.dtype(KEYPOINT_DTYPE).itemsize
 
-    def _recover(self) -> int:
-        """Index the intact records; report damaged ones. A writer also cuts partial writes and
-        drops damaged records. Returns the row where new data goes."""
-        began = time.perf_counter()
-        records = self._entries.read()
-        available = min(
-            path.stat().st_size // row_bytes if path.exists() else 0 for path, row_bytes in self._data_files()
-        )
-        descriptors = _memmap(self._descriptors_path, self.dtype, (available, self.dim))
-        keypoints = _memmap(self._keypoints_path, KEYPOINT_DTYPE, (available, 2))
-        intact = np.zeros(len(records), bool)
+    def _writers(self) -> list[int]:
+        """The writers whose entries log exists, and this store's own writer."""
+        found = {self._own.writer}
+        for path in self.folder.glob(f"entries*{COMMITS_SUFFIX}"):
+            number = path.name[len("entries") : -len(COMMITS_SUFFIX)].lstrip(".")
+            if number == "" or number.isdigit():
+                found.add(int(number or 0))
+        return sorted(found)
+
+    def refresh(self) -> int:
+        """Index the records other writers committed since the last look, verifying each;
+        returns the number of records checked. (A writer's own records are indexed as it adds them.)"""
+        checked = 0
+        for writer in self._writers():
+            if writer not in self._parts:
+                self._parts[writer] = self._own if writer == self._own.writer else _Part(self.folder, writer)
+                checked += self._index(self._parts[writer], own=writer == self._own.writer and self.mode == "a")
+            elif writer != self._own.writer or self.mode == "r":
+                checked += self._index(self._parts[writer], own=False)
+        return checked
+
+    def _index(self, part: _Part, own: bool) -> int:
+        """Index ``part``'s new intact records; report damaged ones. A writer opening its own
+        part also cuts partial writes and drops damaged records."""
+        records = part.entries.read()
+        new = records[part.records_read :]
+        if not len(new):
+            if own:
+                self._cut(part, records, np.ones(len(records), bool))
+            return 0
+        sizes = [path.stat().st_size if path.exists() else 0 for path in (part.descriptors, part.keypoints)]
+        available = min(size // row_bytes for size, row_bytes in zip(sizes, self._row_bytes()))
+        descriptors = _memmap(part.descriptors, self.dtype, (available, self.dim))
+        keypoints = _memmap(part.keypoints, KEYPOINT_DTYPE, (available, 2))
+        intact = np.ones(len(records), bool)
         damaged: dict[str, list[int]] = {}
-        for index, (image_id, start, count, expected) in enumerate(records):
+        for index, (image_id, start, count, expected) in enumerate(new, start=part.records_read):
             if not (0 <= image_id < self.num_ids and 0 <= start and 0 <= count):
                 problem = "an impossible record"
             elif start + count > available:
@@ -136,9 +184,12 @@ class LocalFeatureStore:
             elif checksum(descriptors[start : start + count], keypoints[start : start + count]) != expected:
                 problem = "a checksum mismatch (altered or zero-padded data)"
             else:
-                intact[index] = True
-                self._start[image_id], self._count[image_id] = start, count
+                if self._start[image_id] < 0:  # the first intact copy of an image is the one read
+                    self._start[image_id], self._count[image_id] = start, count
+                    self._writer_of[image_id] = part.writer
+                part.rows = max(part.rows, int(start + count))
                 continue
+            intact[index] = False
             damaged.setdefault(problem, []).append(int(image_id))
         for problem, image_ids in damaged.items():
             shown = ", ".join(map(str, image_ids[:MAX_LISTED_IDS])) + (" ..." if len(image_ids) > MAX_LISTED_IDS else "")
@@ -146,22 +197,24 @@ class LocalFeatureStore:
                 "%s: %d image(s) with %s, left out so they are computed again: ids %s",
                 self.folder, len(image_ids), problem, shown,
             )
-        kept = records[intact]
-        end = int((kept[:, 1] + kept[:, 2]).max()) if len(kept) else 0
-        if self.mode == "a":
-            if damaged:
-                temporary = self._entries.path.with_suffix(".tmp")
-                temporary.unlink(missing_ok=True)
-                fsync_append(temporary, [kept])
-                os.replace(temporary, self._entries.path)
-            else:
-                self._entries.keep(len(records))  # drop a partial record
-            for path, row_bytes in self._data_files():
-                path.touch()
-                os.truncate(path, end * row_bytes)
-        if len(records):
-            logger.debug("Verified %d images of %s in %.2f s", len(records), self.folder, time.perf_counter() - began)
-        return end
+        if own:
+            self._cut(part, records, intact)
+        part.records_read = len(records)
+        part.maps = None
+        return len(new)
+
+    def _cut(self, part: _Part, records: np.ndarray, intact: np.ndarray) -> None:
+        """Keep the intact records of this writer's own part and cut its data after them."""
+        if not intact.all():
+            temporary = part.entries.path.with_suffix(".tmp")
+            temporary.unlink(missing_ok=True)
+            fsync_append(temporary, [records[intact]])
+            os.replace(temporary, part.entries.path)
+        else:
+            part.entries.keep(len(records))  # drop a partial record
+        for path, row_bytes in zip((part.descriptors, part.keypoints), self._row_bytes()):
+            path.touch()
+            os.truncate(path, part.rows * row_bytes)
 
     def __contains__(self, image_id: int) -> bool:
         return bool(self._start[image_id] >= 0)
@@ -194,45 +247,52 @@ class LocalFeatureStore:
                 )
         if not image_ids:
             return
+        part = self._own
         descriptor_arrays = [d.detach().cpu().numpy().astype(self.dtype) for d in descriptors]
         keypoint_arrays = [k.detach().cpu().numpy().astype(KEYPOINT_DTYPE) for k in keypoints]
         counts = [len(array) for array in descriptor_arrays]
-        starts = self._rows + np.cumsum([0, *counts[:-1]], dtype=np.int64)
+        starts = part.rows + np.cumsum([0, *counts[:-1]], dtype=np.int64)
         sums = [checksum(d, k) for d, k in zip(descriptor_arrays, keypoint_arrays)]
-        fsync_append(self._descriptors_path, descriptor_arrays)
-        fsync_append(self._keypoints_path, keypoint_arrays)
+        fsync_append(part.descriptors, descriptor_arrays)
+        fsync_append(part.keypoints, keypoint_arrays)
         records = np.stack(
             [np.asarray(image_ids, np.int64), starts, np.asarray(counts, np.int64), np.asarray(sums, np.int64)], axis=1
         )
-        self._entries.append(records)
+        part.entries.append(records)
+        part.records_read += len(records)
         self._start[records[:, 0]], self._count[records[:, 0]] = starts, records[:, 2]
-        self._rows += int(sum(counts))
-        self._descriptor_map = self._keypoint_map = None
+        self._writer_of[records[:, 0]] = part.writer
+        part.rows += int(sum(counts))
+        part.maps = None
 
-    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._descriptor_map is None:
-            self._descriptor_map = _memmap(self._descriptors_path, self.dtype, (self._rows, self.dim))
-            self._keypoint_map = _memmap(self._keypoints_path, KEYPOINT_DTYPE, (self._rows, 2))
-        return self._descriptor_map, self._keypoint_map
+    def _maps(self, writer: int) -> tuple[np.ndarray, np.ndarray]:
+        part = self._parts[writer]
+        if part.maps is None:
+            part.maps = (
+                _memmap(part.descriptors, self.dtype, (part.rows, self.dim)),
+                _memmap(part.keypoints, KEYPOINT_DTYPE, (part.rows, 2)),
+            )
+        return part.maps
 
-    def _span(self, image_id: int) -> slice:
+    def _read(self, image_id: int, which: int) -> np.ndarray:
         if image_id not in self:
             raise KeyError(f"image id {image_id} is not in the local-feature store {self.folder}")
         start = int(self._start[image_id])
-        return slice(start, start + int(self._count[image_id]))
+        return self._maps(int(self._writer_of[image_id]))[which][start : start + int(self._count[image_id])]
 
     def __getitem__(self, image_id: int) -> torch.Tensor:
         """Descriptors [N, D] float32 of one image."""
-        return torch.from_numpy(np.array(self._maps()[0][self._span(image_id)], dtype=np.float32))
+        return torch.from_numpy(np.array(self._read(image_id, 0), dtype=np.float32))
 
     def keypoints(self, image_id: int) -> torch.Tensor:
         """Keypoints [N, 2] float32 of one image."""
-        return torch.from_numpy(np.array(self._maps()[1][self._span(image_id)]))
+        return torch.from_numpy(np.array(self._read(image_id, 1)))
 
     def bytes_per_image(self) -> float:
-        """Mean disk bytes per stored image (descriptors, keypoints and index record)."""
+        """Mean disk bytes per stored image (descriptors, keypoints and index records)."""
         stored = len(self)
-        total = sum(path.stat().st_size for path in (self._descriptors_path, self._keypoints_path, self._entries.path))
+        files = [path for part in self._parts.values() for path in (part.descriptors, part.keypoints, part.entries.path)]
+        total = sum(path.stat().st_size for path in files if path.exists())
         return total / stored if stored else 0.0
 
 

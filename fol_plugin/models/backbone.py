@@ -47,6 +47,10 @@ class BackboneOutput:
     class_token: torch.Tensor  # [B, C], normalised class token
     region_cue: torch.Tensor  # [B, h*w], last-block class-to-patch attention summed over heads
 
+    def float(self) -> BackboneOutput:
+        """The same outputs in float32 (after a reduced-precision backbone)."""
+        return BackboneOutput(self.feature_map.float(), self.class_token.float(), self.region_cue.float())
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, embed_dim: int) -> None:

@@ -79,6 +79,10 @@ class FoLModel(nn.Module):
     State-dict keys match the published checkpoints (``backbone.model.*``, ``aggregator.*``,
     ``upconv``, ``upconv2``).
 
+    Under ``torch.autocast`` (reduced-precision extraction) only the ViT runs in the autocast
+    dtype: its outputs are cast to float32 and the aggregator (optimal transport, whose
+    log-domain iterations lose too much in 8-bit mantissas) and the local head run in float32.
+
     Args:
         backbone: "vitb", "vitl", or a :class:`ViTConfig` (tests use tiny ones).
         num_trainable_blocks: last ViT blocks that receive gradients during fine-tuning
@@ -107,7 +111,11 @@ class FoLModel(nn.Module):
         check_images(images)
         self._check_dtype(images)
         tokens = self.backbone(images)
-        return tokens, self.aggregator(tokens.feature_map, tokens.class_token, tokens.region_cue)
+        if not torch.is_autocast_enabled(images.device.type):
+            return tokens, self.aggregator(tokens.feature_map, tokens.class_token, tokens.region_cue)
+        tokens = tokens.float()
+        with torch.autocast(images.device.type, enabled=False):
+            return tokens, self.aggregator(tokens.feature_map, tokens.class_token, tokens.region_cue)
 
     def _check_dtype(self, images: torch.Tensor) -> None:
         """Float images of the weights' dtype (any float dtype under autocast)."""
@@ -124,8 +132,9 @@ class FoLModel(nn.Module):
             )
 
     def dense_local_map(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] -> [B, 128, 4h - 3, 4w - 3], not normalised."""
-        return self.upconv2(F.relu(self.upconv(feature_map)))
+        """[B, C, h, w] -> [B, 128, 4h - 3, 4w - 3], not normalised (float32 under autocast)."""
+        with torch.autocast(feature_map.device.type, enabled=False):
+            return self.upconv2(F.relu(self.upconv(feature_map.to(self.upconv.weight.dtype))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors: [B, 3, H, W] ImageNet-normalised -> [B, 8448] float32, L2-normalised."""

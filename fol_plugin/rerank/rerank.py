@@ -1,7 +1,7 @@
 """Re-ranking global retrieval results by FoL's local matching scores."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -28,9 +28,8 @@ def score_candidates(
     precision: str = "exact",
     threshold: float = MATCH_THRESHOLD,
     device: str | torch.device = "cpu",
-    out: np.ndarray | None = None,
-    start: int = 0,
-    on_query_done: Callable[[int], None] | None = None,
+    queries: Sequence[int] | None = None,
+    on_query_done: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = True,
     pair_scorer: Callable[[int, int], float] | None = None,
 ) -> np.ndarray:
@@ -43,9 +42,8 @@ def score_candidates(
         top_k: candidates re-ranked per query (at most K).
         precision: "exact" (the original's scores) or "bf16" (approximate, faster).
         device: where matching runs ("cuda" uses the plain float32 algorithm there).
-        out: [Q, top_k] float32 array to fill (e.g. a resumable memory map); allocated when None.
-        start: first query to score (the earlier rows of ``out`` are kept).
-        on_query_done: called with the number of finished queries after each one (to commit).
+        queries: the queries to score (all by default); the other rows of the result stay 0.
+        on_query_done: called as ``on_query_done(q, scores)`` after each query (to commit it).
         pair_scorer: instead of FoL's score, ``pair_scorer(q, database_id)``, higher is better
             (e.g. RANSAC inliers, :mod:`fol_plugin.matching.scorers`).
 
@@ -54,12 +52,9 @@ def score_candidates(
     """
     global_predictions = np.asarray(global_predictions)
     top_k = min(top_k, global_predictions.shape[1])
-    if out is None:
-        out = np.zeros((len(global_predictions), top_k), np.float32)
-    elif out.shape != (len(global_predictions), top_k):
-        raise ValueError(f"scores array is {out.shape}, expected {(len(global_predictions), top_k)}")
-    queries = range(start, len(global_predictions))
-    for q in tqdm(queries, desc="Re-ranking", unit="query", disable=not progress, total=len(queries)):
+    out = np.zeros((len(global_predictions), top_k), np.float32)
+    queries = range(len(global_predictions)) if queries is None else queries
+    for q in tqdm(queries, desc="Re-ranking", unit="query", disable=not progress or not len(queries)):
         if pair_scorer is not None:
             out[q] = [pair_scorer(q, int(i)) for i in global_predictions[q, :top_k]]
         else:
@@ -67,7 +62,7 @@ def score_candidates(
             candidates = [database_features[int(i)].to(device) for i in global_predictions[q, :top_k]]
             out[q] = mutual_match_scores(query, candidates, threshold, precision).cpu().numpy()
         if on_query_done is not None:
-            on_query_done(q + 1)
+            on_query_done(q, out[q])
     return out
 
 

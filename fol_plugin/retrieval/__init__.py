@@ -1,4 +1,4 @@
 """First stage: global retrieval by exact nearest neighbours."""
-from .search import DEFAULT_CHUNK_SIZE, exact_search
+from .search import DEFAULT_SEARCH_CHUNK, exact_search, merge_top_k
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "exact_search"]
+__all__ = ["DEFAULT_SEARCH_CHUNK", "exact_search", "merge_top_k"]

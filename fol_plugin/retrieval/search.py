@@ -7,13 +7,14 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from ..options import DEFAULT_SEARCH_CHUNK
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 65536  # database rows per faiss index
 
 
 def exact_search(
-    database: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True
+    database: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = DEFAULT_SEARCH_CHUNK, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest database descriptors of each query by L2 distance, as ``faiss.IndexFlatL2``.
 
@@ -21,7 +22,8 @@ def exact_search(
     RAM) and the per-chunk results merged; equal distances keep the lower database index.
 
     Args:
-        database: [N, D] float32 (a memory map is read chunk by chunk).
+        database: [N, D] float32 or float16 (a memory map is read chunk by chunk, each chunk
+            searched in float32).
         queries: [Q, D] float32.
         k: predictions per query, at most N.
 
@@ -42,9 +44,23 @@ def exact_search(
         index = faiss.IndexFlatL2(dim)
         index.add(chunk)
         distances, indices = index.search(queries, min(k, len(chunk)))
-        distances = np.concatenate([best_distances, distances], axis=1)
-        indices = np.concatenate([best_indices, indices + start], axis=1)
-        order = np.lexsort((indices, distances), axis=1)[:, :k]
-        best_distances = np.take_along_axis(distances, order, axis=1)
-        best_indices = np.take_along_axis(indices, order, axis=1)
+        best_distances, best_indices = merge_top_k([best_distances, distances], [best_indices, indices + start], k)
     return best_distances, best_indices
+
+
+def merge_top_k(
+    distances: list[np.ndarray], indices: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of several partial results for the same queries: ascending distance, equal
+    distances to the lower database index (so the merge order never matters).
+
+    Args:
+        distances: per part, [Q, k_i] float32.
+        indices: per part, [Q, k_i] int64 database ids.
+
+    Returns:
+        distances [Q, k] and indices [Q, k].
+    """
+    distances, indices = np.concatenate(distances, axis=1), np.concatenate(indices, axis=1)
+    order = np.lexsort((indices, distances), axis=1)[:, :k]
+    return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1)

@@ -1,0 +1,168 @@
+"""What a run is: its configuration (:class:`EvalConfig`), its database and query sets with
+their positives, their output folder names, and checks of the predictions a user gives."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.run_cache import CACHE_FOLDER, LOCK_FILE
+from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
+from ..features import ExtractionConfig, check_image_size
+from ..matching import ScorerConfig
+from ..options import GLOBAL_DTYPES
+from ..rerank import DEFAULT_TOP_K
+from ..retrieval import DEFAULT_SEARCH_CHUNK
+from .recalls import DEFAULT_RECALL_VALUES
+
+logger = logging.getLogger(__name__)
+
+RECALLS_FILE = "recalls.json"
+DATABASE_DESCRIPTORS_FILE = "database_descriptors.npy"
+# Names a query set's output folder may not take: they are the run's own files and folders.
+RESERVED_NAMES = {CACHE_FOLDER, LOCK_FILE, RECALLS_FILE, DATABASE_DESCRIPTORS_FILE}
+UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``fol-vpr eval`` and ``fol-vpr rerank`` need (flag names of VPR-methods-evaluation).
+
+    Attributes:
+        database_folder: the database images.
+        queries_folders: one or more query sets searched against the same database.
+        output_dir: where results (and the resumable cache) go.
+        backbone: "vitl" or "vitb".
+        weights: "auto" (published checkpoint), a path or URL.
+        extraction: image size, resize mode, batching and device.
+        recall_values: the N of each recall@N.
+        positive_dist_threshold: metres within which a database image is correct.
+        labelled: read UTM labels from file names and compute recalls.
+        rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
+        precision: "exact" or "bf16" re-ranking (FoL's own scorer).
+        scorer: the re-ranking score: FoL's (default), or matches / RANSAC inliers of a matcher.
+        store_dtype: local-feature store precision ("float32" reproduces the original's scores).
+        in_memory: hold all database local features in RAM, as the original's default mode.
+        num_preds_to_save: per query, predictions drawn in PNG grids and listed in preds/*.txt.
+        save_descriptors: keep the global descriptors as .npy files in the output folder.
+        keep_cache: keep ``<output_dir>/cache`` after a successful run.
+        search_chunk_size: database rows per faiss index.
+        global_dtype: the database descriptors' memory map, "float32" or "float16" (half the
+            disk; searched in float32 chunks).
+    """
+
+    database_folder: Path
+    queries_folders: list[Path]
+    output_dir: Path
+    backbone: str = "vitl"
+    weights: str | None = "auto"
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    recall_values: tuple[int, ...] = DEFAULT_RECALL_VALUES
+    positive_dist_threshold: float = DEFAULT_POSITIVE_DISTANCE
+    labelled: bool = True
+    rerank_topk: int = DEFAULT_TOP_K
+    precision: str = "exact"
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    store_dtype: str = "float32"
+    in_memory: bool = False
+    num_preds_to_save: int = 0
+    save_descriptors: bool = False
+    keep_cache: bool = False
+    search_chunk_size: int = DEFAULT_SEARCH_CHUNK
+    global_dtype: str = "float32"
+
+
+@dataclass
+class QuerySet:
+    """A query set with what the run computes for it."""
+
+    images: ImageSet
+    key: str  # unique name, used for its output folder
+    positives: list[np.ndarray] | None = None
+    global_predictions: np.ndarray | None = None
+    global_distances: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    reranked: np.ndarray | None = None
+
+
+def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
+    """The database and query sets, with positives when labelled."""
+    if not config.queries_folders:
+        raise ValueError("give at least one --queries_folder")
+    database = load_image_set(config.database_folder, config.labelled)
+    query_sets, keys = [], set()
+    for folder in config.queries_folders:
+        images = load_image_set(folder, config.labelled)
+        key = output_key(folder, keys)
+        keys.add(key)
+        positives = None
+        if config.labelled:
+            positives = find_positives(database.utms, images.utms, config.positive_dist_threshold)
+        query_sets.append(QuerySet(images=images, key=key, positives=positives))
+    logger.info("Database: %d images; queries: %s", len(database), {s.key: len(s.images) for s in query_sets})
+    return database, query_sets
+
+
+def output_key(folder: Path, taken: set[str]) -> str:
+    """The name of a query set's output folder: the query folder's own name (resolved, so that
+    ``queries/..`` names its parent), made safe, never one of the run's own names, and unique."""
+    name = UNSAFE_CHARACTERS.sub("_", Path(folder).resolve().name).strip("._") or "queries"
+    if name in RESERVED_NAMES:
+        name = f"queries_{name}"
+    key, suffix = name, 1
+    while key in taken:
+        suffix += 1
+        key = f"{name}_{suffix}"
+    return key
+
+
+def num_predictions(config: EvalConfig, num_database: int) -> int:
+    """Predictions kept per query: enough for the recalls, the re-ranking and the saved figures."""
+    wanted = max(max(config.recall_values), config.rerank_topk, config.num_preds_to_save)
+    if wanted > num_database:
+        logger.warning(
+            "Only %d database images: keeping %d predictions per query, not %d (R@N above %d counts all of them, as "
+            "VPR-methods-evaluation does)", num_database, num_database, wanted, num_database,
+        )
+    return min(wanted, num_database)
+
+
+def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
+    """Check the configuration and list the images, before anything is written."""
+    check_image_size(config.extraction.image_size)
+    if config.rerank_topk < 0:
+        raise ValueError(f"--rerank_topk {config.rerank_topk} must be 0 (no re-ranking) or positive")
+    if config.weights is None:
+        raise ValueError("evaluation needs FoL weights: --weights auto (the published checkpoint) or a .pth file")
+    if config.global_dtype not in GLOBAL_DTYPES:
+        raise ValueError(f"--global_dtype {config.global_dtype!r}; choose one of {GLOBAL_DTYPES}")
+    return load_sets(config)
+
+
+def check_predictions(predictions: np.ndarray, num_queries: int, num_database: int, source: str) -> np.ndarray:
+    """Given predictions as [Q, K] int64 database indices, or an error naming ``source``, the
+    value and the fix."""
+    given = np.asarray(predictions)
+    if given.ndim != 2 or len(given) != num_queries or given.shape[1] == 0:
+        raise ValueError(f"{source} are {given.shape}, expected [{num_queries} queries, K >= 1 predictions]")
+    if not (np.issubdtype(given.dtype, np.integer) or np.issubdtype(given.dtype, np.floating)):
+        raise ValueError(f"{source} hold {given.dtype} values, expected integer database indices")
+    if np.issubdtype(given.dtype, np.floating):
+        bad = ~np.isfinite(given) | (given != np.round(given))
+        if bad.any():
+            q, j = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{source} hold {given[q, j]} at query {q}, rank {j}: database indices must be whole numbers; "
+                "save them as integers"
+            )
+    outside = (given < 0) | (given >= num_database)
+    if outside.any():
+        q, j = (int(v) for v in np.argwhere(outside)[0])
+        raise ValueError(
+            f"{source} hold database index {int(given[q, j])} at query {q}, rank {j}, outside [0, {num_database}) "
+            f"of this --database_folder: they are for another database"
+        )
+    return given.astype(np.int64)

@@ -1,0 +1,147 @@
+"""``--plan``: what a run will cost before it starts, per stage, for a number of processes.
+
+Owns the calibration (a few real batches of this run's images through this device, FoL
+re-ranking of their local features, a faiss search of random rows) and the projection of those
+per-item costs onto the run's sizes. Disk and RAM come from :mod:`.resources`. Nothing is
+written: the projection is printed as a table and every figure says whether it was measured or
+projected.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model, weights_file
+from ..features.extract import extraction_autocast, image_loader
+from ..models import GLOBAL_DIM
+from ..rerank.engine import mutual_match_scores
+from ..retrieval import exact_search
+from .config import EvalConfig, num_predictions, prepare
+from .resources import GB, project_resources
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_BATCHES = 3  # timed after one warm-up batch
+CALIBRATION_CANDIDATES = 20  # FoL scores timed per calibration
+SEARCH_CALIBRATION_ROWS = 20000
+SEARCH_CALIBRATION_QUERIES = 200
+SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass
+class Costs:
+    """Measured seconds per item on this device."""
+
+    image: float  # one image through the loader and FoL (global + local features)
+    pair: float  # one FoL score (query x candidate)
+    distance: float  # one query-database distance in the global search
+    model_bytes: int  # the model's weights in memory
+
+
+def calibrate(config: EvalConfig, paths: list[str]) -> Costs:
+    """Per-item costs measured on ``paths`` (a few batches of the run's own images)."""
+    device = config.extraction.device
+    model = load_model(config.backbone, weights_file(config.backbone, config.weights), device)
+    needed = (CALIBRATION_BATCHES + 1) * config.extraction.batch_size
+    chosen = [paths[i % len(paths)] for i in range(needed)]
+    local = []
+    with torch.inference_mode(), extraction_autocast(config.extraction):
+        batches = iter(image_loader(chosen, range(needed), config.extraction))
+        features = model.extract(next(batches)[0].to(device))  # warm-up
+        local.extend(features.local_descriptors)
+        _synchronize(device)
+        began = time.perf_counter()
+        for images, _ in batches:
+            features = model.extract(images.to(device))
+            local.extend(features.local_descriptors)
+        _synchronize(device)
+        image = (time.perf_counter() - began) / (needed - config.extraction.batch_size)
+    candidates = [local[(1 + i) % len(local)] for i in range(CALIBRATION_CANDIDATES)]
+    mutual_match_scores(local[0], candidates[:2], precision=config.precision)  # warm-up
+    began = time.perf_counter()
+    mutual_match_scores(local[0], candidates, precision=config.precision)
+    _synchronize(device)
+    pair = (time.perf_counter() - began) / CALIBRATION_CANDIDATES
+    generator = np.random.default_rng(0)
+    database = generator.standard_normal((SEARCH_CALIBRATION_ROWS, GLOBAL_DIM), np.float32)
+    queries = generator.standard_normal((SEARCH_CALIBRATION_QUERIES, GLOBAL_DIM), np.float32)
+    began = time.perf_counter()
+    exact_search(database, queries, 10, progress=False)
+    distance = (time.perf_counter() - began) / (SEARCH_CALIBRATION_ROWS * SEARCH_CALIBRATION_QUERIES)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Costs(image=image, pair=pair, distance=distance, model_bytes=model_bytes)
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def project(
+    config: EvalConfig,
+    costs: Costs,
+    num_database: int,
+    num_queries: int,
+    processes: int,
+    global_retrieval: bool = True,
+    top_k: int | None = None,
+) -> dict:
+    """Projected hours per stage, disk and RAM per process of a run of these sizes.
+
+    Database local features are counted for at most ``num_queries x top_k`` candidates (fewer
+    when candidates are shared), re-ranking for every query's ``top_k`` candidates.
+    """
+    top_k = config.rerank_topk if top_k is None else top_k
+    candidates = min(num_database, num_queries * top_k) if config.rerank_topk else 0
+    hours = {
+        "queries (global + local)": num_queries * costs.image,
+        "database global": num_database * costs.image if global_retrieval else 0.0,
+        "global search": num_queries * num_database * costs.distance if global_retrieval else 0.0,
+        "candidates' local features (at most)": candidates * costs.image,
+        "re-ranking": num_queries * top_k * costs.pair if config.rerank_topk else 0.0,
+    }
+    hours = {stage: seconds / processes / SECONDS_PER_HOUR for stage, seconds in hours.items()}
+    resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)
+    return {
+        "processes": processes,
+        "hours": hours,
+        "total_hours": sum(hours.values()),
+        "disk_gb": resources["disk"] / GB,
+        "ram_gb_per_process": (resources["ram"] + costs.model_bytes) / GB,
+    }
+
+
+def plan_run(config: EvalConfig, processes: int, global_retrieval: bool = True) -> str:
+    """The table ``--plan`` prints for this run's folders, device and number of processes."""
+    database, query_sets = prepare(config)
+    num_queries = sum(len(query_set.images) for query_set in query_sets)
+    k = num_predictions(config, len(database))
+    costs = calibrate(config, database.paths)
+    projection = project(config, costs, len(database), num_queries, processes, global_retrieval, min(config.rerank_topk, k))
+    return format_plan(config, costs, projection, len(database), num_queries)
+
+
+def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database: int, num_queries: int) -> str:
+    """A plain-text table of a projection, saying what was measured and what is projected."""
+    extraction = config.extraction
+    lines = [
+        f"Plan for {num_database} database images, {num_queries} queries, {projection['processes']} process(es) on "
+        f"{extraction.device} ({config.backbone}, {extraction.image_size[0]}x{extraction.image_size[1]}, "
+        f"{extraction.precision} extraction, re-ranking top {config.rerank_topk} {config.precision})",
+        f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score, "
+        f"{costs.distance * 1e9:.2f} ns per global distance",
+        "projected (measured costs x sizes / processes):",
+    ]
+    width = max(len(stage) for stage in projection["hours"])
+    for stage, hours in projection["hours"].items():
+        lines.append(f"  {stage:<{width}}  {hours:10.2f} h")
+    lines += [
+        f"  {'total':<{width}}  {projection['total_hours']:10.2f} h",
+        f"  disk (shared --output_dir)  {projection['disk_gb']:10.1f} GB",
+        f"  RAM per process             {projection['ram_gb_per_process']:10.1f} GB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The stages of ``fol-vpr eval`` / ``rerank``, each spread over the run's processes.
+
+Every stage takes the :class:`~fol_plugin.distributed.Processes` of the run and gives each
+process a contiguous, batch-aligned part of its work, so that every process forms the batches a
+single process would: the outputs do not depend on the number of processes. Shared files
+(:class:`~fol_plugin.features.ResumableArray`, :class:`~fol_plugin.features.LocalFeatureStore`)
+are created by rank 0 first; each process then writes its own rows or its own store files and
+commit log, and a barrier ends every stage before anyone reads what the others wrote.
+
+- query features and database global descriptors: images split across processes;
+- global search: the database memory map split at search-chunk boundaries, each process
+  searching its part for all queries, the partial top-k merged exactly (equal distances to the
+  lower index), as one process searching chunk by chunk;
+- candidates' local features: the missing ids split across processes;
+- re-ranking: queries split across processes.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+
+import numpy as np
+
+from ..distributed import Processes
+from ..features import InMemoryFeatures, LocalFeatureStore, ResumableArray, extract_global, extract_local
+from ..features.extract import FeatureStore
+from ..matching import LocalFeatures, make_pair_scorer
+from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
+from ..retrieval import exact_search, merge_top_k
+from ..rerank import order_by_scores, score_candidates
+
+logger = logging.getLogger(__name__)
+
+
+def open_array(
+    processes: Processes, path, shape: tuple[int, int], block: int, dtype: str = "float32"
+) -> ResumableArray:
+    """A resumable array of the run, this process responsible for its part of the rows."""
+    with processes.main_first():
+        array = ResumableArray(path, shape, dtype, rows=processes.shard(shape[0], block), writer=processes.rank)
+    return array
+
+
+def open_local(config, processes: Processes, folder, num_ids: int) -> FeatureStore:
+    """The local features of one image list: in RAM, or in a store named by its precision, with
+    this process as one of its writers. Every process has indexed the store when this returns."""
+    if config.in_memory:
+        return InMemoryFeatures()
+    folder = folder.with_name(f"{folder.name}_{config.store_dtype}")
+    with processes.main_first():
+        store = LocalFeatureStore(folder, num_ids, LOCAL_DIM, config.store_dtype, writer=processes.rank)
+    processes.barrier()  # nobody adds before everybody has indexed: every process sees the same missing ids
+    return store
+
+
+def finish(processes: Processes, local: FeatureStore | None) -> None:
+    """End a stage: wait for every process, then index what the others stored."""
+    processes.barrier()
+    if isinstance(local, LocalFeatureStore):
+        local.refresh()
+
+
+def extract_global_part(
+    config, processes: Processes, model: FoLModel, paths, path, local: FeatureStore | None, desc: str
+) -> np.ndarray:
+    """Global descriptors [N, 8448] of ``paths`` into the array ``path`` (and, with ``local``,
+    their local features), each process extracting its part; returns the whole memory map."""
+    array = open_array(processes, path, (len(paths), GLOBAL_DIM), config.extraction.batch_size, config.global_dtype)
+    extract_global(model, paths, array, config.extraction, local, desc=desc)
+    finish(processes, local)
+    return array.array
+
+
+def extract_local_part(
+    config, processes: Processes, model: FoLModel, paths, image_ids: np.ndarray, local: FeatureStore, desc: str
+) -> None:
+    """Local features of the ``image_ids`` missing from ``local``, each process extracting its part."""
+    missing = local.missing(np.asarray(image_ids, dtype=np.int64))
+    mine = missing[_slice(processes.shard(len(missing), config.extraction.batch_size))]
+    extract_local(model, paths, mine, local, config.extraction, desc=desc)
+    finish(processes, local)
+
+
+def search(config, processes: Processes, database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (squared L2 distances [Q, k], database ids [Q, k]) of every query, each
+    process searching its chunks of the database."""
+    rows = processes.shard(len(database), config.search_chunk_size)
+    part = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
+    if len(rows):
+        distances, indices = exact_search(
+            database[_slice(rows)], queries, min(k, len(rows)), config.search_chunk_size, progress=config.extraction.progress
+        )
+        part = (distances, indices + rows.start)
+    parts = processes.gather(part)
+    return merge_top_k([d for d, _ in parts], [i for _, i in parts], k)
+
+
+def rerank(config, processes: Processes, cache, query_set, query_local: FeatureStore, database_local: FeatureStore) -> None:
+    """FoL scores of each query's candidates (or another scorer's), queries split across the
+    processes; sets ``query_set.scores`` and ``query_set.reranked`` on every process."""
+    top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
+    local_dtype = "float32" if config.in_memory else config.store_dtype
+    # Scores already computed are reused only for the same candidates, scorer and features.
+    candidates = hashlib.sha1(np.ascontiguousarray(query_set.global_predictions[:, :top_k]).tobytes()).hexdigest()[:16]
+    scorer = config.scorer
+    method = config.precision if scorer.name == "fol" else f"{scorer.name}_{scorer.ransac_model}_{scorer.inlier_threshold}_{scorer.seed}"
+    path = cache / query_set.key / f"rerank_scores_{method}_{local_dtype}_{candidates}.npy"
+    scores = open_array(processes, path, (len(query_set.images), top_k), 1)
+    pair_scorer = None
+    if scorer.name != "fol":
+        score_pair = make_pair_scorer(scorer)
+
+        @functools.lru_cache(maxsize=1)  # one query at a time, against its top-k candidates
+        def query_features(q: int) -> LocalFeatures:
+            return LocalFeatures(query_local.keypoints(q), query_local[q])
+
+        def pair_scorer(q: int, i: int) -> float:
+            return score_pair(query_features(q), LocalFeatures(database_local.keypoints(i), database_local[i]))
+
+    score_candidates(
+        query_set.global_predictions,
+        query_local,
+        database_local,
+        top_k,
+        config.precision,
+        device=config.extraction.device,
+        queries=[q for rows in scores.todo() for q in rows],
+        on_query_done=lambda q, row: scores.write(q, row[None]),
+        progress=config.extraction.progress,
+        pair_scorer=pair_scorer,
+    )
+    processes.barrier()
+    query_set.scores = np.array(scores.array)
+    query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)
+
+
+def _slice(rows: range) -> slice:
+    return slice(rows.start, rows.stop)
