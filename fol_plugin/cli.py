@@ -368,7 +368,7 @@ def evaluate(args: argparse.Namespace) -> None:
     config.extraction.device = processes.device
     config.extraction.progress = processes.is_main
     if not processes.is_main:
-        _quiet_rank(processes.rank)
+        _quiet_rank(processes.rank, args.debug)
     if args.plan is not None:
         if processes.is_main:
             print(plan_run(config, args.plan or processes.world_size, args.command == "eval"))
@@ -393,11 +393,13 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"Results in {config.output_dir}")
 
 
-def _quiet_rank(rank: int) -> None:
-    """Logging of a process other than rank 0: warnings and errors only, marked with its rank."""
+def _quiet_rank(rank: int, debug: bool) -> None:
+    """Logging of a process other than rank 0: marked with its rank; warnings and errors only
+    unless ``--debug``."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
-    logger.setLevel(logging.WARNING)
+    if not debug:
+        logger.setLevel(logging.WARNING)
 
 
 def _record_for_torchrun(error: BaseException) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import load_model, weights_file
 from ..features.extract import extraction_autocast, image_loader
-from ..models import GLOBAL_DIM
+from ..models import GLOBAL_DIM, FoLModel
 from ..rerank.engine import mutual_match_scores
 from ..retrieval import exact_search
 from .config import EvalConfig, num_predictions, prepare
@@ -29,7 +29,7 @@ CALIBRATION_BATCHES = 3  # timed after one warm-up batch
 CALIBRATION_CANDIDATES = 20  # FoL scores timed per calibration
 SEARCH_CALIBRATION_ROWS = 20000
 SEARCH_CALIBRATION_QUERIES = 200
-SECONDS_PER_HOUR = 3600.0
+MINUTE, HOUR = 60.0, 3600.0
 
 
 @dataclass
@@ -42,10 +42,9 @@ class Costs:
     model_bytes: int  # the model's weights in memory
 
 
-def calibrate(config: EvalConfig, paths: list[str]) -> Costs:
-    """Per-item costs measured on ``paths`` (a few batches of the run's own images)."""
+def calibrate(config: EvalConfig, model: FoLModel, paths: list[str]) -> Costs:
+    """Per-item costs of ``model`` measured on ``paths`` (a few batches of the run's own images)."""
     device = config.extraction.device
-    model = load_model(config.backbone, weights_file(config.backbone, config.weights), device)
     needed = (CALIBRATION_BATCHES + 1) * config.extraction.batch_size
     chosen = [paths[i % len(paths)] for i in range(needed)]
     local = []
@@ -90,28 +89,30 @@ def project(
     global_retrieval: bool = True,
     top_k: int | None = None,
 ) -> dict:
-    """Projected hours per stage, disk and RAM per process of a run of these sizes.
+    """Projected seconds per stage, disk and RAM per process of a run of these sizes.
 
     Database local features are counted for at most ``num_queries x top_k`` candidates (fewer
-    when candidates are shared), re-ranking for every query's ``top_k`` candidates.
+    when candidates are shared; none when the database pass extracts them, as the run does when
+    the candidates may cover the database), re-ranking for every query's ``top_k`` candidates.
     """
     top_k = config.rerank_topk if top_k is None else top_k
     candidates = min(num_database, num_queries * top_k) if config.rerank_topk else 0
-    hours = {
+    single_pass = global_retrieval and (config.in_memory or num_queries * top_k >= num_database)
+    seconds = {
         "queries (global + local)": num_queries * costs.image,
         "database global": num_database * costs.image if global_retrieval else 0.0,
         "global search": num_queries * num_database * costs.distance if global_retrieval else 0.0,
-        "candidates' local features (at most)": candidates * costs.image,
+        "candidates' local features (at most)": 0.0 if single_pass else candidates * costs.image,
         "re-ranking": num_queries * top_k * costs.pair if config.rerank_topk else 0.0,
     }
-    hours = {stage: seconds / processes / SECONDS_PER_HOUR for stage, seconds in hours.items()}
+    seconds = {stage: value / processes for stage, value in seconds.items()}
     resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)
     return {
         "processes": processes,
-        "hours": hours,
-        "total_hours": sum(hours.values()),
-        "disk_gb": resources["disk"] / GB,
-        "ram_gb_per_process": (resources["ram"] + costs.model_bytes) / GB,
+        "seconds": seconds,
+        "total_seconds": sum(seconds.values()),
+        "disk_bytes": resources["disk"],
+        "ram_bytes_per_process": resources["ram"] + costs.model_bytes,
     }
 
 
@@ -120,7 +121,8 @@ def plan_run(config: EvalConfig, processes: int, global_retrieval: bool = True) 
     database, query_sets = prepare(config)
     num_queries = sum(len(query_set.images) for query_set in query_sets)
     k = num_predictions(config, len(database))
-    costs = calibrate(config, database.paths)
+    model = load_model(config.backbone, weights_file(config.backbone, config.weights), config.extraction.device)
+    costs = calibrate(config, model, database.paths)
     projection = project(config, costs, len(database), num_queries, processes, global_retrieval, min(config.rerank_topk, k))
     return format_plan(config, costs, projection, len(database), num_queries)
 
@@ -136,12 +138,21 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
         f"{costs.distance * 1e9:.2f} ns per global distance",
         "projected (measured costs x sizes / processes):",
     ]
-    width = max(len(stage) for stage in projection["hours"])
-    for stage, hours in projection["hours"].items():
-        lines.append(f"  {stage:<{width}}  {hours:10.2f} h")
-    lines += [
-        f"  {'total':<{width}}  {projection['total_hours']:10.2f} h",
-        f"  disk (shared --output_dir)  {projection['disk_gb']:10.1f} GB",
-        f"  RAM per process             {projection['ram_gb_per_process']:10.1f} GB",
+    rows = [(stage, duration(value)) for stage, value in projection["seconds"].items()]
+    rows += [
+        ("total", duration(projection["total_seconds"])),
+        ("disk (the shared --output_dir)", f"{projection['disk_bytes'] / GB:.2f} GB"),
+        ("RAM per process", f"{projection['ram_bytes_per_process'] / GB:.2f} GB"),
     ]
+    width = max(len(name) for name, _ in rows)
+    lines += [f"  {name:<{width}}  {value:>10}" for name, value in rows]
     return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in s, min or h."""
+    if seconds < MINUTE:
+        return f"{seconds:.1f} s"
+    if seconds < HOUR:
+        return f"{seconds / MINUTE:.1f} min"
+    return f"{seconds / HOUR:.1f} h"

@@ -47,7 +47,8 @@ def project_resources(
     cells = cells_per_image(config.extraction.image_size)
     itemsize = 4 if config.in_memory else np.dtype(config.store_dtype).itemsize
     local_image = cells * (LOCAL_DIM * itemsize + KEYPOINT_BYTES) + ENTRY_BYTES
-    global_bytes = (num_database + num_queries) * GLOBAL_DIM * 4 if global_retrieval else 0
+    database_itemsize = np.dtype(config.global_dtype).itemsize
+    global_bytes = (num_database * database_itemsize + num_queries * 4) * GLOBAL_DIM if global_retrieval else 0
     local_bytes = (num_queries + num_candidates) * local_image if config.rerank_topk else 0
     scores_bytes = num_queries * config.rerank_topk * 4
     matching_ram = (config.rerank_topk + 1) * cells * LOCAL_DIM * 4 + torch.get_num_threads() * cells * cells * 2
