@@ -1,12 +1,14 @@
 """The disk-backed local-feature store and resumable arrays."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fol_plugin.features import LocalFeatureStore, ResumableArray
+from fol_plugin.features import LocalFeatureStore, ResumableArray, RowFile
 from fol_plugin.features.store import ENTRY_BYTES
 
 
@@ -90,3 +92,17 @@ def test_resumable_array_keeps_committed_rows_and_refuses_another_shape(tmp_path
     assert (reopened.array[:4] == 1.5).all()
     with pytest.raises(ValueError, match="another run"):
         ResumableArray(tmp_path / "a.npy", (7, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_row_files_read_the_rows_of_an_npy_file_without_mapping_it(tmp_path, dtype):
+    rows = np.arange(60, dtype=dtype).reshape(12, 5)
+    np.save(tmp_path / "a.npy", rows)
+    whole, part = RowFile(tmp_path / "a.npy"), RowFile(tmp_path / "a.npy", range(4, 10))
+    assert whole.shape == (12, 5) and part.shape == (6, 5) and part.dtype == dtype
+    np.testing.assert_array_equal(whole[3:7], rows[3:7])
+    np.testing.assert_array_equal(part[1:100], rows[5:10])
+    assert part[6:].shape == (0, 5)
+    os.truncate(tmp_path / "a.npy", os.path.getsize(tmp_path / "a.npy") - 8)
+    with pytest.raises(ValueError, match="ends before row 12: it is truncated"):
+        whole[8:12]

@@ -53,9 +53,9 @@ def _extract_queries(
     local = stages.open_local(config, processes, folder / "local", len(paths)) if config.rerank_topk else None
     descriptors = None
     if need_global:
-        descriptors = stages.extract_global_part(
+        descriptors = np.array(stages.extract_global_part(
             config, processes, model, paths, folder / "queries_global.npy", local, f"Queries {query_set.key}"
-        )
+        ).array)
     elif local is not None:
         stages.extract_local_part(
             config, processes, model, paths, np.arange(len(paths)), local, f"Queries {query_set.key} (local)"
@@ -114,13 +114,14 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
         single_pass = config.in_memory or num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
         with _timed(timings, "features_database_global"):
             name = "database_global.npy" if config.global_dtype == "float32" else f"database_global_{config.global_dtype}.npy"
-            database_global = stages.extract_global_part(
-                config, processes, model, database.paths, cache / name, database_local if single_pass else None, "Database"
+            stages.extract_global_part(
+                config, processes, model, database.paths, cache / name, database_local if single_pass else None,
+                "Database", config.global_dtype,
             )
         with _timed(timings, "global_search"):
             for query_set in query_sets:
                 query_set.global_distances, query_set.global_predictions = stages.search(
-                    config, processes, database_global, query_global[query_set.key], k
+                    config, processes, cache / name, query_global[query_set.key], k
                 )
         extra = {}
         if config.rerank_topk:

@@ -19,22 +19,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..distributed import Processes
-from ..features import InMemoryFeatures, LocalFeatureStore, ResumableArray, extract_global, extract_local
+from ..features import InMemoryFeatures, LocalFeatureStore, ResumableArray, RowFile, extract_global, extract_local
 from ..features.extract import FeatureStore
 from ..matching import LocalFeatures, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
 from ..retrieval import exact_search, merge_top_k
 from ..rerank import order_by_scores, score_candidates
 
+if TYPE_CHECKING:
+    from .config import EvalConfig, QuerySet
+
 logger = logging.getLogger(__name__)
 
 
 def open_array(
-    processes: Processes, path, shape: tuple[int, int], block: int, dtype: str = "float32"
+    processes: Processes, path: Path, shape: tuple[int, int], block: int, dtype: str = "float32"
 ) -> ResumableArray:
     """A resumable array of the run, this process responsible for its part of the rows."""
     with processes.main_first():
@@ -42,7 +47,7 @@ def open_array(
     return array
 
 
-def open_local(config, processes: Processes, folder, num_ids: int) -> FeatureStore:
+def open_local(config: EvalConfig, processes: Processes, folder: Path, num_ids: int) -> FeatureStore:
     """The local features of one image list: in RAM, or in a store named by its precision, with
     this process as one of its writers. Every process has indexed the store when this returns."""
     if config.in_memory:
@@ -62,14 +67,15 @@ def finish(processes: Processes, local: FeatureStore | None) -> None:
 
 
 def extract_global_part(
-    config, processes: Processes, model: FoLModel, paths, path, local: FeatureStore | None, desc: str
-) -> np.ndarray:
+    config, processes: Processes, model: FoLModel, paths, path: Path, local: FeatureStore | None, desc: str,
+    dtype: str = "float32",
+) -> ResumableArray:
     """Global descriptors [N, 8448] of ``paths`` into the array ``path`` (and, with ``local``,
-    their local features), each process extracting its part; returns the whole memory map."""
-    array = open_array(processes, path, (len(paths), GLOBAL_DIM), config.extraction.batch_size, config.global_dtype)
+    their local features), each process extracting its part; returns the whole array."""
+    array = open_array(processes, path, (len(paths), GLOBAL_DIM), config.extraction.batch_size, dtype)
     extract_global(model, paths, array, config.extraction, local, desc=desc)
     finish(processes, local)
-    return array.array
+    return array
 
 
 def extract_local_part(
@@ -77,26 +83,37 @@ def extract_local_part(
 ) -> None:
     """Local features of the ``image_ids`` missing from ``local``, each process extracting its part."""
     missing = local.missing(np.asarray(image_ids, dtype=np.int64))
-    mine = missing[_slice(processes.shard(len(missing), config.extraction.batch_size))]
+    part = processes.shard(len(missing), config.extraction.batch_size)
+    mine = missing[part.start : part.stop]
     extract_local(model, paths, mine, local, config.extraction, desc=desc)
     finish(processes, local)
 
 
-def search(config, processes: Processes, database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (squared L2 distances [Q, k], database ids [Q, k]) of every query, each
-    process searching its chunks of the database."""
-    rows = processes.shard(len(database), config.search_chunk_size)
+def search(
+    config: EvalConfig, processes: Processes, database: Path, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (squared L2 distances [Q, k], database ids [Q, k]) of every query against
+    the database descriptors in the .npy file ``database``, each process reading and searching
+    its chunks of it (one chunk in RAM at a time)."""
+    rows = processes.shard(RowFile(database).shape[0], config.search_chunk_size)
     part = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
     if len(rows):
         distances, indices = exact_search(
-            database[_slice(rows)], queries, min(k, len(rows)), config.search_chunk_size, progress=config.extraction.progress
+            RowFile(database, rows), queries, min(k, len(rows)), config.search_chunk_size, progress=config.extraction.progress
         )
         part = (distances, indices + rows.start)
     parts = processes.gather(part)
     return merge_top_k([d for d, _ in parts], [i for _, i in parts], k)
 
 
-def rerank(config, processes: Processes, cache, query_set, query_local: FeatureStore, database_local: FeatureStore) -> None:
+def rerank(
+    config: EvalConfig,
+    processes: Processes,
+    cache: Path,
+    query_set: QuerySet,
+    query_local: FeatureStore,
+    database_local: FeatureStore,
+) -> None:
     """FoL scores of each query's candidates (or another scorer's), queries split across the
     processes; sets ``query_set.scores`` and ``query_set.reranked`` on every process."""
     top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
@@ -134,6 +151,3 @@ def rerank(config, processes: Processes, cache, query_set, query_local: FeatureS
     query_set.scores = np.array(scores.array)
     query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)
 
-
-def _slice(rows: range) -> slice:
-    return slice(rows.start, rows.stop)

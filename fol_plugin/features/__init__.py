@@ -1,5 +1,5 @@
 """Global and local features of image lists, on disk: resumable arrays and the local-feature store."""
-from .arrays import ResumableArray
+from .arrays import ResumableArray, RowFile
 from .extract import ExtractionConfig, check_image_size, extract_global, extract_local
 from .store import STORE_DTYPES, InMemoryFeatures, LocalFeatureStore
 
@@ -9,6 +9,7 @@ __all__ = [
     "InMemoryFeatures",
     "LocalFeatureStore",
     "ResumableArray",
+    "RowFile",
     "check_image_size",
     "extract_global",
     "extract_local",

@@ -174,6 +174,45 @@ class ResumableArray:
         self._done[start:end] = True
 
 
+class RowFile:
+    """Rows ``rows`` of an .npy file [N, ...], read with ``pread`` into fresh arrays, never
+    memory-mapped: reading a file larger than RAM chunk by chunk keeps RAM at one chunk.
+
+    ``file[a:b]`` is rows ``rows.start + a`` to ``rows.start + b``, as an ndarray.
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: range | None = None) -> None:
+        self.path = Path(path)
+        header = _read_header(self.path)
+        if header is None:
+            raise ValueError(f"{self.path} is not a readable .npy file")
+        shape, self.dtype, self._offset = header
+        self.rows = range(shape[0]) if rows is None else rows
+        self.shape = (len(self.rows), *shape[1:])
+        self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError("RowFile reads contiguous rows only")
+        count = max(stop - start, 0)
+        out = np.empty((count, *self.shape[1:]), self.dtype)
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            view, position = memoryview(out).cast("B"), self._offset + (self.rows.start + start) * self._row_bytes
+            while view.nbytes:
+                read = os.preadv(descriptor, [view], position)
+                if read == 0:
+                    raise ValueError(f"{self.path} ends before row {self.rows.start + stop}: it is truncated")
+                view, position = view[read:], position + read
+        finally:
+            os.close(descriptor)
+        return out
+
+
 def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
     """(shape, dtype, data offset) of an .npy file, or None (with a warning) when its header is damaged."""
     with open(path, "rb") as handle:

@@ -18,12 +18,15 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest database descriptors of each query by L2 distance, as ``faiss.IndexFlatL2``.
 
-    The database is searched ``chunk_size`` rows at a time (it may be a memory map larger than
-    RAM) and the per-chunk results merged; equal distances keep the lower database index.
+    The database is searched ``chunk_size`` rows at a time (``faiss.knn``, which computes what
+    ``IndexFlatL2.search`` does without copying the rows into an index) and the per-chunk results
+    merged; equal distances keep the lower database index. RAM holds one chunk: give a
+    :class:`~fol_plugin.features.RowFile` for a database larger than RAM (a memory map keeps
+    every page it read resident).
 
     Args:
-        database: [N, D] float32 or float16 (a memory map is read chunk by chunk, each chunk
-            searched in float32).
+        database: [N, D] float32 or float16 rows, an array or a
+            :class:`~fol_plugin.features.RowFile`; each chunk is searched in float32.
         queries: [Q, D] float32.
         k: predictions per query, at most N.
 
@@ -41,9 +44,8 @@ def exact_search(
     starts = range(0, num_database, chunk_size)
     for start in tqdm(starts, desc="Global search", unit="chunk", disable=not progress or len(starts) == 1):
         chunk = np.ascontiguousarray(database[start : start + chunk_size], dtype=np.float32)
-        index = faiss.IndexFlatL2(dim)
-        index.add(chunk)
-        distances, indices = index.search(queries, min(k, len(chunk)))
+        distances, indices = faiss.knn(queries, chunk, min(k, len(chunk)))
+        del chunk
         best_distances, best_indices = merge_top_k([best_distances, distances], [best_indices, indices + start], k)
     return best_distances, best_indices
 
