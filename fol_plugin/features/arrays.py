@@ -200,9 +200,11 @@ class RowFile:
             raise ValueError("RowFile reads contiguous rows only")
         count = max(stop - start, 0)
         out = np.empty((count, *self.shape[1:]), self.dtype)
+        if out.size == 0:
+            return out
         descriptor = os.open(self.path, os.O_RDONLY)
         try:
-            view, position = memoryview(out).cast("B"), self._offset + (self.rows.start + start) * self._row_bytes
+            view, position = memoryview(out.reshape(-1).view(np.uint8)), self._offset + (self.rows.start + start) * self._row_bytes
             while view.nbytes:
                 read = os.preadv(descriptor, [view], position)
                 if read == 0:
