@@ -36,6 +36,31 @@ def checksum(*buffers: np.ndarray | bytes) -> int:
     return digest.intdigest() & CHECKSUM_MASK
 
 
+def read_into(descriptor: int, out: np.ndarray, offset: int, name: os.PathLike | str) -> np.ndarray:
+    """Fill the C-contiguous ``out`` with the bytes of the open file ``descriptor`` from
+    ``offset`` (``pread``: no memory map, so nothing stays resident once ``out`` is freed)."""
+    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    while view.nbytes:
+        read = os.preadv(descriptor, [view], offset)
+        if read == 0:
+            raise ValueError(f"{name} ends at byte {offset}, before the data it should hold: it is truncated")
+        view, offset = view[read:], offset + read
+    return out
+
+
+def checksum_of_ranges(ranges: list[tuple[int, int, int]], piece_bytes: int = 64 * 2**20) -> int:
+    """:func:`checksum` of the bytes ``(descriptor, offset, length)`` of open files, in order,
+    read in pieces of at most ``piece_bytes`` (RAM stays at one piece)."""
+    digest = xxhash.xxh3_64()
+    for descriptor, offset, length in ranges:
+        end = offset + length
+        while offset < end:
+            piece = read_into(descriptor, np.empty(min(piece_bytes, end - offset), np.uint8), offset, f"file {descriptor}")
+            digest.update(piece)
+            offset += len(piece)
+    return digest.intdigest() & CHECKSUM_MASK
+
+
 def fsync_append(path: Path, chunks: list[np.ndarray | bytes]) -> None:
     """Append ``chunks`` to ``path`` and make them durable before returning."""
     with open(path, "ab") as handle:

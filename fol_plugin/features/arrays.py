@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, fsync_append, preallocate
+from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, checksum_of_ranges, fsync_append, preallocate, read_into
 
 logger = logging.getLogger(__name__)
 
@@ -109,26 +109,34 @@ class ResumableArray:
     def _verify(self, valid_bytes: int) -> None:
         """Mark the rows of intact records that touch ``self.rows``; drop this writer's damaged records."""
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        for log in self._logs():
-            records = log.read()
-            intact = np.ones(len(records), bool)
-            for index, (begin, end, expected) in enumerate(records):
-                begin, end = int(begin), int(end)
-                if not 0 <= begin < end <= len(self.array):
-                    problem = f"an impossible commit record (rows {begin}-{end})"
-                elif end <= self.rows.start or begin >= self.rows.stop:
-                    continue  # another writer's rows: verified by that writer
-                elif end * row_bytes > valid_bytes:
-                    problem = "missing bytes (truncated file)"
-                elif checksum(self.array[begin:end]) != expected:
-                    problem = "a checksum mismatch (altered or zero-padded data)"
-                else:
-                    self._done[begin:end] = True
-                    continue
-                intact[index] = False
-                logger.warning("%s: rows %d-%d are damaged (%s); computing them again", self.path, begin, end - 1, problem)
-            if log is self._log:
-                self._keep(records[intact], len(records))
+        descriptor = os.open(self.path, os.O_RDONLY)  # read with pread: nothing stays resident
+        try:
+            for log in self._logs():
+                self._verify_log(log, descriptor, row_bytes, valid_bytes)
+        finally:
+            os.close(descriptor)
+
+    def _verify_log(self, log: CommitLog, descriptor: int, row_bytes: int, valid_bytes: int) -> None:
+        """Mark the intact records of one commit log (see :meth:`_verify`)."""
+        records = log.read()
+        intact = np.ones(len(records), bool)
+        for index, (begin, end, expected) in enumerate(records):
+            begin, end = int(begin), int(end)
+            if not 0 <= begin < end <= len(self.array):
+                problem = f"an impossible commit record (rows {begin}-{end})"
+            elif end <= self.rows.start or begin >= self.rows.stop:
+                continue  # another writer's rows: verified by that writer
+            elif end * row_bytes > valid_bytes:
+                problem = "missing bytes (truncated file)"
+            elif checksum_of_ranges([(descriptor, self._offset + begin * row_bytes, (end - begin) * row_bytes)]) != expected:
+                problem = "a checksum mismatch (altered or zero-padded data)"
+            else:
+                self._done[begin:end] = True
+                continue
+            intact[index] = False
+            logger.warning("%s: rows %d-%d are damaged (%s); computing them again", self.path, begin, end - 1, problem)
+        if log is self._log:
+            self._keep(records[intact], len(records))
 
     def _keep(self, records: np.ndarray, count: int) -> None:
         """Rewrite this writer's log with ``records`` (drops damaged ones and a partial record)."""
@@ -204,15 +212,9 @@ class RowFile:
             return out
         descriptor = os.open(self.path, os.O_RDONLY)
         try:
-            view, position = memoryview(out.reshape(-1).view(np.uint8)), self._offset + (self.rows.start + start) * self._row_bytes
-            while view.nbytes:
-                read = os.preadv(descriptor, [view], position)
-                if read == 0:
-                    raise ValueError(f"{self.path} ends before row {self.rows.start + stop}: it is truncated")
-                view, position = view[read:], position + read
+            return read_into(descriptor, out, self._offset + (self.rows.start + start) * self._row_bytes, self.path)
         finally:
             os.close(descriptor)
-        return out
 
 
 def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:

@@ -15,9 +15,9 @@ Opening a store verifies every record of every writer against the data (bounds a
 an image whose data is truncated, zero-padded or altered is reported and left out, so it is
 computed again; nothing damaged is read. A writer (``mode="a"``) also cuts what an interruption
 left half-written in its own files, then appends. A reader sees the images whose records were
-complete when it opened, or when it last called :meth:`LocalFeatureStore.refresh`. Reads are
-memory-mapped: RAM does not grow with the number of stored images beyond a small index (18
-bytes per image id).
+complete when it opened, or when it last called :meth:`LocalFeatureStore.refresh`. Verifying
+and reading use ``pread``, never a memory map: RAM holds the small index (18 bytes per image id)
+and what is being read, whatever the size of the store.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, fsync_append
+from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, checksum_of_ranges, fsync_append, read_into
 from ..cache.lock import DirectoryLock
 from ..options import STORE_DTYPES
 
@@ -58,7 +58,6 @@ class _Part:
         self.lock_file = f"{LOCK_FILE}{suffix}"
         self.records_read = 0  # records of the entries log indexed so far
         self.rows = 0  # data rows covered by the intact records
-        self.maps: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class LocalFeatureStore:
@@ -172,25 +171,33 @@ class LocalFeatureStore:
             return 0
         sizes = [path.stat().st_size if path.exists() else 0 for path in (part.descriptors, part.keypoints)]
         available = min(size // row_bytes for size, row_bytes in zip(sizes, self._row_bytes()))
-        descriptors = _memmap(part.descriptors, self.dtype, (available, self.dim))
-        keypoints = _memmap(part.keypoints, KEYPOINT_DTYPE, (available, 2))
+        descriptor_bytes, keypoint_bytes = self._row_bytes()
+        files = [os.open(path, os.O_RDONLY) if available else -1 for path in (part.descriptors, part.keypoints)]
         intact = np.ones(len(records), bool)
         damaged: dict[str, list[int]] = {}
-        for index, (image_id, start, count, expected) in enumerate(new, start=part.records_read):
-            if not (0 <= image_id < self.num_ids and 0 <= start and 0 <= count):
-                problem = "an impossible record"
-            elif start + count > available:
-                problem = "missing data (truncated files)"
-            elif checksum(descriptors[start : start + count], keypoints[start : start + count]) != expected:
-                problem = "a checksum mismatch (altered or zero-padded data)"
-            else:
-                if self._start[image_id] < 0:  # the first intact copy of an image is the one read
-                    self._start[image_id], self._count[image_id] = start, count
-                    self._writer_of[image_id] = part.writer
-                part.rows = max(part.rows, int(start + count))
-                continue
-            intact[index] = False
-            damaged.setdefault(problem, []).append(int(image_id))
+        try:
+            for index, (image_id, start, count, expected) in enumerate(new, start=part.records_read):
+                if not (0 <= image_id < self.num_ids and 0 <= start and 0 <= count):
+                    problem = "an impossible record"
+                elif start + count > available:
+                    problem = "missing data (truncated files)"
+                elif checksum_of_ranges([
+                    (files[0], int(start) * descriptor_bytes, int(count) * descriptor_bytes),
+                    (files[1], int(start) * keypoint_bytes, int(count) * keypoint_bytes),
+                ]) != expected:
+                    problem = "a checksum mismatch (altered or zero-padded data)"
+                else:
+                    if self._start[image_id] < 0:  # the first intact copy of an image is the one read
+                        self._start[image_id], self._count[image_id] = start, count
+                        self._writer_of[image_id] = part.writer
+                    part.rows = max(part.rows, int(start + count))
+                    continue
+                intact[index] = False
+                damaged.setdefault(problem, []).append(int(image_id))
+        finally:
+            for descriptor in files:
+                if descriptor >= 0:
+                    os.close(descriptor)
         for problem, image_ids in damaged.items():
             shown = ", ".join(map(str, image_ids[:MAX_LISTED_IDS])) + (" ..." if len(image_ids) > MAX_LISTED_IDS else "")
             logger.warning(
@@ -200,7 +207,6 @@ class LocalFeatureStore:
         if own:
             self._cut(part, records, intact)
         part.records_read = len(records)
-        part.maps = None
         return len(new)
 
     def _cut(self, part: _Part, records: np.ndarray, intact: np.ndarray) -> None:
@@ -263,30 +269,27 @@ class LocalFeatureStore:
         self._start[records[:, 0]], self._count[records[:, 0]] = starts, records[:, 2]
         self._writer_of[records[:, 0]] = part.writer
         part.rows += int(sum(counts))
-        part.maps = None
 
-    def _maps(self, writer: int) -> tuple[np.ndarray, np.ndarray]:
-        part = self._parts[writer]
-        if part.maps is None:
-            part.maps = (
-                _memmap(part.descriptors, self.dtype, (part.rows, self.dim)),
-                _memmap(part.keypoints, KEYPOINT_DTYPE, (part.rows, 2)),
-            )
-        return part.maps
-
-    def _read(self, image_id: int, which: int) -> np.ndarray:
+    def _read(self, image_id: int, keypoints: bool) -> np.ndarray:
+        """One image's descriptors [N, D] (store dtype) or keypoints [N, 2], read with pread."""
         if image_id not in self:
             raise KeyError(f"image id {image_id} is not in the local-feature store {self.folder}")
-        start = int(self._start[image_id])
-        return self._maps(int(self._writer_of[image_id]))[which][start : start + int(self._count[image_id])]
+        part = self._parts[int(self._writer_of[image_id])]
+        path, dtype, width = (part.keypoints, KEYPOINT_DTYPE, 2) if keypoints else (part.descriptors, self.dtype, self.dim)
+        out = np.empty((int(self._count[image_id]), width), dtype)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            return read_into(descriptor, out, int(self._start[image_id]) * width * np.dtype(dtype).itemsize, path)
+        finally:
+            os.close(descriptor)
 
     def __getitem__(self, image_id: int) -> torch.Tensor:
         """Descriptors [N, D] float32 of one image."""
-        return torch.from_numpy(np.array(self._read(image_id, 0), dtype=np.float32))
+        return torch.from_numpy(self._read(image_id, keypoints=False).astype(np.float32, copy=False))
 
     def keypoints(self, image_id: int) -> torch.Tensor:
         """Keypoints [N, 2] float32 of one image."""
-        return torch.from_numpy(np.array(self._read(image_id, 1)))
+        return torch.from_numpy(self._read(image_id, keypoints=True))
 
     def bytes_per_image(self) -> float:
         """Mean disk bytes per stored image (descriptors, keypoints and index records)."""
@@ -294,12 +297,6 @@ class LocalFeatureStore:
         files = [path for part in self._parts.values() for path in (part.descriptors, part.keypoints, part.entries.path)]
         total = sum(path.stat().st_size for path in files if path.exists())
         return total / stored if stored else 0.0
-
-
-def _memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.ndarray:
-    if shape[0] == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
 class InMemoryFeatures:
