@@ -61,8 +61,7 @@ def cache(tmp_path_factory) -> tuple[Path, float]:
     array = ResumableArray(folder / "database_global.npy", (GLOBAL_ROWS, GLOBAL_DIM))
     rows = np.random.default_rng(0).standard_normal((BATCH, GLOBAL_DIM)).astype(np.float32)
     for first in range(0, GLOBAL_ROWS, BATCH):
-        array.array[first : first + BATCH] = rows
-        array.commit(first + BATCH)
+        array.write(first, rows[: GLOBAL_ROWS - first])
     return folder, time.perf_counter() - start
 
 

@@ -9,6 +9,7 @@ taken in turn as a query against the other 21: max |diff| of global descriptors,
 top-10 agreement of the global predictions, and FoL re-ranking scores of each query's 10
 fp32 candidates computed from reduced-precision local features against fp32 ones.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -46,7 +47,9 @@ def model() -> FoLModel:
         detweights = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(detweights)
         meta = json.loads((folder / "meta.json").read_text())
-        model.load_state_dict(detweights.make_state_dict(json.loads((FIXTURES / "keys_vitb.json").read_text()), meta["seed"]))
+        model.load_state_dict(
+            detweights.make_state_dict(json.loads((FIXTURES / "keys_vitb.json").read_text()), meta["seed"])
+        )
     return model
 
 

@@ -12,6 +12,7 @@ Under ``torchrun``, rank, world size and local rank come from its environment (`
 uses ``cuda:LOCAL_RANK``. A process that fails ends the run: torchrun stops the others (they may
 be waiting at a barrier) and reports the failed rank's error.
 """
+
 from __future__ import annotations
 
 import datetime

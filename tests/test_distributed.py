@@ -1,6 +1,7 @@
 """Runs spread over processes: torchrun (gloo, CPU, tiny ViT) gives the single-process outputs,
 resumes a killed rank without recomputing, and fails as a whole when one rank fails; the shared
 files take several writers."""
+
 from __future__ import annotations
 
 import json
@@ -22,22 +23,48 @@ from fol_plugin.distributed import Processes
 from fol_plugin.features import LocalFeatureStore, ResumableArray
 from fol_plugin.retrieval import exact_search, merge_top_k
 
+from .conftest import DATA, REPO_ROOT, require
+
 
 TESTS = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 OUTPUT_FILES = ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy", "queries_descriptors.npy")
 RUN_TIMEOUT_S = 300
-COMPUTED = re.compile(r"(?:\[rank (\d)\] )?(Queries queries|Database|Database \(local\)|Queries queries \(local\)): computed images (.*)$")
+COMPUTED = re.compile(
+    r"(?:\[rank (\d)\] )?(Queries queries|Database|Database \(local\)|Queries queries \(local\)): computed images (.*)$"
+)
 
 
 def tiny_args(root: Path, output: Path, weights: Path, *extra: str) -> list[str]:
     """``fol-vpr eval`` with the tiny ViT; 17 database images in batches of 2 and search chunks of
     5 rows: two processes split 9 batches and 4 chunks unevenly."""
     return [
-        str(TESTS / "tiny_fol_vpr.py"), "eval", "--database_folder", str(root / "database"), "--queries_folder",
-        str(root / "queries"), "--backbone", "vitb", "--weights", str(weights), "--image_size", "126", "126",
-        "--num_workers", "0", "--rerank_topk", "8", "--batch_size", "2", "--search_chunk_size", "5",
-        "--save_descriptors", "--keep_cache", "--output_dir", str(output), *extra,
+        str(TESTS / "tiny_fol_vpr.py"),
+        "eval",
+        "--database_folder",
+        str(root / "database"),
+        "--queries_folder",
+        str(root / "queries"),
+        "--backbone",
+        "vitb",
+        "--weights",
+        str(weights),
+        "--image_size",
+        "126",
+        "126",
+        "--num_workers",
+        "0",
+        "--rerank_topk",
+        "8",
+        "--batch_size",
+        "2",
+        "--search_chunk_size",
+        "5",
+        "--save_descriptors",
+        "--keep_cache",
+        "--output_dir",
+        str(output),
+        *extra,
     ]
 
 
@@ -62,7 +89,9 @@ def single_process(labelled_set, tiny_weights, tmp_path_factory) -> dict[str, by
     return outputs(output)
 
 
-def test_two_processes_give_the_single_process_outputs_byte_for_byte(single_process, labelled_set, tiny_weights, tmp_path):
+def test_two_processes_give_the_single_process_outputs_byte_for_byte(
+    single_process, labelled_set, tiny_weights, tmp_path
+):
     result = run([*TORCHRUN, *tiny_args(labelled_set, tmp_path / "run", tiny_weights)])
     assert result.returncode == 0, result.stderr
     assert outputs(tmp_path / "run") == single_process
@@ -195,3 +224,35 @@ def test_merging_partial_searches_in_any_order_is_the_exact_search():
         np.testing.assert_array_equal(merged[1], whole[1])
         np.testing.assert_array_equal(merged[0], whole[0])
     assert list(whole[1][0, :2]) == [3, 25]
+
+
+@pytest.mark.slow
+def test_the_readme_torchrun_command_gives_the_single_process_results(parity_torch_home, tmp_path):
+    """The README's two toy commands as written (ViT-B, the fixture weights in TORCH_HOME)."""
+    require(DATA / "toy_dataset")
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+    single = next(b for b in blocks if b.startswith("fol-vpr eval --backbone vitb") and "runs/toy\n" in b)
+    distributed = next(b for b in blocks if b.startswith("torchrun --standalone --nproc_per_node 2"))
+    environment = {**os.environ, "TORCH_HOME": str(parity_torch_home)}
+    outputs = {}
+    for name, block in (("single", single), ("torchrun", distributed)):
+        output = tmp_path / name
+        command = re.sub(r"--output_dir runs/\S+", f"--output_dir {output}", block)
+        result = subprocess.run(
+            command,
+            shell=True,
+            executable="/bin/bash",
+            cwd=REPO_ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[name] = output
+    for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
+        np.testing.assert_array_equal(
+            np.load(outputs["single"] / "queries" / name), np.load(outputs["torchrun"] / "queries" / name)
+        )
+    recalls = [json.loads((outputs[name] / "recalls.json").read_text())["query_sets"] for name in outputs]
+    assert recalls[0] == recalls[1]

@@ -1,4 +1,5 @@
 """``--plan``: projected disk, RAM and time per stage, calibrated on the run's own images, before any work."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,11 +41,28 @@ def test_float16_database_descriptors_halve_their_projected_disk(labelled_set, t
 def test_plan_prints_the_projection_and_writes_nothing(labelled_set, tiny_weights, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
     output = tmp_path / "out"
-    code = cli.main([
-        "eval", "--database_folder", str(labelled_set / "database"), "--queries_folder", str(labelled_set / "queries"),
-        "--backbone", "vitb", "--weights", str(tiny_weights), "--image_size", "126", "126", "--num_workers", "0",
-        "--output_dir", str(output), "--plan", "8",
-    ])
+    code = cli.main(
+        [
+            "eval",
+            "--database_folder",
+            str(labelled_set / "database"),
+            "--queries_folder",
+            str(labelled_set / "queries"),
+            "--backbone",
+            "vitb",
+            "--weights",
+            str(tiny_weights),
+            "--image_size",
+            "126",
+            "126",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(output),
+            "--plan",
+            "8",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "Plan for 17 database images, 5 queries, 8 process(es) on cpu" in printed

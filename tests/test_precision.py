@@ -2,6 +2,7 @@
 
 The fp32 path is the parity path (tests/test_parity.py); these tests hold the reduced modes to
 the tolerances docs/PRECISION.md states."""
+
 from __future__ import annotations
 
 import json
@@ -77,6 +78,8 @@ def test_float16_database_descriptors_halve_the_cache_and_keep_the_predictions(l
     np.testing.assert_allclose(cached["float16"], cached["float32"], rtol=0, atol=1e-3)
     for stage in ("global", "reranked"):
         file = f"predictions_{stage}.npy"
-        np.testing.assert_array_equal(np.load(runs["float16"] / "queries" / file), np.load(runs["float32"] / "queries" / file))
+        np.testing.assert_array_equal(
+            np.load(runs["float16"] / "queries" / file), np.load(runs["float32"] / "queries" / file)
+        )
     recalls = [json.loads((runs[dtype] / "recalls.json").read_text())["query_sets"] for dtype in runs]
     assert recalls[0] == recalls[1]

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 CACHE_FOLDER = "cache"
 RUN_FILE = "run.json"
 LOCK_FILE = ".fol-vpr.lock"
-CACHE_FORMAT = 2  # bump when cached files change layout
+CACHE_FORMAT = 3  # bump when cached files change layout
 MB = 1e6
 SHOWN_VALUE_CHARS = 40
 

@@ -50,7 +50,7 @@ class EvalConfig:
         save_descriptors: keep the global descriptors as .npy files in the output folder.
         keep_cache: keep ``<output_dir>/cache`` after a successful run.
         search_chunk_size: database rows per faiss index.
-        global_dtype: the database descriptors' memory map, "float32" or "float16" (half the
+        global_dtype: the database descriptors on disk, "float32" or "float16" (half the
             disk; searched in float32 chunks).
     """
 

@@ -6,6 +6,7 @@ method's predictions with FoL (``fol-vpr rerank``). Both are short drivers over 
 every stage resumes from them after an interruption. Under ``torchrun`` every process runs the
 same driver on its part of the work and rank 0 writes the outputs (:mod:`fol_plugin.distributed`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,9 +54,11 @@ def _extract_queries(
     local = stages.open_local(config, processes, folder / "local", len(paths)) if config.rerank_topk else None
     descriptors = None
     if need_global:
-        descriptors = np.array(stages.extract_global_part(
-            config, processes, model, paths, folder / "queries_global.npy", local, f"Queries {query_set.key}"
-        ).array)
+        descriptors = np.array(
+            stages.extract_global_part(
+                config, processes, model, paths, folder / "queries_global.npy", local, f"Queries {query_set.key}"
+            ).array
+        )
     elif local is not None:
         stages.extract_local_part(
             config, processes, model, paths, np.arange(len(paths)), local, f"Queries {query_set.key} (local)"
@@ -77,7 +80,9 @@ def _rerank(
     """The candidates' local features, then each query set re-ranked; returns extra summary fields."""
     candidates = _candidate_ids(query_sets, config.rerank_topk)
     with _timed(timings, "features_database_local"):
-        stages.extract_local_part(config, processes, model, database_paths, candidates, database_local, "Database (local)")
+        stages.extract_local_part(
+            config, processes, model, database_paths, candidates, database_local, "Database (local)"
+        )
     for query_set in query_sets:
         with _timed(timings, f"rerank_{query_set.key}"):
             stages.rerank(config, processes, cache, query_set, query_local[query_set.key], database_local)
@@ -87,6 +92,33 @@ def _rerank(
     return {"store_bytes_per_image": round(database_local.bytes_per_image())}
 
 
+def _database_file(config: EvalConfig) -> str:
+    """The cached database descriptors' file name (its dtype in the name unless float32)."""
+    return "database_global.npy" if config.global_dtype == "float32" else f"database_global_{config.global_dtype}.npy"
+
+
+def _search(
+    config: EvalConfig, processes: Processes, database: Path, query_sets: list[QuerySet], query_global: dict, k: int
+) -> None:
+    """Global predictions and distances of every query set, in one pass over the database."""
+    distances, predictions = stages.search(
+        config, processes, database, np.concatenate([query_global[s.key] for s in query_sets]), k
+    )
+    end = 0
+    for query_set in query_sets:
+        begin, end = end, end + len(query_set.images)
+        query_set.global_distances, query_set.global_predictions = distances[begin:end], predictions[begin:end]
+
+
+def _keep_all_descriptors(config: EvalConfig, cache: Path, query_sets: list[QuerySet]) -> None:
+    """``--save_descriptors``: the cached descriptors linked into the output folder."""
+    keep_descriptors(cache / _database_file(config), config.output_dir / DATABASE_DESCRIPTORS_FILE)
+    for query_set in query_sets:
+        folder = config.output_dir / query_set.key
+        folder.mkdir(parents=True, exist_ok=True)
+        keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
+
+
 def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
     """``fol-vpr eval``: FoL global retrieval, then FoL re-ranking, on one database and its query sets.
 
@@ -94,7 +126,7 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
         processes: this process's place in a distributed run (a single process by default).
 
     Returns:
-        The summary written to ``recalls.json`` (on every process).
+        The summary written to ``recalls.json``; empty on the processes other than rank 0.
     """
     timings: dict[str, float] = {}
     database, query_sets = prepare(config)
@@ -108,33 +140,30 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
                 query_global[query_set.key], query_local[query_set.key] = _extract_queries(
                     config, processes, model, cache, query_set, True
                 )
-        database_local = stages.open_local(config, processes, cache / "database_local", len(database)) if config.rerank_topk else None
+        database_local = None
+        if config.rerank_topk:
+            database_local = stages.open_local(config, processes, cache / "database_local", len(database))
         # Local features in the global pass when every database image may be a candidate (or they
         # are held in RAM anyway); else a second pass over the candidates only.
         single_pass = config.in_memory or num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
+        database_file = cache / _database_file(config)
         with _timed(timings, "features_database_global"):
-            name = "database_global.npy" if config.global_dtype == "float32" else f"database_global_{config.global_dtype}.npy"
             stages.extract_global_part(
-                config, processes, model, database.paths, cache / name, database_local if single_pass else None,
+                config, processes, model, database.paths, database_file, database_local if single_pass else None,
                 "Database", config.global_dtype,
-            )
+            )  # fmt: skip
         with _timed(timings, "global_search"):
-            for query_set in query_sets:
-                query_set.global_distances, query_set.global_predictions = stages.search(
-                    config, processes, cache / name, query_global[query_set.key], k
-                )
+            _search(config, processes, database_file, query_sets, query_global, k)
         extra = {}
         if config.rerank_topk:
-            extra = _rerank(config, processes, model, cache, database.paths, query_sets, query_local, database_local, timings)
+            extra = _rerank(
+                config, processes, model, cache, database.paths, query_sets, query_local, database_local, timings
+            )
         if not processes.is_main:
             return {}
         with _timed(timings, "outputs"):
             if config.save_descriptors:
-                keep_descriptors(cache / name, config.output_dir / DATABASE_DESCRIPTORS_FILE)
-                for query_set in query_sets:
-                    folder = config.output_dir / query_set.key
-                    folder.mkdir(parents=True, exist_ok=True)
-                    keep_descriptors(cache / query_set.key / "queries_global.npy", folder / "queries_descriptors.npy")
+                _keep_all_descriptors(config, cache, query_sets)
             return write_run_outputs(config, database, query_sets, timings, {**extra, "processes": processes.world_size})
 
 

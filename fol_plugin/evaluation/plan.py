@@ -6,6 +6,7 @@ per-item costs onto the run's sizes. Disk and RAM come from :mod:`.resources`. N
 written: the projection is printed as a table and every figure says whether it was measured or
 projected.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,6 +110,7 @@ def project(
     resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)
     return {
         "processes": processes,
+        "top_k": top_k,
         "seconds": seconds,
         "total_seconds": sum(seconds.values()),
         "disk_bytes": resources["disk"],
@@ -123,7 +125,9 @@ def plan_run(config: EvalConfig, processes: int, global_retrieval: bool = True) 
     k = num_predictions(config, len(database))
     model = load_model(config.backbone, weights_file(config.backbone, config.weights), config.extraction.device)
     costs = calibrate(config, model, database.paths)
-    projection = project(config, costs, len(database), num_queries, processes, global_retrieval, min(config.rerank_topk, k))
+    projection = project(
+        config, costs, len(database), num_queries, processes, global_retrieval, min(config.rerank_topk, k)
+    )
     return format_plan(config, costs, projection, len(database), num_queries)
 
 
@@ -133,7 +137,7 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
     lines = [
         f"Plan for {num_database} database images, {num_queries} queries, {projection['processes']} process(es) on "
         f"{extraction.device} ({config.backbone}, {extraction.image_size[0]}x{extraction.image_size[1]}, "
-        f"{extraction.precision} extraction, re-ranking top {config.rerank_topk} {config.precision})",
+        f"{extraction.precision} extraction, re-ranking top {projection['top_k']} {config.precision})",
         f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score, "
         f"{costs.distance * 1e9:.2f} ns per global distance",
         "projected (measured costs x sizes / processes):",

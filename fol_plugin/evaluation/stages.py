@@ -8,12 +8,13 @@ are created by rank 0 first; each process then writes its own rows or its own st
 commit log, and a barrier ends every stage before anyone reads what the others wrote.
 
 - query features and database global descriptors: images split across processes;
-- global search: the database memory map split at search-chunk boundaries, each process
+- global search: the database descriptors split at search-chunk boundaries, each process
   searching its part for all queries, the partial top-k merged exactly (equal distances to the
   lower index), as one process searching chunk by chunk;
 - candidates' local features: the missing ids split across processes;
 - re-ranking: queries split across processes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,7 +68,13 @@ def finish(processes: Processes, local: FeatureStore | None) -> None:
 
 
 def extract_global_part(
-    config, processes: Processes, model: FoLModel, paths, path: Path, local: FeatureStore | None, desc: str,
+    config,
+    processes: Processes,
+    model: FoLModel,
+    paths,
+    path: Path,
+    local: FeatureStore | None,
+    desc: str,
     dtype: str = "float32",
 ) -> ResumableArray:
     """Global descriptors [N, 8448] of ``paths`` into the array ``path`` (and, with ``local``,
@@ -99,7 +106,11 @@ def search(
     part = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
     if len(rows):
         distances, indices = exact_search(
-            RowFile(database, rows), queries, min(k, len(rows)), config.search_chunk_size, progress=config.extraction.progress
+            RowFile(database, rows),
+            queries,
+            min(k, len(rows)),
+            config.search_chunk_size,
+            progress=config.extraction.progress,
         )
         part = (distances, indices + rows.start)
     parts = processes.gather(part)
@@ -121,7 +132,11 @@ def rerank(
     # Scores already computed are reused only for the same candidates, scorer and features.
     candidates = hashlib.sha1(np.ascontiguousarray(query_set.global_predictions[:, :top_k]).tobytes()).hexdigest()[:16]
     scorer = config.scorer
-    method = config.precision if scorer.name == "fol" else f"{scorer.name}_{scorer.ransac_model}_{scorer.inlier_threshold}_{scorer.seed}"
+    method = (
+        config.precision
+        if scorer.name == "fol"
+        else f"{scorer.name}_{scorer.ransac_model}_{scorer.inlier_threshold}_{scorer.seed}"
+    )
     path = cache / query_set.key / f"rerank_scores_{method}_{local_dtype}_{candidates}.npy"
     scores = open_array(processes, path, (len(query_set.images), top_k), 1)
     pair_scorer = None
@@ -150,4 +165,3 @@ def rerank(
     processes.barrier()
     query_set.scores = np.array(scores.array)
     query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)
-

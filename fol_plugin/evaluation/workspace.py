@@ -5,6 +5,7 @@ Rank 0 alone holds the lock and decides whether the cache is resumed, started af
 (:mod:`fol_plugin.cache.run_cache`); the other processes of a distributed run wait for it, then
 share the same ``<output_dir>/cache``. Rank 0 discards the cache at the end, after everyone is done.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 def cache_inputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], weights: Path) -> dict:
     """What every cached file depends on (see :mod:`fol_plugin.cache.run_cache`)."""
+
     def listing(images: ImageSet) -> dict:
         return {"images": len(images), "listing": listing_digest(images.folder, images.paths)}
 
@@ -53,7 +55,11 @@ def _report_and_check(
     projection = project_resources(config, num_database, queries, num_candidates, global_retrieval)
     logger.info(
         "Projected: up to %.2f GB on disk in %s, %.2f GB of RAM beyond the model; local features up to %.2f MB per "
-        "image (%s)", projection["disk"] / GB, cache, projection["ram"] / GB, projection["local_bytes_per_image"] / MB,
+        "image (%s)",
+        projection["disk"] / GB,
+        cache,
+        projection["ram"] / GB,
+        projection["local_bytes_per_image"] / MB,
         "float32 in RAM" if config.in_memory else config.store_dtype,
     )
     check_disk(config.output_dir, projection["disk"], folder_bytes(cache))
@@ -73,7 +79,9 @@ def open_workspace(
     hold, and turn a full disk into a message (rank 0; the others wait for it); yields (cache
     folder, local checkpoint file)."""
     if config.in_memory and processes.distributed:
-        raise ValueError("--in_memory holds features in one process's RAM: run it without torchrun, or drop --in_memory")
+        raise ValueError(
+            "--in_memory holds features in one process's RAM: run it without torchrun, or drop --in_memory"
+        )
     cache = config.output_dir / CACHE_FOLDER
     needed = 0.0
     with RunCache(config.output_dir) if processes.is_main else _nothing() as run_cache:

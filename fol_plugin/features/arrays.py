@@ -11,6 +11,7 @@ opener is responsible for (``rows``): rows whose record is damaged (truncated, z
 altered data) are reported and computed again; nothing damaged is reused. A later run with
 another number of processes reuses every intact part, whoever wrote it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, checksum_of_ranges, fsync_append, preallocate, read_into
+from ..cache.integrity import (
+    COMMITS_SUFFIX,
+    CommitLog,
+    checksum,
+    checksum_of_ranges,
+    fsync_append,
+    preallocate,
+    read_into,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +137,10 @@ class ResumableArray:
                 continue  # another writer's rows: verified by that writer
             elif end * row_bytes > valid_bytes:
                 problem = "missing bytes (truncated file)"
-            elif checksum_of_ranges([(descriptor, self._offset + begin * row_bytes, (end - begin) * row_bytes)]) != expected:
+            elif (
+                checksum_of_ranges([(descriptor, self._offset + begin * row_bytes, (end - begin) * row_bytes)])
+                != expected
+            ):
                 problem = "a checksum mismatch (altered or zero-padded data)"
             else:
                 self._done[begin:end] = True

@@ -1,4 +1,4 @@
-"""Running FoL over image lists: global descriptors to a resumable memory map, local features to
+"""Running FoL over image lists: global descriptors to a resumable array on disk, local features to
 a store. Every stage picks up where an interrupted run stopped."""
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def extract_global(
     with ``local_features``, the images' local features go there in the same pass.
 
     Returns:
-        The [N, 8448] memory map (float32, or the array's dtype).
+        The [N, 8448] array, memory-mapped read-only (float32, or the array's dtype).
     """
     todo = descriptors.todo()
     left = sum(len(rows) for rows in todo)

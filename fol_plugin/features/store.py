@@ -1,7 +1,8 @@
-"""Disk-backed, memory-mapped, ragged store of FoL local features, written incrementally.
+"""Disk-backed, ragged store of FoL local features, written incrementally by one or more writers
+(the processes of a distributed run).
 
-Layout of a store folder, written by one or more writers (the processes of a distributed run);
-writer 0's files have no number, writer ``w``'s carry ``.<w>`` before their extension:
+Layout of a store folder (writer 0's files have no number, writer ``w``'s carry ``.<w>`` before
+their extension):
 
 - ``meta.json``: format, descriptor dimension and dtype, and the number of image ids.
 - ``descriptors[.w].bin``: the writer's images' descriptors [N_i, D] concatenated (float16 or float32).
