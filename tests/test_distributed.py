@@ -256,3 +256,15 @@ def test_the_readme_torchrun_command_gives_the_single_process_results(parity_tor
         )
     recalls = [json.loads((outputs[name] / "recalls.json").read_text())["query_sets"] for name in outputs]
     assert recalls[0] == recalls[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)")
+def test_two_gpus_give_the_one_gpu_predictions(labelled_set, tiny_weights, tmp_path):
+    outputs = {}
+    for name, launcher in (("one", [sys.executable]), ("two", TORCHRUN)):
+        output = tmp_path / name
+        result = run([*launcher, *tiny_args(labelled_set, output, tiny_weights, "--device", "cuda")])
+        assert result.returncode == 0, result.stderr
+        outputs[name] = output
+    for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
+        np.testing.assert_array_equal(np.load(outputs["one"] / "queries" / name), np.load(outputs["two"] / "queries" / name))

@@ -83,3 +83,18 @@ def test_float16_database_descriptors_halve_the_cache_and_keep_the_predictions(l
         )
     recalls = [json.loads((runs[dtype] / "recalls.json").read_text())["query_sets"] for dtype in runs]
     assert recalls[0] == recalls[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_cuda_stays_within_the_documented_tolerance(parity_fixture, parity_torch_home, precision):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(parity_torch_home))
+        model = load_model("vitb", "auto", "cuda")
+    images = imagenet_input(parity_fixture["expected"]["images_uint8"]).cuda()
+    reference = torch.from_numpy(parity_fixture["expected"]["global_descriptors"])
+    with torch.inference_mode(), extraction_autocast(ExtractionConfig(precision=precision, device="cuda")):
+        descriptors = model.extract(images).global_descriptors.cpu()
+    assert torch.isfinite(descriptors).all()
+    torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(len(descriptors)), rtol=0, atol=1e-5)
+    assert (descriptors - reference).abs().max() <= GLOBAL_TOLERANCE[precision]
