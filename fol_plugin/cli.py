@@ -430,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s", _user_message(error))
         _record_for_torchrun(error)
         return USER_ERROR_EXIT
+    except Exception as error:  # a bug, not a user error: the traceback, and torchrun's summary names it
+        _record_for_torchrun(error)
+        raise
     except KeyboardInterrupt:
         if args.command == "train":
             logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")

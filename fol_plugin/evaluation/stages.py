@@ -11,7 +11,8 @@ commit log, and a barrier ends every stage before anyone reads what the others w
 - global search: the database descriptors split at search-chunk boundaries, each process
   searching its part for all queries, the partial top-k merged exactly (equal distances to the
   lower index), as one process searching chunk by chunk;
-- candidates' local features: the missing ids split across processes;
+- candidates' local features: the missing ids split across processes, once every process has
+  indexed the same entries of the store (between two barriers, while nobody writes);
 - re-ranking: queries split across processes.
 """
 
@@ -21,7 +22,6 @@ import functools
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,9 +32,7 @@ from ..matching import LocalFeatures, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
 from ..retrieval import exact_search, merge_top_k
 from ..rerank import order_by_scores, score_candidates
-
-if TYPE_CHECKING:
-    from .config import EvalConfig, QuerySet
+from .config import EvalConfig, QuerySet
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +66,10 @@ def finish(processes: Processes, local: FeatureStore | None) -> None:
 
 
 def extract_global_part(
-    config,
+    config: EvalConfig,
     processes: Processes,
     model: FoLModel,
-    paths,
+    paths: list[str],
     path: Path,
     local: FeatureStore | None,
     desc: str,
@@ -86,9 +84,17 @@ def extract_global_part(
 
 
 def extract_local_part(
-    config, processes: Processes, model: FoLModel, paths, image_ids: np.ndarray, local: FeatureStore, desc: str
+    config: EvalConfig,
+    processes: Processes,
+    model: FoLModel,
+    paths: list[str],
+    image_ids: np.ndarray,
+    local: FeatureStore,
+    desc: str,
 ) -> None:
     """Local features of the ``image_ids`` missing from ``local``, each process extracting its part."""
+    finish(processes, local)  # every process indexes the same entries: nobody writes until the next barrier
+    processes.barrier()
     missing = local.missing(np.asarray(image_ids, dtype=np.int64))
     part = processes.shard(len(missing), config.extraction.batch_size)
     mine = missing[part.start : part.stop]
