@@ -103,6 +103,18 @@ def test_two_processes_give_the_single_process_outputs_byte_for_byte(
     assert (cache / "database_local_float32" / "entries.1.commits").stat().st_size
 
 
+def test_two_processes_rerank_given_predictions_as_one(single_process, labelled_set, tiny_weights, tmp_path):
+    given = tmp_path / "given.npy"
+    given.write_bytes(single_process["predictions_global.npy"])
+    args = tiny_args(labelled_set, tmp_path / "run", tiny_weights, "--predictions", str(given))
+    args[1] = "rerank"
+    args.remove("--save_descriptors")
+    result = run([*TORCHRUN, *args])
+    assert result.returncode == 0, result.stderr
+    for name in ("predictions_reranked.npy", "rerank_scores.npy"):
+        assert (tmp_path / "run" / "queries" / name).read_bytes() == single_process[name]
+
+
 def _child_with_rank(parent: int, rank: int) -> int | None:
     """The pid of the child of ``parent`` started with RANK=rank (Linux /proc)."""
     for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
