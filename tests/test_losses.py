@@ -103,7 +103,7 @@ def test_local_similarity_and_triplet_hinge():
     near = F.normalize(eye + 0.3 * torch.roll(eye, 1, dims=1), dim=-1)  # cosine 0.958 with eye
     far = F.normalize(eye + 0.9 * torch.roll(eye, 1, dims=1), dim=-1)  # cosine 0.743
     assert local_similarity(eye, near).item() == pytest.approx(1 / math.sqrt(1.09), rel=1e-6)
-    assert local_similarity(eye, -eye).item() == 0.0  # no counted match
+    assert local_similarity(eye, -eye) is None  # no counted match
     # Globals: images 0, 1 (place 0) and 2, 3 (place 1). Batch-hard triplets (anchor, hardest
     # positive, hardest negative): (0, 1, 2), (1, 0, 2), (2, 3, 0), (3, 2, 1).
     globals_ = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.9, 0.1], [-1.0, 0.2]]), dim=-1)
@@ -112,11 +112,28 @@ def test_local_similarity_and_triplet_hinge():
     loss = local_triplet_loss(globals_, locals_, labels)
     eye_near, eye_far = 1 / math.sqrt(1.09), 1 / math.sqrt(1.81)
     far_near = 1.27 / math.sqrt(1.81 * 1.09)
-    # hinges: s(0,2) - s(0,1), s(1,2) - s(1,0), s(2,0) - s(2,3) with s(2,3) = 0 (no match), and 0.
-    expected = (eye_near - eye_far) + (far_near - eye_far) + eye_near
+    # hinges: s(0,2) - s(0,1), s(1,2) - s(1,0); (2, 3, 0) has no anchor-positive match: no term;
+    # s(3,1) - s(3,2) with neither matched: no term.
+    expected = (eye_near - eye_far) + (far_near - eye_far)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert locals_[0].grad is not None
+
+
+def test_a_triplet_without_a_positive_match_gives_no_loss_and_no_gradient():
+    eye = torch.eye(4)
+    near = F.normalize(eye + 0.3 * torch.roll(eye, 1, dims=1), dim=-1)
+    # Images 0, 1 (place 0) and 2, 3 (place 1); every anchor's positive is its place's other image.
+    globals_ = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.9, 0.1], [0.7, 0.7]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    locals_ = [eye.clone().requires_grad_(), (-eye).requires_grad_(), near.clone().requires_grad_(), (-near).requires_grad_()]
+    loss = local_triplet_loss(globals_, locals_, labels)  # no anchor shares a match with its positive
+    assert loss.item() == 0.0 and not loss.requires_grad  # nothing to back-propagate, and no NaN
+    # Beside a triplet that has a match, the unmatched one adds nothing to the loss or the gradients.
+    mixed = [eye.clone().requires_grad_(), near.clone().requires_grad_(), locals_[2], locals_[3]]
+    loss = local_triplet_loss(globals_, mixed, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and locals_[3].grad is None
 
 
 def test_pseudo_correspondences_follow_the_rules():

@@ -128,12 +128,14 @@ def contrast_loss(
     return loss.mean()
 
 
-def local_similarity(query: torch.Tensor, candidate: torch.Tensor, threshold: float = MATCH_THRESHOLD) -> torch.Tensor:
-    """Mean cosine of FoL's counted mutual matches (FOL_SPEC section 5); 0 without a match (the
-    original then averages row-wise products of its zero-padded maps instead)."""
+def local_similarity(
+    query: torch.Tensor, candidate: torch.Tensor, threshold: float = MATCH_THRESHOLD
+) -> torch.Tensor | None:
+    """Mean cosine of FoL's counted mutual matches (FOL_SPEC section 5); None without a match
+    (the original's mean over no match is NaN)."""
     query_index, candidate_index = mutual_matches(query.detach(), candidate.detach(), threshold)
     if len(query_index) == 0:
-        return query.new_zeros(())
+        return None
     return (query[query_index] * candidate[candidate_index]).sum(-1).mean()
 
 
@@ -146,6 +148,9 @@ def local_triplet_loss(
         loss = sum over triplets max(0, s(a, n) - s(a, p)),  s = :func:`local_similarity`.
 
     The matches are found without gradient; the similarity of the matched descriptors carries it.
+    A triplet whose anchor and positive share no counted match contributes no loss and no
+    gradient, as in the original (whose similarity is then NaN and its gradient zero); a negative
+    without a match has similarity 0.
 
     Args:
         global_descriptors: [B, D].
@@ -156,8 +161,10 @@ def local_triplet_loss(
     total = global_descriptors.new_zeros(())
     for a, p, n in zip(anchors.tolist(), positives.tolist(), negatives.tolist()):
         positive = local_similarity(local_descriptors[a], local_descriptors[p])
+        if positive is None:
+            continue
         negative = local_similarity(local_descriptors[a], local_descriptors[n])
-        total = total + (negative - positive).clamp(min=0)
+        total = total + ((0.0 if negative is None else negative) - positive).clamp(min=0)
     return total
 
 
