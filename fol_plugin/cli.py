@@ -237,8 +237,10 @@ def fine_tune(args: argparse.Namespace) -> None:
 
     if args.dataset == "gsv_cities":
         places = gsv_cities_places(args.data_root, args.cities, args.images_per_place)
+        logger.info("GSV-Cities in %s: %s", args.data_root, ", ".join(args.cities))
     else:
         places = folder_places(args.data_root, args.images_per_place)
+        logger.info("Places: the sub-folders of %s", args.data_root)
     validation = None
     if args.val_database_folder or args.val_queries_folder:
         if not (args.val_database_folder and args.val_queries_folder):

@@ -15,7 +15,18 @@ from fol_plugin.data.datasets import load_image_set
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
 from fol_plugin.models import FoLModel
-from fol_plugin.train.loop import BEST, LAST, LOG, PLOT, TrainConfig, load_dinov2_weights, train, validation_recalls
+from fol_plugin.train import loop
+from fol_plugin.train.loop import (
+    BEST,
+    LAST,
+    LOG,
+    PLOT,
+    TrainConfig,
+    accumulation_divisors,
+    load_dinov2_weights,
+    train,
+    validation_recalls,
+)
 
 from .conftest import REPO_ROOT, TINY_VIT, utm_name
 
@@ -90,8 +101,10 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model(synthetic, tmp_p
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and "loss_contrast" in rows[0] and "R@5" in rows[0]
     assert (tmp_path / "run" / PLOT).stat().st_size > 1000
-    saved = torch.load(tmp_path / "run" / BEST, weights_only=True)
-    assert set(saved) >= {"model_state_dict", "optimizer_state_dict", "epoch_num", "recalls"}
+    best = torch.load(tmp_path / "run" / BEST, weights_only=True)
+    assert set(best) == {"model_state_dict"} and all(key.startswith("module.") for key in best["model_state_dict"])
+    last = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert set(last) >= {"model_state_dict", "optimizer_state_dict", "epoch_num", "recalls"}
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(synthetic, tmp_path, monkeypatch):
@@ -125,7 +138,7 @@ def test_a_trained_checkpoint_loads_through_the_hub(synthetic, tmp_path):
     train(config, synthetic["places"][:2])
     model = torch.hub.load(str(REPO_ROOT), "fol_vitb14", source="local", pretrained=False, weights=str(tmp_path / "vitb" / BEST))
     saved = torch.load(tmp_path / "vitb" / BEST, weights_only=True)["model_state_dict"]
-    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert all(torch.equal(value, saved[f"module.{key}"]) for key, value in model.state_dict().items())
 
 
 def test_dinov2_checkpoint_initialises_the_vit(tmp_path):
@@ -178,3 +191,38 @@ def test_train_command(synthetic, tmp_path, monkeypatch, capsys):
     assert "1 epochs; best checkpoint" in capsys.readouterr().out
     assert cli.main(arguments) == 2  # an existing run needs --resume
     assert cli.main(arguments[:-2] + ["--image_size", "120", "120", "--output_dir", str(tmp_path / "other")]) == 2
+
+
+def test_more_places_per_batch_than_places_is_an_error(synthetic, tmp_path):
+    with pytest.raises(ValueError, match="--places_per_batch 13 exceeds the 12 places found: give at most 12"):
+        train(tiny_config(tmp_path / "run", places_per_batch=13), synthetic["places"])
+
+
+def test_a_last_partial_accumulation_group_is_the_mean_of_its_own_batches(synthetic, tmp_path, monkeypatch, caplog):
+    """3 batches, accumulation 2: with plain SGD (lr 1) and a loss whose gradient is 1 for every
+    trainable weight, each of the two updates moves every weight by exactly -1."""
+    assert accumulation_divisors(5, 2) == [2, 2, 2, 2, 1] and accumulation_divisors(4, 4) == [4] * 4
+    monkeypatch.setattr(loop.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    trained: list[torch.nn.Parameter] = []
+
+    def unit_gradient_loss(outputs, labels, weights, generator):
+        return {"total": sum(p.sum() for p in trained) + 0 * outputs.global_descriptors.sum()}
+
+    original_trainable = loop.trainable_parameters
+
+    def remember(model):
+        trained[:] = original_trainable(model)
+        return trained
+
+    monkeypatch.setattr(loop, "fol_loss", unit_gradient_loss)
+    monkeypatch.setattr(loop, "trainable_parameters", remember)
+    config = tiny_config(tmp_path / "run", epochs=1, places_per_batch=4, accumulation_steps=2, lr=1.0, lr_end_factor=1.0)
+    torch.manual_seed(config.seed)
+    before = [p.detach().clone() for p in original_trainable(FoLModel(TINY_VIT, num_trainable_blocks=2))]
+    caplog.set_level("INFO")
+    rows = train(config, synthetic["places"])["epochs"]
+    assert all(torch.allclose(after, start - 2.0, atol=1e-5) for after, start in zip(trained, before))
+    summary = next(r.message for r in caplog.records if r.message.startswith("Training"))
+    assert "12 places, 48 images" in summary and "3 batches per epoch" in summary and "effective batch 32 images" in summary
+    epoch_line = next(r.message for r in caplog.records if r.message.startswith("Epoch 1:"))
+    assert f"loss_total {rows[0]['loss_total']!r}" in epoch_line  # every digit, not rounded

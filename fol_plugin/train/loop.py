@@ -2,8 +2,9 @@
 
 Per epoch: P places x K images per step, AdamW (the paper's lr 6e-5, weight decay 9.5e-9) with a
 linear decay of the learning rate to 0.1x, optional gradient accumulation and (on CUDA) mixed
-precision; then validation recalls through the evaluation pipeline, ``last.pth`` and the best
-``best.pth`` by R@5 in the original checkpoint format, a loss log (CSV) and its plot (PNG).
+precision; then validation recalls through the evaluation pipeline, ``last.pth`` (weights,
+optimiser and schedule, for ``--resume``) and the best ``best.pth`` by R@5 (model weights only, in
+the original checkpoint format, loadable by torch.hub), a loss log (CSV) and its plot (PNG).
 """
 from __future__ import annotations
 
@@ -163,6 +164,47 @@ def _write_log(output_dir: Path, rows: list[dict]) -> None:
     figure.savefig(output_dir / PLOT, dpi=100)
 
 
+def accumulation_divisors(num_batches: int, accumulation_steps: int) -> list[int]:
+    """Per batch, the size of its accumulation group: the loss of each batch is divided by it,
+    so a last, partial group is the mean of its own batches (not a fraction of a full group)."""
+    divisors = []
+    for start in range(0, num_batches, accumulation_steps):
+        size = min(accumulation_steps, num_batches - start)
+        divisors += [size] * size
+    return divisors
+
+
+def save_weights(model: FoLModel, path: Path) -> None:
+    """The model's weights alone, as the original repository saves them (DataParallel keys under
+    ``model_state_dict``): what ``load_model`` and the torch.hub entrypoints read."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, temporary)
+    temporary.replace(path)
+
+
+def _log_summary(
+    config: TrainConfig, places: Sequence[Sequence[Path]], model: FoLModel, batches: int, device: torch.device
+) -> None:
+    """What the run will do, before it does it."""
+    if config.dinov2_weights:
+        start = f"the DINOv2 ViT of {config.dinov2_weights}"
+    elif config.weights:
+        start = f"FoL weights {config.weights}"
+    else:
+        start = "random weights"
+    backbone = config.backbone if isinstance(config.backbone, str) else "a custom ViT"
+    precision = "mixed precision" if config.mixed_precision and device.type == "cuda" else "float32"
+    effective = config.places_per_batch * config.images_per_place * config.accumulation_steps
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    logger.info(
+        "Training %s from %s: %d places, %d images; batches of %d places x %d images, %d batches per epoch, "
+        "accumulation %d (effective batch %d images); %d of %d parameters trainable; %d epochs on %s in %s",
+        backbone, start, len(places), sum(len(p) for p in places), config.places_per_batch, config.images_per_place,
+        batches, config.accumulation_steps, effective, trainable, sum(p.numel() for p in model.parameters()),
+        config.epochs, device, precision,
+    )  # fmt: skip
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -187,6 +229,11 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         raise FileNotFoundError(f"--resume: no {last} to continue from")
     if len(places) < 2:
         raise ValueError(f"training needs at least 2 places, got {len(places)}")
+    if config.places_per_batch > len(places):
+        raise ValueError(
+            f"--places_per_batch {config.places_per_batch} exceeds the {len(places)} places found: give at most "
+            f"{len(places)}, or more places"
+        )
     device = resolve_device(config.device)
     _seed_everything(config.seed)
     model = load_model(config.backbone, config.weights, device, num_trainable_blocks=config.num_trainable_blocks)
@@ -217,15 +264,19 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
             collate_fn=collate_places, num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(epoch_seed),
         )
+        if epoch == start_epoch:
+            _log_summary(config, places, model, len(loader), device)
         generator = torch.Generator().manual_seed(epoch_seed)
         model.train()
         sums: dict[str, float] = {}
         steps = 0
-        for step, (images, labels) in enumerate(tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", unit="batch")):
+        divisors = accumulation_divisors(len(loader), config.accumulation_steps)
+        bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", unit="batch")
+        for step, (images, labels) in enumerate(bar):
             with torch.autocast(device.type, enabled=amp):
                 outputs = model.forward_train(images.to(device))
             parts = fol_loss(outputs, labels.to(device), config.loss_weights, generator)
-            scaler.scale(parts["total"] / config.accumulation_steps).backward()
+            scaler.scale(parts["total"] / divisors[step]).backward()
             if (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader):
                 scaler.step(optimizer)
                 scaler.update()
@@ -234,12 +285,13 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             steps += 1
+            bar.set_postfix(loss=f"{sums['total'] / steps:.4g}")
         row = {"epoch": epoch + 1, "steps": steps, "lr": scheduler.get_last_lr()[0]}
         row.update({f"loss_{name}": total / max(steps, 1) for name, total in sums.items()})
         recalls = validation_recalls(model, *config.validation, extraction) if config.validation else {}
         row.update(recalls)
         rows.append(row)
-        logger.info("Epoch %d: %s", epoch + 1, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+        logger.info("Epoch %d: %s", epoch + 1, ", ".join(f"{name} {value}" for name, value in row.items()))
         score = recalls.get(BEST_BY, -row["loss_total"])
         improved = score > best_score
         best_score = max(best_score, score)
@@ -258,6 +310,6 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         torch.save(checkpoint, temporary)
         temporary.replace(last)
         if improved:
-            torch.save(checkpoint, output_dir / BEST)
+            save_weights(model, output_dir / BEST)
         _write_log(output_dir, rows)
     return {"epochs": rows, "best": str(output_dir / BEST) if (output_dir / BEST).exists() else None}
