@@ -33,6 +33,7 @@ from .options import (
     TRAIN_EPOCHS,
     TRAIN_LR,
     TRAIN_PLACES_PER_BATCH,
+    TRAIN_PATIENCE,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
     DEFAULT_SEARCH_CHUNK,
@@ -213,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--num_workers", type=_non_negative_int, default=default_num_workers())
     fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
     fit.add_argument("--val_queries_folder", type=Path)
+    fit.add_argument(
+        "--val_rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K,
+        help="validation re-ranks this many candidates and keeps the best re-ranked R@5, as the original; 0: global R@5",
+    )
+    fit.add_argument("--val_image_size", type=_positive_int, nargs=2, metavar=("H", "W"), help="(default: --image_size)")
+    fit.add_argument(
+        "--patience", type=_non_negative_int, default=TRAIN_PATIENCE,
+        help="stop after this many epochs without a better validation R@5; 0: never",
+    )
     fit.add_argument("--output_dir", type=Path, required=True)
     fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
     show = command("visualize", "FoL's regions and matches on two images, as one PNG")
@@ -252,7 +262,8 @@ def fine_tune(args: argparse.Namespace) -> None:
         image_size=tuple(args.image_size), places_per_batch=args.places_per_batch, images_per_place=args.images_per_place,
         augment=not args.no_augment, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         accumulation_steps=args.accumulation_steps, seed=args.seed, device=args.device, num_workers=args.num_workers,
-        validation=validation,
+        validation=validation, validation_rerank_topk=args.val_rerank_topk,
+        validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
     )
     check_image_size(config.image_size)
     summary = train(config, places, resume=args.resume)

@@ -36,6 +36,7 @@ TRAIN_LR = 6e-5
 TRAIN_WEIGHT_DECAY = 9.5e-9
 TRAIN_ACCUMULATION_STEPS = 1
 TRAIN_SEED = 0
+TRAIN_PATIENCE = 10  # the original stops after 10 validations without a better re-ranked R@5
 
 
 def default_num_workers() -> int:

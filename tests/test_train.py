@@ -226,3 +226,36 @@ def test_a_last_partial_accumulation_group_is_the_mean_of_its_own_batches(synthe
     assert "12 places, 48 images" in summary and "3 batches per epoch" in summary and "effective batch 32 images" in summary
     epoch_line = next(r.message for r in caplog.records if r.message.startswith("Epoch 1:"))
     assert f"loss_total {rows[0]['loss_total']!r}" in epoch_line  # every digit, not rounded
+
+
+def test_validation_reranks_and_keeps_the_best_reranked_recall(synthetic, tmp_path):
+    torch.manual_seed(0)
+    model = FoLModel(TINY_VIT, num_trainable_blocks=2)
+    extraction = ExtractionConfig((SIZE, SIZE), num_workers=0)
+    recalls = validation_recalls(model, *synthetic["validation"], extraction, rerank_topk=10)
+    assert set(recalls) == {"R@1", "R@5", "R@10", "reranked_R@1", "reranked_R@5", "reranked_R@10"}
+    assert recalls == validation_recalls(model, *synthetic["validation"], extraction, rerank_topk=10)
+    assert set(validation_recalls(model, *synthetic["validation"], extraction)) == {"R@1", "R@5", "R@10"}
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_reranked_recall(synthetic, tmp_path, monkeypatch, caplog):
+    scores = iter([40.0, 50.0, 45.0, 50.0, 30.0, 60.0])  # best at epoch 2, then 3 epochs without gain
+    saved_after = []
+
+    def scripted(model, database, queries, extraction, rerank_topk):
+        assert rerank_topk == 100 and extraction.image_size == (SIZE + 14, SIZE + 14)
+        value = next(scores)
+        return {"R@5": 100.0 - value, "reranked_R@5": value}
+
+    monkeypatch.setattr(loop, "validation_recalls", scripted)
+    monkeypatch.setattr(loop, "save_weights", lambda model, path: saved_after.append(len(rows_seen)))
+    rows_seen: list = []
+    monkeypatch.setattr(loop, "_write_log", lambda output_dir, rows: rows_seen.append(len(rows)))
+    config = tiny_config(
+        tmp_path / "run", epochs=6, patience=3, validation=synthetic["validation"], validation_image_size=(SIZE + 14, SIZE + 14)
+    )
+    caplog.set_level("INFO")
+    summary = train(config, synthetic["places"])
+    assert len(summary["epochs"]) == 5  # epochs 3, 4, 5 brought nothing: stop after epoch 5
+    assert saved_after == [0, 1]  # best.pth written after epochs 1 and 2 only (by the re-ranked R@5)
+    assert "Stopping early: reranked_R@5 has not improved for 3 epochs (--patience 3)" in caplog.text

@@ -35,15 +35,18 @@ from ..options import (
     TRAIN_PLACES_PER_BATCH,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
+    TRAIN_PATIENCE,
     TRAIN_WEIGHT_DECAY,
+    DEFAULT_TOP_K,
     default_num_workers,
 )
 from ..checkpoint import load_model, read_checkpoint, resolve_device
 from ..data.datasets import ImageSet, find_positives
 from ..data.places import PlaceDataset, collate_places
 from ..evaluation.recalls import compute_recalls
-from ..features import ExtractionConfig, ResumableArray, extract_global
+from ..features import ExtractionConfig, InMemoryFeatures, ResumableArray, extract_global
 from ..models import GLOBAL_DIM, FoLModel, ViTConfig
+from ..rerank import rerank
 from ..retrieval import exact_search
 from .losses import LossWeights, fol_loss
 
@@ -51,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 LAST, BEST, LOG, PLOT = "last.pth", "best.pth", "losses.csv", "losses.png"
 VALIDATION_RECALLS = (1, 5, 10)
-BEST_BY = "R@5"
+BEST_BY = 5  # the checkpoint kept as best.pth has the highest R@5 (re-ranked unless --val_rerank_topk 0)
+RERANKED = "reranked_"  # prefix of the re-ranked recalls in the log
 DINOV2_PREFIX = "backbone.model."
 
 
@@ -76,6 +80,11 @@ class TrainConfig:
         seed: makes sampling, augmentation and initialisation reproducible.
         device, num_workers: where and with how many loader processes.
         validation: (database, queries) image sets with labels, or None.
+        validation_rerank_topk: candidates FoL re-ranks per validation query (the original's
+            validation: re-ranked R@5 picks the best checkpoint); 0 for global recalls only.
+        validation_image_size: (H, W) of validation images (None: ``image_size``).
+        patience: with validation, stop after this many epochs without a better R@5 (0: never
+            stop early).
         loss_weights: the weights of :func:`fol_loss`.
     """
 
@@ -99,6 +108,9 @@ class TrainConfig:
     device: str | None = None
     num_workers: int = field(default_factory=default_num_workers)
     validation: tuple[ImageSet, ImageSet] | None = None
+    validation_rerank_topk: int = DEFAULT_TOP_K
+    validation_image_size: tuple[int, int] | None = None
+    patience: int = TRAIN_PATIENCE
     loss_weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -129,19 +141,30 @@ def trainable_parameters(model: FoLModel) -> list[torch.nn.Parameter]:
 
 
 @torch.inference_mode()
-def validation_recalls(model: FoLModel, database: ImageSet, queries: ImageSet, extraction: ExtractionConfig) -> dict[str, float]:
-    """Global-retrieval recalls (percent) of a labelled database / queries pair."""
+def validation_recalls(
+    model: FoLModel, database: ImageSet, queries: ImageSet, extraction: ExtractionConfig, rerank_topk: int = 0
+) -> dict[str, float]:
+    """Recalls (percent) of a labelled database / queries pair: global retrieval (``R@N``) and,
+    with ``rerank_topk``, FoL re-ranking of each query's first candidates (``reranked_R@N``)."""
     model.eval()
+    local = {"database": InMemoryFeatures(), "queries": InMemoryFeatures()} if rerank_topk else {}
     with tempfile.TemporaryDirectory() as folder:
         descriptors = []
         for name, images in (("database", database), ("queries", queries)):
             array = ResumableArray(Path(folder) / f"{name}.npy", (len(images), GLOBAL_DIM))
-            descriptors.append(np.array(extract_global(model, images.paths, array, extraction, desc=f"Validation {name}")))
-    k = min(max(VALIDATION_RECALLS), len(database))
+            extracted = extract_global(model, images.paths, array, extraction, local.get(name), f"Validation {name}")
+            descriptors.append(np.array(extracted))
+    k = min(max(max(VALIDATION_RECALLS), rerank_topk), len(database))
     predictions = exact_search(descriptors[0], descriptors[1], k, progress=False)[1]
     positives = find_positives(database.utms, queries.utms)
     recall_values = [n for n in VALIDATION_RECALLS if n <= k]
-    return {f"R@{n}": value for n, value in compute_recalls(predictions, positives, recall_values).items()}
+    recalls = {f"R@{n}": value for n, value in compute_recalls(predictions, positives, recall_values).items()}
+    if rerank_topk:
+        reranked = rerank(predictions, local["queries"], local["database"], rerank_topk, device=extraction.device)
+        recalls.update(
+            {f"{RERANKED}R@{n}": value for n, value in compute_recalls(reranked, positives, recall_values).items()}
+        )
+    return recalls
 
 
 def _write_log(output_dir: Path, rows: list[dict]) -> None:
@@ -243,17 +266,22 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
     scheduler = torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=1.0, end_factor=config.lr_end_factor, total_iters=config.decay_iterations
     )
-    start_epoch, rows, best_score = 0, [], -math.inf
+    start_epoch, rows, best_score, stale = 0, [], -math.inf, 0
     if resume:
         checkpoint = read_checkpoint(last, "cpu", option="--resume")
         model.load_state_dict(checkpoint["model_state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         start_epoch, rows, best_score = checkpoint["epoch_num"] + 1, checkpoint["log"], checkpoint["best_score"]
+        stale = checkpoint.get("epochs_without_gain", 0)
         torch.set_rng_state(checkpoint["rng_state"])
         logger.info("Resuming %s after epoch %d", output_dir, checkpoint["epoch_num"])
     dataset = PlaceDataset(places, config.image_size, config.images_per_place, config.augment, seed=config.seed)
-    extraction = ExtractionConfig(config.image_size, batch_size=config.places_per_batch, num_workers=0, device=str(device))
+    extraction = ExtractionConfig(
+        config.validation_image_size or config.image_size, batch_size=config.places_per_batch, num_workers=0,
+        device=str(device), progress=False,
+    )
+    best_by = f"{RERANKED if config.validation_rerank_topk else ''}R@{BEST_BY}"
     amp = config.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     for epoch in range(start_epoch, config.epochs):
@@ -288,13 +316,15 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
             bar.set_postfix(loss=f"{sums['total'] / steps:.4g}")
         row = {"epoch": epoch + 1, "steps": steps, "lr": scheduler.get_last_lr()[0]}
         row.update({f"loss_{name}": total / max(steps, 1) for name, total in sums.items()})
-        recalls = validation_recalls(model, *config.validation, extraction) if config.validation else {}
+        recalls = {}
+        if config.validation:
+            recalls = validation_recalls(model, *config.validation, extraction, config.validation_rerank_topk)
         row.update(recalls)
         rows.append(row)
         logger.info("Epoch %d: %s", epoch + 1, ", ".join(f"{name} {value}" for name, value in row.items()))
-        score = recalls.get(BEST_BY, -row["loss_total"])
+        score = recalls.get(best_by, -row["loss_total"])
         improved = score > best_score
-        best_score = max(best_score, score)
+        best_score, stale = max(best_score, score), 0 if improved else stale + 1
         checkpoint = {
             "model_state_dict": model.state_dict(),
             "optimizer_state_dict": optimizer.state_dict(),
@@ -303,6 +333,7 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
             "recalls": recalls,
             "log": rows,
             "best_score": best_score,
+            "epochs_without_gain": stale,
             "rng_state": torch.get_rng_state(),  # dropout draws continue as without the interruption
             "config": json.loads(json.dumps(asdict(config), default=str)),
         }
@@ -312,4 +343,7 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         if improved:
             save_weights(model, output_dir / BEST)
         _write_log(output_dir, rows)
+        if config.validation and config.patience and stale >= config.patience:
+            logger.info("Stopping early: %s has not improved for %d epochs (--patience %d)", best_by, stale, config.patience)
+            break
     return {"epochs": rows, "best": str(output_dir / BEST) if (output_dir / BEST).exists() else None}
