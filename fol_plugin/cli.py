@@ -33,7 +33,9 @@ from .options import (
     TRAIN_EPOCHS,
     TRAIN_LR,
     TRAIN_PLACES_PER_BATCH,
+    TRAIN_CITIES,
     TRAIN_PATIENCE,
+    TRAIN_RECIPES,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
     DEFAULT_SEARCH_CHUNK,
@@ -88,10 +90,11 @@ def _add_model_arguments(
     group: argparse._ActionsContainer,
     backbone: str = "vitl",
     weights_help: str = "'auto' (published checkpoint), a .pth path or a URL",
+    weights_default: str | None = "auto",
 ) -> None:
     """The model and where it runs, shared by every command (a parser or an argument group)."""
     group.add_argument("--backbone", choices=BACKBONES, default=backbone)
-    group.add_argument("--weights", default="auto", help=weights_help)
+    group.add_argument("--weights", default=weights_default, help=weights_help)
     group.add_argument(
         "--image_size", type=_positive_int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("H", "W"),
         help="multiples of 14"
@@ -197,11 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit = command("train", "fine-tune FoL with the paper's losses")
     fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
-    fit.add_argument("--cities", nargs="+", default=["London", "Boston"], help="GSV-Cities cities")
-    _add_model_arguments(
-        fit, TRAIN_BACKBONE, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random)"
+    fit.add_argument(
+        "--recipe", choices=TRAIN_RECIPES, default="paper",
+        help="'paper': the original's training data pipeline; 'improved': random images per place, a new order "
+        "each epoch, ImageNet normalisation, RandAugment (README: differences from the original)",
     )
-    fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT")
+    fit.add_argument("--cities", nargs="+", default=list(TRAIN_CITIES), help="GSV-Cities cities (the original's 23)")
+    _add_model_arguments(
+        fit, TRAIN_BACKBONE, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random) "
+        "(default: 'auto', or 'none' with --dinov2_weights)", weights_default=None,
+    )
+    fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT (the paper's start)")
     fit.add_argument("--num_trainable_blocks", type=int, default=TRAIN_TRAINABLE_BLOCKS)
     fit.add_argument("--places_per_batch", type=int, default=TRAIN_PLACES_PER_BATCH)
     fit.add_argument("--images_per_place", type=int, default=IMAGES_PER_PLACE)
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=TRAIN_LR)
     fit.add_argument("--weight_decay", type=float, default=TRAIN_WEIGHT_DECAY)
     fit.add_argument("--accumulation_steps", type=int, default=TRAIN_ACCUMULATION_STEPS)
-    fit.add_argument("--no_augment", action="store_true")
+    fit.add_argument("--no_augment", action="store_true", help="no RandAugment in the improved recipe")
     fit.add_argument("--seed", type=int, default=TRAIN_SEED)
     fit.add_argument("--num_workers", type=_non_negative_int, default=default_num_workers())
     fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
@@ -243,10 +252,10 @@ def fine_tune(args: argparse.Namespace) -> None:
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
     from .features import check_image_size
-    from .train.loop import TrainConfig, train
+    from .train.loop import RECIPES, TrainConfig, train
 
     if args.dataset == "gsv_cities":
-        places = gsv_cities_places(args.data_root, args.cities, args.images_per_place)
+        places = gsv_cities_places(args.data_root, args.cities, args.images_per_place, seed=args.seed)
         logger.info("GSV-Cities in %s: %s", args.data_root, ", ".join(args.cities))
     else:
         places = folder_places(args.data_root, args.images_per_place)
@@ -256,11 +265,13 @@ def fine_tune(args: argparse.Namespace) -> None:
         if not (args.val_database_folder and args.val_queries_folder):
             raise ValueError("give both --val_database_folder and --val_queries_folder")
         validation = (load_image_set(args.val_database_folder), load_image_set(args.val_queries_folder))
+    weights = args.weights or (None if args.dinov2_weights else "auto")
+    recipe = {**RECIPES[args.recipe], **({"augment": False} if args.no_augment else {})}
     config = TrainConfig(
-        output_dir=args.output_dir, backbone=args.backbone, weights=None if args.weights == "none" else args.weights,
+        output_dir=args.output_dir, backbone=args.backbone, weights=None if weights == "none" else weights,
         dinov2_weights=args.dinov2_weights, num_trainable_blocks=args.num_trainable_blocks,
         image_size=tuple(args.image_size), places_per_batch=args.places_per_batch, images_per_place=args.images_per_place,
-        augment=not args.no_augment, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        **recipe, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         accumulation_steps=args.accumulation_steps, seed=args.seed, device=args.device, num_workers=args.num_workers,
         validation=validation, validation_rerank_topk=args.val_rerank_topk,
         validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,

@@ -27,7 +27,14 @@ DEFAULT_SEARCH_CHUNK = 65536  # database rows per faiss index
 DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run waits at a barrier
 
 # fol-vpr train (fol_plugin.train.loop.TrainConfig)
-TRAIN_BACKBONE = "vitb"
+TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.loop.RECIPES
+TRAIN_BACKBONE = "vitl"
+# The original's training cities (its dataloaders/GSVCities.py), in its order.
+TRAIN_CITIES = (
+    "Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona", "Chicago", "Madrid", "Miami",
+    "Phoenix", "TRT", "Boston", "Lisbon", "Medellin", "Minneapolis", "PRG", "WashingtonDC", "Brussels", "London",
+    "Melbourne", "Osaka", "PRS",
+)  # fmt: skip
 TRAIN_TRAINABLE_BLOCKS = 4
 TRAIN_PLACES_PER_BATCH = 60
 IMAGES_PER_PLACE = 4

@@ -11,6 +11,7 @@ import torch
 from matplotlib.image import imsave
 
 from fol_plugin import checkpoint, cli
+from fol_plugin.data import load_image
 from fol_plugin.data.datasets import load_image_set
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
@@ -259,3 +260,53 @@ def test_early_stopping_after_patience_epochs_without_a_better_reranked_recall(s
     assert len(summary["epochs"]) == 5  # epochs 3, 4, 5 brought nothing: stop after epoch 5
     assert saved_after == [0, 1]  # best.pth written after epochs 1 and 2 only (by the re-ranked R@5)
     assert "Stopping early: reranked_R@5 has not improved for 3 epochs (--patience 3)" in caplog.text
+
+
+def test_the_paper_recipe_reads_places_as_the_original(synthetic, tmp_path):
+    """The first (most recent) K images every epoch, one place order with the last batch kept,
+    no augmentation, no normalisation, an antialiased resize; "improved" changes exactly those."""
+    config = TrainConfig(output_dir=tmp_path)
+    assert (config.augment, config.normalize_images, config.random_images, config.shuffle_each_epoch) == (False,) * 4
+    assert config.resize_mode == "bilinear_antialias" and config.backbone == "vitl"
+    assert set(loop.RECIPES["improved"]) == {"augment", "normalize_images", "random_images", "shuffle_each_epoch", "resize_mode"}
+    places = [sorted(folder.iterdir()) for folder in sorted((synthetic["root"] / "train").iterdir())]
+    paper = PlaceDataset(places[:2], (SIZE, SIZE), seed=0)
+    improved = PlaceDataset(places[:2], (SIZE, SIZE), resize_mode="original", normalize_images=True, random_images=True, seed=0)
+    for epoch in range(3):
+        paper.set_epoch(epoch), improved.set_epoch(epoch)
+        assert paper.chosen(1) == places[1][:4]
+    draws = set()
+    for epoch in range(6):  # the improved recipe draws other images (here: another order) each epoch
+        improved.set_epoch(epoch)
+        draws.add(tuple(improved.chosen(0)))
+    assert len(draws) > 1
+    images, _ = paper[0]
+    raw = torch.cat([load_image(path)[None] for path in places[0][:4]])
+    expected = torch.nn.functional.interpolate(raw, (SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(images, expected)  # in [0, 1]: neither augmented nor normalised
+    assert images.min() >= 0 and images.max() <= 1 and improved[0][0].min() < 0
+
+
+def test_gsv_cities_places_are_most_recent_first_and_shuffled_once_per_city(tmp_path):
+    rows = []
+    for city, prefix in (("Oslo", 1), ("Rome", 2)):
+        for place in range(5):
+            for k, (year, month) in enumerate([(2015, 1), (2021, 6), (2018, 3), (2021, 2), (2012, 9)]):
+                rows.append(dict(place_id=prefix * 100 + place, year=year, month=month, northdeg=0, city_id=city,
+                                 lat=1.0 + k, lon=2.0, panoid=f"{city}{place}{k}"))
+    (tmp_path / "Dataframes").mkdir()
+    for city in ("Oslo", "Rome"):
+        with open(tmp_path / "Dataframes" / f"{city}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["city_id"] == city)
+        (tmp_path / "Images" / city).mkdir(parents=True)
+    for row in rows:
+        (tmp_path / "Images" / row["city_id"] / gsv_image_name({k: str(v) for k, v in row.items()})).write_bytes(b"")
+    places = gsv_cities_places(tmp_path, ["Oslo", "Rome"], seed=0)
+    assert [p.name.split("_")[0] for p in (place[0] for place in places)] == ["Oslo"] * 5 + ["Rome"] * 5
+    years_months = [tuple(int(v) for v in p.name.split("_")[2:4]) for p in places[0]]
+    assert years_months == [(2021, 6), (2021, 2), (2018, 3), (2015, 1), (2012, 9)]
+    order = [int(place[0].name.split("_")[1]) for place in places]
+    assert sorted(order[:5]) == [100, 101, 102, 103, 104] and order == [int(p[0].name.split("_")[1]) for p in gsv_cities_places(tmp_path, ["Oslo", "Rome"], seed=0)]
+    assert order != [int(p[0].name.split("_")[1]) for p in gsv_cities_places(tmp_path, ["Oslo", "Rome"], seed=1)]

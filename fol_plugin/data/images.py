@@ -108,14 +108,19 @@ def preprocess(images: torch.Tensor, size: tuple[int, int] | None, resize_mode: 
     Returns:
         [B, 3, H', W'] ImageNet-normalised; the same on any number of threads.
     """
+    with _one_thread():
+        return resize_images(normalize(images if images.ndim == 4 else images.unsqueeze(0)), size, resize_mode)
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int] | None, resize_mode: str = "original") -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, H', W'], bilinear with ``align_corners=False`` (``resize_mode`` as in
+    :func:`preprocess`); unchanged when ``size`` is None or already the size."""
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r}; choose one of {RESIZE_MODES}")
-    with _one_thread():
-        batch = normalize(images if images.ndim == 4 else images.unsqueeze(0))
-        if size is None or tuple(batch.shape[-2:]) == tuple(size):
-            return batch
-        if resize_mode == "bilinear_antialias":
-            return F.interpolate(batch, tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        return kornia.geometry.transform.resize(
-            batch, tuple(size), interpolation="bilinear", align_corners=False, antialias=resize_mode == "antialias"
-        )
+    if size is None or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    if resize_mode == "bilinear_antialias":
+        return F.interpolate(images, tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return kornia.geometry.transform.resize(
+        images, tuple(size), interpolation="bilinear", align_corners=False, antialias=resize_mode == "antialias"
+    )

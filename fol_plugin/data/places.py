@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from kornia.augmentation.auto import RandAugment
-from kornia.geometry.transform import resize
 from torch.utils.data import Dataset
 
 from .datasets import IMAGE_EXTENSIONS
 from ..options import IMAGES_PER_PLACE
-from .images import RESIZE_MODES, load_image, normalize
+from .images import RESIZE_MODES, load_image, normalize, resize_images
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +36,20 @@ def gsv_image_name(row: dict[str, str]) -> str:
 
 
 def gsv_cities_places(
-    root: str | os.PathLike, cities: Sequence[str], min_images: int = IMAGES_PER_PLACE
+    root: str | os.PathLike, cities: Sequence[str], min_images: int = IMAGES_PER_PLACE, seed: int = 0
 ) -> list[list[Path]]:
-    """Places of GSV-Cities: ``root/Dataframes/<city>.csv`` rows grouped by ``place_id``, images
-    in ``root/Images/<city>/``. Places with fewer than ``min_images`` images are left out (logged).
+    """Places of GSV-Cities, as the original reads them: ``root/Dataframes/<city>.csv`` rows
+    grouped by ``place_id``, images in ``root/Images/<city>/``, each place's images most recent
+    first (by year, month and latitude, descending), the places of each city shuffled once (the
+    original with an unseeded shuffle, here with ``seed``), the cities in the given order. Places
+    with fewer than ``min_images`` images are left out (logged).
 
     Returns:
-        one list of image paths per place, cities in the given order.
+        one list of image paths per place.
     """
     root = Path(root)
     places: list[list[Path]] = []
+    shuffler = random.Random(seed)
     for city in cities:
         table = root / "Dataframes" / f"{city}.csv"
         if not table.is_file():
@@ -57,15 +60,22 @@ def gsv_cities_places(
             missing = [column for column in GSV_COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"{table} lacks the GSV-Cities columns {missing}")
-            by_place: dict[str, list[Path]] = {}
+            by_place: dict[str, list[tuple[tuple[int, int, float], Path]]] = {}
             for row in reader:
-                by_place.setdefault(row["place_id"], []).append(root / "Images" / row["city_id"] / gsv_image_name(row))
-        kept = [paths for paths in by_place.values() if len(paths) >= min_images]
+                recency = (int(row["year"]), int(row["month"]), float(row["lat"]))
+                path = root / "Images" / row["city_id"] / gsv_image_name(row)
+                by_place.setdefault(row["place_id"], []).append((recency, path))
+        kept = [
+            [path for _, path in sorted(rows, key=lambda item: item[0], reverse=True)]
+            for rows in by_place.values()
+            if len(rows) >= min_images
+        ]
         if len(kept) < len(by_place):
             logger.info("%s: %d of %d places have fewer than %d images and are left out", city,
                         len(by_place) - len(kept), len(by_place), min_images)
         if kept and not kept[0][0].is_file():
             raise FileNotFoundError(f"{kept[0][0]} (listed in {table}) does not exist: check the GSV-Cities root {root}")
+        shuffler.shuffle(kept)
         places.extend(kept)
     return places
 
@@ -87,15 +97,19 @@ def folder_places(root: str | os.PathLike, min_images: int = IMAGES_PER_PLACE) -
 
 
 class PlaceDataset(Dataset):
-    """Item p: ``images_per_place`` images of place p [K, 3, H, W] (ImageNet-normalised) and
-    [K] copies of p.
+    """Item p: ``images_per_place`` images of place p [K, 3, H, W] and [K] copies of p.
 
     Args:
         places: image paths per place.
         image_size: (H, W) network input.
-        images_per_place: K, sampled without replacement (reproducibly from ``seed`` and the epoch).
-        augment: kornia RandAugment (3 operations) on the images in [0, 1] before normalisation.
-        resize_mode: "original" (bilinear, no antialiasing) or "antialias".
+        images_per_place: K: the place's first K images (the original: the most recent of a
+            GSV-Cities place, the same every epoch), or, with ``random_images``, K drawn without
+            replacement (reproducibly from ``seed`` and the epoch).
+        augment: kornia RandAugment (3 operations) on the images in [0, 1].
+        resize_mode: as :func:`fol_plugin.data.preprocess`; "bilinear_antialias" is the
+            original's training resize (torchvision's Resize of a PIL image).
+        normalize_images: ImageNet normalisation (the original trains on images in [0, 1]).
+        random_images: draw K random images per place each epoch instead of the first K.
         seed: sampling and augmentation seed.
     """
 
@@ -105,7 +119,9 @@ class PlaceDataset(Dataset):
         image_size: tuple[int, int] = (322, 322),
         images_per_place: int = IMAGES_PER_PLACE,
         augment: bool = False,
-        resize_mode: str = "original",
+        resize_mode: str = "bilinear_antialias",
+        normalize_images: bool = False,
+        random_images: bool = False,
         seed: int = 0,
     ) -> None:
         if resize_mode not in RESIZE_MODES:
@@ -115,7 +131,8 @@ class PlaceDataset(Dataset):
             raise ValueError(f"places {too_small[:5]} have fewer than {images_per_place} images")
         self.places, self.image_size, self.images_per_place = places, tuple(image_size), images_per_place
         self.augment = RandAugment(n=RANDAUGMENT_OPS, m=RANDAUGMENT_MAGNITUDE) if augment else None
-        self.resize_mode, self.seed, self.epoch = resize_mode, seed, 0
+        self.resize_mode, self.normalize_images, self.random_images = resize_mode, normalize_images, random_images
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Draw other images (and augmentations) in every epoch, reproducibly."""
@@ -124,16 +141,23 @@ class PlaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.places)
 
+    def chosen(self, index: int) -> list[Path]:
+        """The images place ``index`` contributes in the current epoch."""
+        if not self.random_images:
+            return list(self.places[index][: self.images_per_place])
+        return random.Random(f"{self.seed}-{self.epoch}-{index}").sample(list(self.places[index]), self.images_per_place)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        state = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        paths = state.sample(list(self.places[index]), self.images_per_place)
-        antialias = self.resize_mode == "antialias"
-        images = torch.cat([resize(load_image(path)[None], self.image_size, antialias=antialias) for path in paths])
+        images = torch.cat(
+            [resize_images(load_image(path)[None], self.image_size, self.resize_mode) for path in self.chosen(index)]
+        )
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(state.getrandbits(31))
+                torch.manual_seed(random.Random(f"{self.seed}-{self.epoch}-{index}-augment").getrandbits(31))
                 images = self.augment(images).clamp(0, 1)
-        return normalize(images), torch.full((self.images_per_place,), index, dtype=torch.long)
+        if self.normalize_images:
+            images = normalize(images)
+        return images, torch.full((self.images_per_place,), index, dtype=torch.long)
 
 
 def collate_places(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

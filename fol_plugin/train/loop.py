@@ -72,7 +72,14 @@ class TrainConfig:
         num_trainable_blocks: last ViT blocks trained (the rest stays frozen).
         image_size: (H, W) training input.
         places_per_batch, images_per_place: P and K of a step.
-        augment: kornia RandAugment on the training images.
+        augment: kornia RandAugment on the training images (the original: none).
+        normalize_images: ImageNet normalisation of the training images (the original: none;
+            evaluation normalises).
+        random_images: K random images per place each epoch (the original: the same K, the most
+            recent of a GSV-Cities place).
+        shuffle_each_epoch: a new place order each epoch, the last partial batch dropped (the
+            original: one order, places shuffled once within each city, the last batch kept).
+        resize_mode: training resize (the original: antialiased bilinear, "bilinear_antialias").
         epochs, lr, weight_decay: AdamW as in the paper.
         lr_end_factor, decay_iterations: linear decay to ``lr_end_factor`` x over that many steps.
         accumulation_steps: micro-batches per optimiser step (mining stays within a micro-batch).
@@ -96,7 +103,11 @@ class TrainConfig:
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     places_per_batch: int = TRAIN_PLACES_PER_BATCH
     images_per_place: int = IMAGES_PER_PLACE
-    augment: bool = True
+    augment: bool = False
+    normalize_images: bool = False
+    random_images: bool = False
+    shuffle_each_epoch: bool = False
+    resize_mode: str = "bilinear_antialias"
     epochs: int = TRAIN_EPOCHS
     lr: float = TRAIN_LR
     weight_decay: float = TRAIN_WEIGHT_DECAY
@@ -112,6 +123,20 @@ class TrainConfig:
     validation_image_size: tuple[int, int] | None = None
     patience: int = TRAIN_PATIENCE
     loss_weights: LossWeights = field(default_factory=LossWeights)
+
+
+# The defaults of TrainConfig are the original's recipe ("paper"); "improved" is ours: each field
+# it changes is listed in the README's "Differences from the original training code".
+RECIPES: dict[str, dict[str, object]] = {
+    "paper": {},
+    "improved": {
+        "augment": True,
+        "normalize_images": True,
+        "random_images": True,
+        "shuffle_each_epoch": True,
+        "resize_mode": "original",
+    },
+}
 
 
 def load_dinov2_weights(model: FoLModel, path: str | Path) -> None:
@@ -226,6 +251,13 @@ def _log_summary(
         batches, config.accumulation_steps, effective, trainable, sum(p.numel() for p in model.parameters()),
         config.epochs, device, precision,
     )  # fmt: skip
+    logger.info(
+        "Images: %s per place, place order %s, %s, %s, resize %s",
+        f"{config.images_per_place} random" if config.random_images else f"the first {config.images_per_place}",
+        "shuffled each epoch (last partial batch dropped)" if config.shuffle_each_epoch else "fixed (last batch kept)",
+        "ImageNet-normalised" if config.normalize_images else "not normalised",
+        "RandAugment" if config.augment else "no augmentation", config.resize_mode,
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -276,7 +308,10 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         stale = checkpoint.get("epochs_without_gain", 0)
         torch.set_rng_state(checkpoint["rng_state"])
         logger.info("Resuming %s after epoch %d", output_dir, checkpoint["epoch_num"])
-    dataset = PlaceDataset(places, config.image_size, config.images_per_place, config.augment, seed=config.seed)
+    dataset = PlaceDataset(
+        places, config.image_size, config.images_per_place, config.augment, config.resize_mode,
+        config.normalize_images, config.random_images, config.seed,
+    )  # fmt: skip
     extraction = ExtractionConfig(
         config.validation_image_size or config.image_size, batch_size=config.places_per_batch, num_workers=0,
         device=str(device), progress=False,
@@ -288,10 +323,11 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         dataset.set_epoch(epoch)
         epoch_seed = config.seed * 1000 + epoch  # the place order and CEL's partners of this epoch
         loader = DataLoader(
-            dataset, batch_size=config.places_per_batch, shuffle=True, drop_last=len(places) > config.places_per_batch,
+            dataset, batch_size=config.places_per_batch, shuffle=config.shuffle_each_epoch,
+            drop_last=config.shuffle_each_epoch and len(places) > config.places_per_batch,
             collate_fn=collate_places, num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(epoch_seed),
-        )
+        )  # fmt: skip
         if epoch == start_epoch:
             _log_summary(config, places, model, len(loader), device)
         generator = torch.Generator().manual_seed(epoch_seed)
