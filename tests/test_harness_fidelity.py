@@ -159,7 +159,7 @@ def test_help_is_fast_shows_defaults_and_the_version():
     assert "``" not in output
     assert re.search(r"--batch_size BATCH_SIZE\s+\(default: 4\)", output)
     assert re.search(r"--backbone \{vitb,vitl\}\s+\(default: vitl\)", output)  # eval
-    assert re.search(r"--backbone \{vitb,vitl\}\s+\(default: vitb\)", output)  # train
+    assert re.search(r"--recipe \{paper,improved\}\s+'paper'.*\(default: paper\)", output, flags=re.S)  # train
     assert f"fol-vpr {fol_plugin.__version__}" in output
 
 
