@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--output_dir", type=Path, required=True)
     fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
+    fit.add_argument(
+        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
+        help="under torchrun, how long a process waits for the slowest one (rank 0 validates alone)",
+    )
     show = command("visualize", "FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
@@ -248,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fine_tune(args: argparse.Namespace) -> None:
-    """``fol-vpr train``."""
+    """``fol-vpr train`` (under torchrun: every process runs this; rank 0 prints)."""
+    from .checkpoint import resolve_device
     from .data.datasets import load_image_set
+    from .distributed import start
     from .data.places import folder_places, gsv_cities_places
     from .features import check_image_size
     from .train.loop import RECIPES, TrainConfig, train
@@ -277,8 +283,13 @@ def fine_tune(args: argparse.Namespace) -> None:
         validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
     )
     check_image_size(config.image_size)
-    summary = train(config, places, resume=args.resume)
-    print(f"{len(summary['epochs'])} epochs; best checkpoint: {summary['best']}")
+    processes = start(str(resolve_device(args.device)), args.dist_timeout)
+    if not processes.is_main:
+        _quiet_rank(processes.rank, args.debug)
+    summary = train(config, places, args.resume, processes)
+    processes.stop()
+    if processes.is_main:
+        print(f"{len(summary['epochs'])} epochs; best checkpoint: {summary['best']}")
 
 
 def visualize(args: argparse.Namespace) -> None:

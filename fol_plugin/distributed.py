@@ -97,6 +97,9 @@ class Processes:
             dist.destroy_process_group()
 
 
+SINGLE_PROCESS = Processes()  # a plain run
+
+
 def under_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher that sets its variables)."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)

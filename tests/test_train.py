@@ -3,6 +3,9 @@ runs resume exactly, and checkpoints load through the hub entrypoints."""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +313,38 @@ def test_gsv_cities_places_are_most_recent_first_and_shuffled_once_per_city(tmp_
     order = [int(place[0].name.split("_")[1]) for place in places]
     assert sorted(order[:5]) == [100, 101, 102, 103, 104] and order == [int(p[0].name.split("_")[1]) for p in gsv_cities_places(tmp_path, ["Oslo", "Rome"], seed=0)]
     assert order != [int(p[0].name.split("_")[1]) for p in gsv_cities_places(tmp_path, ["Oslo", "Rome"], seed=1)]
+
+
+def test_two_processes_train_as_one_on_the_same_global_batch_and_resume(synthetic, tmp_path):
+    """torchrun (gloo, 2 processes of 2 places each) against one process on the same 4 places:
+    the first step's loss and gradients agree; then the run resumes for a second epoch."""
+    script = str(REPO_ROOT / "tests" / "tiny_train.py")
+    args = [
+        "train", "--dataset", "folders", "--data_root", str(synthetic["root"] / "train"), "--backbone", "vitb",
+        "--weights", "none", "--num_trainable_blocks", "2", "--image_size", str(SIZE), str(SIZE),
+        "--places_per_batch", "4", "--epochs", "1", "--num_workers", "0",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    records = {}
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
+        records[name] = tmp_path / f"{name}.pt"
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "FOL_TEST_RECORD": str(records[name])}
+        result = subprocess.run(
+            [*launcher, script, *args, "--output_dir", str(tmp_path / name)], env=environment, capture_output=True,
+            text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+    one, two = (torch.load(records[name], weights_only=True) for name in ("one", "two"))
+    assert two["losses"][0] == pytest.approx(one["losses"][0], abs=1e-5)
+    assert len(one["grads"]) == len(two["grads"]) and any(g.abs().sum() > 0 for g in one["grads"])
+    for a, b in zip(one["grads"], two["grads"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "FOL_TEST_RECORD": str(tmp_path / "resumed.pt")}
+    resumed = subprocess.run(
+        [*torchrun, script, *args[:-4], "--epochs", "2", "--num_workers", "0", "--resume", "--output_dir", str(tmp_path / "two")],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "two" / LAST, weights_only=True)["epoch_num"] == 1
+    with open(tmp_path / "two" / LOG) as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import load_model
-from ..distributed import Processes
+from ..distributed import SINGLE_PROCESS, Processes
 from ..features import LocalFeatureStore
 from ..features.extract import FeatureStore
 from ..models import FoLModel
@@ -29,8 +29,6 @@ from .resources import MB
 from .workspace import num_queries, open_workspace
 
 logger = logging.getLogger(__name__)
-
-SINGLE_PROCESS = Processes()
 
 
 @contextmanager

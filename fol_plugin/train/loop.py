@@ -8,7 +8,9 @@ the original checkpoint format, loadable by torch.hub), a loss log (CSV) and its
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
 import math
 import logging
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -45,10 +48,13 @@ from ..data.datasets import ImageSet, find_positives
 from ..data.places import PlaceDataset, collate_places
 from ..evaluation.recalls import compute_recalls
 from ..features import ExtractionConfig, InMemoryFeatures, ResumableArray, extract_global
+from ..distributed import SINGLE_PROCESS, Processes
 from ..models import GLOBAL_DIM, FoLModel, ViTConfig
+from ..models.fol import TrainingOutputs
 from ..rerank import rerank
 from ..retrieval import exact_search
 from .losses import LossWeights, fol_loss
+from .sharding import gather_outputs, place_batches
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +237,12 @@ def save_weights(model: FoLModel, path: Path) -> None:
 
 
 def _log_summary(
-    config: TrainConfig, places: Sequence[Sequence[Path]], model: FoLModel, batches: int, device: torch.device
+    config: TrainConfig,
+    places: Sequence[Sequence[Path]],
+    model: FoLModel,
+    batches: int,
+    device: torch.device,
+    world_size: int = 1,
 ) -> None:
     """What the run will do, before it does it."""
     if config.dinov2_weights:
@@ -242,6 +253,7 @@ def _log_summary(
         start = "random weights"
     backbone = config.backbone if isinstance(config.backbone, str) else "a custom ViT"
     precision = "mixed precision" if config.mixed_precision and device.type == "cuda" else "float32"
+    where = f"{world_size} processes ({device} here)" if world_size > 1 else str(device)
     effective = config.places_per_batch * config.images_per_place * config.accumulation_steps
     trainable = sum(p.numel() for p in trainable_parameters(model))
     logger.info(
@@ -249,7 +261,7 @@ def _log_summary(
         "accumulation %d (effective batch %d images); %d of %d parameters trainable; %d epochs on %s in %s",
         backbone, start, len(places), sum(len(p) for p in places), config.places_per_batch, config.images_per_place,
         batches, config.accumulation_steps, effective, trainable, sum(p.numel() for p in model.parameters()),
-        config.epochs, device, precision,
+        config.epochs, where, precision,
     )  # fmt: skip
     logger.info(
         "Images: %s per place, place order %s, %s, %s, resize %s",
@@ -266,17 +278,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = False) -> dict:
-    """Fine-tune FoL on ``places`` (image paths per place).
+class _TrainingForward(torch.nn.Module):
+    """``model.forward_train`` as a module's forward, so that DistributedDataParallel wraps it."""
 
-    Args:
-        resume: continue from ``output_dir/last.pth``; without it an existing one is an error.
+    def __init__(self, model: FoLModel) -> None:
+        super().__init__()
+        self.model = model
 
-    Returns:
-        {"epochs": per-epoch log rows, "best": path of the best checkpoint or None}.
-    """
+    def forward(self, images: torch.Tensor) -> TrainingOutputs:
+        return self.model.forward_train(images)
+
+
+def _check_run(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool, processes: Processes) -> Path:
+    """Refuse a run that cannot start; returns ``last.pth``."""
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     last = output_dir / LAST
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --output_dir")
@@ -289,7 +304,70 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
             f"--places_per_batch {config.places_per_batch} exceeds the {len(places)} places found: give at most "
             f"{len(places)}, or more places"
         )
-    device = resolve_device(config.device)
+    place_batches(len(places), config.places_per_batch, processes, None, False)  # a batch splits evenly
+    processes.barrier()  # every process checked before rank 0 writes anything
+    if processes.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return last
+
+
+def _train_epoch(
+    config: TrainConfig,
+    forward: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    processes: Processes,
+    desc: str,
+) -> tuple[dict[str, float], int]:
+    """One epoch of steps; returns the summed losses and the number of steps."""
+    device = torch.device(processes.device)
+    amp = scaler.is_enabled()
+    sums: dict[str, float] = {}
+    divisors = accumulation_divisors(len(loader), config.accumulation_steps)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not processes.is_main)
+    steps = 0
+    for step, (images, labels) in enumerate(bar):
+        finishes_group = (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader)
+        synchronised = finishes_group or not isinstance(forward, DistributedDataParallel)
+        with contextlib.nullcontext() if synchronised else forward.no_sync():
+            with torch.autocast(device.type, enabled=amp):
+                outputs = forward(images.to(device))
+            outputs, labels = gather_outputs(outputs, labels.to(device), processes)
+            parts = fol_loss(outputs, labels, config.loss_weights, generator)
+            scaler.scale(parts["total"] / divisors[step]).backward()
+        if finishes_group:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+        bar.set_postfix(loss=f"{sums['total'] / steps:.4g}")
+    return sums, steps
+
+
+def train(
+    config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = False, processes: Processes = SINGLE_PROCESS
+) -> dict:
+    """Fine-tune FoL on ``places`` (image paths per place).
+
+    Args:
+        resume: continue from ``output_dir/last.pth``; without it an existing one is an error.
+        processes: this process's place in a ``torchrun`` run (one process by default): each
+            takes its share of every global batch, the losses see the whole batch, and rank 0
+            validates and writes the checkpoints.
+
+    Returns:
+        {"epochs": per-epoch log rows, "best": path of the best checkpoint or None}.
+    """
+    output_dir = Path(config.output_dir)
+    last = _check_run(config, places, resume, processes)
+    device = torch.device(processes.device) if processes.distributed else resolve_device(config.device)
+    processes = dataclasses.replace(processes, device=str(device))
     _seed_everything(config.seed)
     model = load_model(config.backbone, config.weights, device, num_trainable_blocks=config.num_trainable_blocks)
     if config.dinov2_weights:
@@ -308,6 +386,10 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         stale = checkpoint.get("epochs_without_gain", 0)
         torch.set_rng_state(checkpoint["rng_state"])
         logger.info("Resuming %s after epoch %d", output_dir, checkpoint["epoch_num"])
+    forward: torch.nn.Module = _TrainingForward(model)
+    if processes.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=True)
     dataset = PlaceDataset(
         places, config.image_size, config.images_per_place, config.augment, config.resize_mode,
         config.normalize_images, config.random_images, config.seed,
@@ -317,69 +399,60 @@ def train(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = 
         device=str(device), progress=False,
     )
     best_by = f"{RERANKED if config.validation_rerank_topk else ''}R@{BEST_BY}"
-    amp = config.mixed_precision and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision and device.type == "cuda")
     for epoch in range(start_epoch, config.epochs):
         dataset.set_epoch(epoch)
         epoch_seed = config.seed * 1000 + epoch  # the place order and CEL's partners of this epoch
-        loader = DataLoader(
-            dataset, batch_size=config.places_per_batch, shuffle=config.shuffle_each_epoch,
-            drop_last=config.shuffle_each_epoch and len(places) > config.places_per_batch,
-            collate_fn=collate_places, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(epoch_seed),
-        )  # fmt: skip
-        if epoch == start_epoch:
-            _log_summary(config, places, model, len(loader), device)
-        generator = torch.Generator().manual_seed(epoch_seed)
+        batches = place_batches(
+            len(places), config.places_per_batch, processes, epoch_seed if config.shuffle_each_epoch else None,
+            drop_last=config.shuffle_each_epoch,
+        )
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_places, num_workers=config.num_workers)
+        if epoch == start_epoch and processes.is_main:
+            _log_summary(config, places, model, len(loader), device, processes.world_size)
         model.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        divisors = accumulation_divisors(len(loader), config.accumulation_steps)
-        bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", unit="batch")
-        for step, (images, labels) in enumerate(bar):
-            with torch.autocast(device.type, enabled=amp):
-                outputs = model.forward_train(images.to(device))
-            parts = fol_loss(outputs, labels.to(device), config.loss_weights, generator)
-            scaler.scale(parts["total"] / divisors[step]).backward()
-            if (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader):
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            steps += 1
-            bar.set_postfix(loss=f"{sums['total'] / steps:.4g}")
+        generator = torch.Generator().manual_seed(epoch_seed)
+        sums, steps = _train_epoch(
+            config, forward, loader, optimizer, scheduler, scaler, generator, processes,
+            f"Epoch {epoch + 1}/{config.epochs}",
+        )  # fmt: skip
         row = {"epoch": epoch + 1, "steps": steps, "lr": scheduler.get_last_lr()[0]}
         row.update({f"loss_{name}": total / max(steps, 1) for name, total in sums.items()})
-        recalls = {}
-        if config.validation:
-            recalls = validation_recalls(model, *config.validation, extraction, config.validation_rerank_topk)
-        row.update(recalls)
         rows.append(row)
-        logger.info("Epoch %d: %s", epoch + 1, ", ".join(f"{name} {value}" for name, value in row.items()))
-        score = recalls.get(best_by, -row["loss_total"])
-        improved = score > best_score
-        best_score, stale = max(best_score, score), 0 if improved else stale + 1
-        checkpoint = {
-            "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
-            "scheduler_state_dict": scheduler.state_dict(),
-            "epoch_num": epoch,
-            "recalls": recalls,
-            "log": rows,
-            "best_score": best_score,
-            "epochs_without_gain": stale,
-            "rng_state": torch.get_rng_state(),  # dropout draws continue as without the interruption
-            "config": json.loads(json.dumps(asdict(config), default=str)),
-        }
-        temporary = output_dir / f"{LAST}.tmp"
-        torch.save(checkpoint, temporary)
-        temporary.replace(last)
-        if improved:
-            save_weights(model, output_dir / BEST)
-        _write_log(output_dir, rows)
-        if config.validation and config.patience and stale >= config.patience:
-            logger.info("Stopping early: %s has not improved for %d epochs (--patience %d)", best_by, stale, config.patience)
+        stop = False
+        if processes.is_main:
+            recalls = {}
+            if config.validation:
+                recalls = validation_recalls(model, *config.validation, extraction, config.validation_rerank_topk)
+            row.update(recalls)
+            logger.info("Epoch %d: %s", epoch + 1, ", ".join(f"{name} {value}" for name, value in row.items()))
+            score = recalls.get(best_by, -row["loss_total"])
+            improved = score > best_score
+            best_score, stale = max(best_score, score), 0 if improved else stale + 1
+            checkpoint = {
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "epoch_num": epoch,
+                "recalls": recalls,
+                "log": rows,
+                "best_score": best_score,
+                "epochs_without_gain": stale,
+                "rng_state": torch.get_rng_state(),  # dropout draws continue as without the interruption
+                "config": json.loads(json.dumps(asdict(config), default=str)),
+            }
+            temporary = output_dir / f"{LAST}.tmp"
+            torch.save(checkpoint, temporary)
+            temporary.replace(last)
+            if improved:
+                save_weights(model, output_dir / BEST)
+            _write_log(output_dir, rows)
+            stop = bool(config.validation and config.patience and stale >= config.patience)
+            if stop:
+                logger.info(
+                    "Stopping early: %s has not improved for %d epochs (--patience %d)", best_by, stale, config.patience
+                )
+        if processes.gather(stop)[0]:
             break
+    processes.barrier()
     return {"epochs": rows, "best": str(output_dir / BEST) if (output_dir / BEST).exists() else None}
