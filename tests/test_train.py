@@ -15,6 +15,7 @@ from matplotlib.image import imsave
 
 from fol_plugin import checkpoint, cli
 from fol_plugin.data import load_image
+from fol_plugin.distributed import SINGLE_PROCESS
 from fol_plugin.data.datasets import load_image_set
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
@@ -283,6 +284,10 @@ def test_the_paper_recipe_reads_places_as_the_original(synthetic, tmp_path):
         improved.set_epoch(epoch)
         draws.add(tuple(improved.chosen(0)))
     assert len(draws) > 1
+    # One place order every epoch, in consecutive batches, the last (smaller) batch kept.
+    assert loop.place_batches(10, 4, SINGLE_PROCESS, None, False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = loop.place_batches(10, 4, SINGLE_PROCESS, 7, True)
+    assert [len(batch) for batch in shuffled] == [4, 4] and shuffled != [[0, 1, 2, 3], [4, 5, 6, 7]]  # improved
     images, _ = paper[0]
     raw = torch.cat([load_image(path)[None] for path in places[0][:4]])
     expected = torch.nn.functional.interpolate(raw, (SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
