@@ -15,9 +15,11 @@ from . import __version__
 from .options import (
     BACKBONES,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DIST_TIMEOUT_MIN,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_POSITIVE_DISTANCE,
     DEFAULT_RECALL_VALUES,
+    DEFAULT_SEARCH_CHUNK,
     DEFAULT_TOP_K,
     EXTRACTION_PRECISIONS,
     GEOMETRIC_MODELS,
@@ -30,16 +32,14 @@ from .options import (
     STORE_DTYPES,
     TRAIN_ACCUMULATION_STEPS,
     TRAIN_BACKBONE,
+    TRAIN_CITIES,
     TRAIN_EPOCHS,
     TRAIN_LR,
-    TRAIN_PLACES_PER_BATCH,
-    TRAIN_CITIES,
     TRAIN_PATIENCE,
+    TRAIN_PLACES_PER_BATCH,
     TRAIN_RECIPES,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
-    DEFAULT_SEARCH_CHUNK,
-    DEFAULT_DIST_TIMEOUT_MIN,
     TRAIN_WEIGHT_DECAY,
     default_num_workers,
 )
@@ -154,7 +154,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--global_dtype", choices=GLOBAL_DTYPES, default="float32",
         help="database descriptors on disk; float16 halves them (searched in float32)",
     )
-    scale.add_argument("--search_chunk_size", type=_positive_int, default=DEFAULT_SEARCH_CHUNK, help="database rows per faiss index")
+    scale.add_argument(
+        "--search_chunk_size", type=_positive_int, default=DEFAULT_SEARCH_CHUNK,
+        help="database rows searched at a time (RAM holds one chunk)",
+    )
     scale.add_argument(
         "--plan", type=_positive_int, nargs="?", const=0, default=None, metavar="PROCESSES",
         help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; optionally "
@@ -255,8 +258,8 @@ def fine_tune(args: argparse.Namespace) -> None:
     """``fol-vpr train`` (under torchrun: every process runs this; rank 0 prints)."""
     from .checkpoint import resolve_device
     from .data.datasets import load_image_set
-    from .distributed import start
     from .data.places import folder_places, gsv_cities_places
+    from .distributed import start
     from .features import check_image_size
     from .train.loop import RECIPES, TrainConfig, train
 

@@ -30,8 +30,8 @@ from ..features import InMemoryFeatures, LocalFeatureStore, ResumableArray, RowF
 from ..features.extract import FeatureStore
 from ..matching import LocalFeatures, make_pair_scorer
 from ..models import GLOBAL_DIM, LOCAL_DIM, FoLModel
-from ..retrieval import exact_search, merge_top_k
 from ..rerank import order_by_scores, score_candidates
+from ..retrieval import exact_search, merge_top_k
 from .config import EvalConfig, QuerySet
 
 logger = logging.getLogger(__name__)

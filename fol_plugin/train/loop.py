@@ -12,8 +12,8 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import logging
+import math
 import random
 import tempfile
 from collections.abc import Sequence
@@ -28,29 +28,29 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import load_model, read_checkpoint, resolve_device
+from ..data.datasets import ImageSet, find_positives
+from ..data.places import PlaceDataset, collate_places
+from ..distributed import SINGLE_PROCESS, Processes
+from ..evaluation.recalls import compute_recalls
+from ..features import ExtractionConfig, InMemoryFeatures, ResumableArray, extract_global
+from ..models import GLOBAL_DIM, FoLModel, ViTConfig
+from ..models.fol import TrainingOutputs
 from ..options import (
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_TOP_K,
     IMAGES_PER_PLACE,
     TRAIN_ACCUMULATION_STEPS,
     TRAIN_BACKBONE,
     TRAIN_EPOCHS,
     TRAIN_LR,
+    TRAIN_PATIENCE,
     TRAIN_PLACES_PER_BATCH,
     TRAIN_SEED,
     TRAIN_TRAINABLE_BLOCKS,
-    TRAIN_PATIENCE,
     TRAIN_WEIGHT_DECAY,
-    DEFAULT_TOP_K,
     default_num_workers,
 )
-from ..checkpoint import load_model, read_checkpoint, resolve_device
-from ..data.datasets import ImageSet, find_positives
-from ..data.places import PlaceDataset, collate_places
-from ..evaluation.recalls import compute_recalls
-from ..features import ExtractionConfig, InMemoryFeatures, ResumableArray, extract_global
-from ..distributed import SINGLE_PROCESS, Processes
-from ..models import GLOBAL_DIM, FoLModel, ViTConfig
-from ..models.fol import TrainingOutputs
 from ..rerank import rerank
 from ..retrieval import exact_search
 from .losses import LossWeights, fol_loss
