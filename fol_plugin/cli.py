@@ -26,7 +26,6 @@ from .options import (
     GLOBAL_DTYPES,
     IMAGES_PER_PLACE,
     MATCHERS,
-    PRECISIONS,
     RESIZE_MODES,
     SCORERS,
     STORE_DTYPES,
@@ -137,7 +136,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument(
         "--rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none"
     )
-    rerank.add_argument("--precision", choices=PRECISIONS, default="exact", help="'bf16' is faster and approximate")
     rerank.add_argument(
         "--rerank_scorer", choices=SCORERS, default="fol", metavar="SCORER",
         help="'fol' (FoL's score), '<matcher>' (match count) or '<matcher>+ransac' (inliers); matchers: "
@@ -336,7 +334,6 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         positive_dist_threshold=args.positive_dist_threshold,
         labelled=not args.no_labels,
         rerank_topk=args.rerank_topk,
-        precision=args.precision,
         scorer=ScorerConfig(args.rerank_scorer, args.ransac_model),
         store_dtype=args.store_dtype,
         in_memory=args.in_memory,

@@ -9,7 +9,6 @@ BACKBONES = ("vitb", "vitl")
 DEFAULT_IMAGE_SIZE = (322, 322)
 RESIZE_MODES = ("original", "bilinear_antialias", "antialias")  # see fol_plugin.data.images.preprocess
 STORE_DTYPES = ("float16", "float32")
-PRECISIONS = ("exact", "bf16")
 EXTRACTION_PRECISIONS = ("fp32", "bf16", "fp16")
 GLOBAL_DTYPES = ("float32", "float16")
 DEFAULT_TOP_K = 100

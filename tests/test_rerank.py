@@ -127,16 +127,6 @@ def test_bf16_error_bound_holds():
         assert (approximate - 3 * exact).abs().max() <= bf16_error_bound(query, scaled)
 
 
-def test_bf16_mode_is_close_and_documented_as_approximate():
-    query, candidates = structured_set(5)
-    exact = mutual_match_scores(query, candidates)
-    approximate = mutual_match_scores(query, candidates, precision="bf16")
-    assert approximate.shape == exact.shape
-    assert ((approximate - exact).abs() <= 0.1 * exact + 5).all()
-    with pytest.raises(ValueError, match="precision='fp8'"):
-        mutual_match_scores(query, candidates, precision="fp8")
-
-
 def test_engine_accepts_half_precision_storage():
     query, candidates = structured_set(6, n=300, candidates=2)
     half = [candidate.half() for candidate in candidates]

@@ -6,7 +6,7 @@ contents belong to this run.
 - ``cache/run.json`` records the fingerprint of what every cached file depends on (cache
   format, checkpoint content hash, backbone, image size, resize mode, every image with its size
   and mtime) and the command that made it. Files that depend on more carry it in their names
-  (store precision; scorer, precision, candidates and top-k of re-ranking scores).
+  (store precision; scorer, candidates and top-k of re-ranking scores).
 - Same fingerprint: resume. Another fingerprint and no computed work (say, a run that failed
   before extracting anything): start afresh, silently. Another fingerprint with computed work:
   refuse, saying what differs, how much work it holds, and the commands to reuse or discard it.

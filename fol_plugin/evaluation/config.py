@@ -42,7 +42,6 @@ class EvalConfig:
         positive_dist_threshold: metres within which a database image is correct.
         labelled: read UTM labels from file names and compute recalls.
         rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
-        precision: "exact" or "bf16" re-ranking (FoL's own scorer).
         scorer: the re-ranking score: FoL's (default), or matches / RANSAC inliers of a matcher.
         store_dtype: local-feature store precision ("float32" reproduces the original's scores).
         in_memory: hold all database local features in RAM, as the original's default mode.
@@ -64,7 +63,6 @@ class EvalConfig:
     positive_dist_threshold: float = DEFAULT_POSITIVE_DISTANCE
     labelled: bool = True
     rerank_topk: int = DEFAULT_TOP_K
-    precision: str = "exact"
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     store_dtype: str = "float32"
     in_memory: bool = False

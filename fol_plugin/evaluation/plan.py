@@ -61,9 +61,9 @@ def calibrate(config: EvalConfig, model: FoLModel, paths: list[str]) -> Costs:
         _synchronize(device)
         image = (time.perf_counter() - began) / (needed - config.extraction.batch_size)
     candidates = [local[(1 + i) % len(local)] for i in range(CALIBRATION_CANDIDATES)]
-    mutual_match_scores(local[0], candidates[:2], precision=config.precision)  # warm-up
+    mutual_match_scores(local[0], candidates[:2])  # warm-up
     began = time.perf_counter()
-    mutual_match_scores(local[0], candidates, precision=config.precision)
+    mutual_match_scores(local[0], candidates)
     _synchronize(device)
     pair = (time.perf_counter() - began) / CALIBRATION_CANDIDATES
     generator = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
     lines = [
         f"Plan for {num_database} database images, {num_queries} queries, {projection['processes']} process(es) on "
         f"{extraction.device} ({config.backbone}, {extraction.image_size[0]}x{extraction.image_size[1]}, "
-        f"{extraction.precision} extraction, re-ranking top {projection['top_k']} {config.precision})",
+        f"{extraction.precision} extraction, re-ranking top {projection['top_k']})",
         f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score, "
         f"{costs.distance * 1e9:.2f} ns per global distance",
         "projected (measured costs x sizes / processes):",

@@ -139,7 +139,7 @@ def rerank(
     candidates = hashlib.sha1(np.ascontiguousarray(query_set.global_predictions[:, :top_k]).tobytes()).hexdigest()[:16]
     scorer = config.scorer
     method = (
-        config.precision
+        "exact"
         if scorer.name == "fol"
         else f"{scorer.name}_{scorer.ransac_model}_{scorer.inlier_threshold}_{scorer.seed}"
     )
@@ -161,7 +161,6 @@ def rerank(
         query_local,
         database_local,
         top_k,
-        config.precision,
         device=config.extraction.device,
         queries=[q for rows in scores.todo() for q in rows],
         on_query_done=lambda q, row: scores.write(q, row[None]),

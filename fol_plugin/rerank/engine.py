@@ -23,8 +23,7 @@ Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_m
    is mutual unless a row of that column near the anchor in bf16 beats it in the GEMM
    (:func:`.kernels.beaten_anchors`, ties to the first index).
 
-``precision="bf16"`` takes the arg-maxima of ``S~`` itself: faster, approximate (the benchmarks
-measure its agreement). On CUDA the plain float32 algorithm runs, with cuBLAS's own rounding.
+On CUDA the plain float32 algorithm runs, with cuBLAS's own rounding.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..options import PRECISIONS
 from . import kernels
 from .mutual import MATCH_THRESHOLD, as_descriptors, check_descriptors, mutual_matches, reference_match_scores
 
@@ -126,22 +124,10 @@ def _count_exact(
     )
 
 
-def _count_bf16(
-    keys: np.ndarray, query: torch.Tensor, candidate: torch.Tensor, threshold: float, eps: float, delta: float
-) -> int:
-    """Approximate count for one candidate: arg-maxima of the bf16 similarity itself."""
-    best_candidate, best_query = kernels.first_arg_maxima(keys, *kernels.scan_maxima(keys))
-    best_candidate, best_query = torch.from_numpy(best_candidate), torch.from_numpy(best_query)
-    mutual = best_query[best_candidate] == torch.arange(len(query))
-    cosine = (query * candidate[best_candidate]).sum(dim=1)
-    return int((mutual & (cosine > threshold)).sum())
-
-
 def mutual_match_scores(
     query: torch.Tensor,
     candidates: Sequence[torch.Tensor],
     threshold: float = MATCH_THRESHOLD,
-    precision: str = "exact",
 ) -> torch.Tensor:
     """FoL re-ranking scores of one query against several candidates (FOL_SPEC section 5).
 
@@ -152,13 +138,10 @@ def mutual_match_scores(
         query: [n, 128] L2-normalised local descriptors of the query (a tensor or a NumPy array).
         candidates: one [m_j, 128] L2-normalised tensor (or array) per candidate image.
         threshold: cosine similarity a mutual match must exceed to count.
-        precision: "exact" (the float32 algorithm's scores) or "bf16" (faster, approximate).
 
     Returns:
         [len(candidates)] float32 on the query's device: the number of counted mutual matches.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; choose one of {PRECISIONS}")
     query = as_descriptors(query)
     candidates = [as_descriptors(candidate) for candidate in candidates]
     check_descriptors("query", query)
@@ -167,7 +150,6 @@ def mutual_match_scores(
     if query.device.type != "cpu" or len(query) == 0:
         return reference_match_scores(query, candidates, threshold)
     query = query.float().contiguous()
-    count = _count_exact if precision == "exact" else _count_bf16
     query_bf16 = query.bfloat16()
     query_stats = _rounding_stats(query, query_bf16)
 
@@ -199,7 +181,7 @@ def mutual_match_scores(
         try:
             product = buffer[: len(query) * len(candidate)].view(len(query), len(candidate))
             torch.mm(query_bf16, candidate_bf16.T, out=product)
-            return count(_bf16_keys(product), query, candidate, threshold, eps, delta)
+            return _count_exact(_bf16_keys(product), query, candidate, threshold, eps, delta)
         finally:
             free_buffers.put(buffer)
 

@@ -6,8 +6,8 @@ negative value has a negative key, below them all (though negative keys are not 
 The scans only decide on positive thresholds, so the keys serve as they are. Thresholds are keys
 too; :data:`NO_THRESHOLD` is above every key, :data:`KEY_MIN` at or below every key.
 
-One full pass (:func:`scan_maxima`) records the maxima of rows, columns and blocks of cells; the
-exact scans then read only the blocks whose maximum reaches their threshold. Exact similarities
+One full pass (:func:`exact_row_best`) records the maxima of rows, columns and blocks of cells;
+the later scans read only the blocks whose maximum reaches their threshold. Exact similarities
 are float32 products summed in float64; where two cells are closer than float32 rounding,
 :func:`gemm_value` recomputes the float32 GEMM's own value to decide as the original does. The
 scans release the GIL, so callers can run several in threads.
@@ -82,28 +82,6 @@ def _scan_row(row: np.ndarray, chunk_key: np.ndarray, col_block_key: np.ndarray)
     return best
 
 
-@_cached_njit(nogil=True)
-def scan_maxima(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Maximum keys of ``keys`` [n, m] per row, per column, and per block of cells.
-
-    Returns:
-        row_key [n], col_key [m], row_chunk_key [n, ceil(m / CELL_BLOCK)] (row j, columns
-        c*CELL_BLOCK...), col_chunk_key [ceil(n / ROW_BLOCK), m] (rows b*ROW_BLOCK..., column i).
-    """
-    n, m = keys.shape
-    num_chunks = (m + CELL_BLOCK - 1) // CELL_BLOCK
-    row_key = np.empty(n, np.int16)
-    col_key = np.full(m, KEY_MIN, np.int16)
-    row_chunk_key = np.empty((n, num_chunks), np.int16)
-    col_chunk_key = np.full(((n + ROW_BLOCK - 1) // ROW_BLOCK, m), KEY_MIN, np.int16)
-    for j in range(n):
-        row_key[j] = _scan_row(keys[j], row_chunk_key[j], col_chunk_key[j // ROW_BLOCK])
-    for b in range(col_chunk_key.shape[0]):
-        for i in range(m):
-            col_key[i] = max(col_key[i], col_chunk_key[b, i])
-    return row_key, col_key, row_chunk_key, col_chunk_key
-
-
 @numba.njit(inline="always")
 def _first_reaching(line: np.ndarray, block_keys: np.ndarray, block: int, target: np.int16) -> int:
     """Index of the first key of ``line`` equal to ``target``, its maximum, searching from the
@@ -114,22 +92,6 @@ def _first_reaching(line: np.ndarray, block_keys: np.ndarray, block: int, target
     while line[index] != target:
         index += 1
     return index
-
-
-@_cached_njit(nogil=True)
-def first_arg_maxima(
-    keys: np.ndarray, row_key: np.ndarray, col_key: np.ndarray, row_chunk_key: np.ndarray, col_chunk_key: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """First column reaching each row's maximum key [n], and first row reaching each column's
-    [m], reading only the first block that holds the maximum."""
-    n, m = keys.shape
-    row_arg = np.empty(n, np.int64)
-    col_arg = np.empty(m, np.int64)
-    for j in range(n):
-        row_arg[j] = _first_reaching(keys[j], row_chunk_key[j], CELL_BLOCK, row_key[j])
-    for i in range(m):
-        col_arg[i] = _first_reaching(keys[:, i], col_chunk_key[:, i], ROW_BLOCK, col_key[i])
-    return row_arg, col_arg
 
 
 @_cached_njit(nogil=True, fastmath=GEMM_FASTMATH)
@@ -152,7 +114,7 @@ def exact_row_best(
     query: np.ndarray,
     candidate: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One pass: the maxima of :func:`scan_maxima`, and, while each row is still in cache, the
+    """One pass: the maxima of rows and of blocks of cells, and, while each row is still in cache, the
     float32 GEMM's arg-max of every row whose bf16 maximum exceeds ``threshold - eps - delta``
     (its first column on ties).
 
@@ -168,7 +130,7 @@ def exact_row_best(
 
     Returns:
         best_arg [n] (-1 where the row cannot count), best_value [n] (its float32 GEMM value;
-        -inf there), and col_chunk_key as in :func:`scan_maxima`.
+        -inf there), and col_chunk_key the maxima of blocks of ``ROW_BLOCK`` rows of each column.
     """
     n, m = keys.shape
     num_chunks = (m + CELL_BLOCK - 1) // CELL_BLOCK

@@ -25,7 +25,6 @@ def score_candidates(
     query_features: FeatureSource,
     database_features: FeatureSource,
     top_k: int = DEFAULT_TOP_K,
-    precision: str = "exact",
     threshold: float = MATCH_THRESHOLD,
     device: str | torch.device = "cpu",
     queries: Sequence[int] | None = None,
@@ -40,7 +39,6 @@ def score_candidates(
         query_features: ``query_features[q]`` -> [n, 128] local descriptors of query q.
         database_features: ``database_features[i]`` -> [m, 128] of database image i.
         top_k: candidates re-ranked per query (at most K).
-        precision: "exact" (the original's scores) or "bf16" (approximate, faster).
         device: where matching runs ("cuda" uses the plain float32 algorithm there).
         queries: the queries to score (all by default); the other rows of the result stay 0.
         on_query_done: called as ``on_query_done(q, scores)`` after each query (to commit it).
@@ -60,7 +58,7 @@ def score_candidates(
         else:
             query = query_features[q].to(device)
             candidates = [database_features[int(i)].to(device) for i in global_predictions[q, :top_k]]
-            out[q] = mutual_match_scores(query, candidates, threshold, precision).cpu().numpy()
+            out[q] = mutual_match_scores(query, candidates, threshold).cpu().numpy()
         if on_query_done is not None:
             on_query_done(q, out[q])
     return out
@@ -90,7 +88,6 @@ def rerank(
     query_features: FeatureSource,
     database_store: FeatureSource,
     top_k: int = DEFAULT_TOP_K,
-    precision: str = "exact",
     threshold: float = MATCH_THRESHOLD,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -101,6 +98,6 @@ def rerank(
     keep the global order); the rest keep their global order.
     """
     scores = score_candidates(
-        global_predictions, query_features, database_store, top_k, precision, threshold, device, progress=progress
+        global_predictions, query_features, database_store, top_k, threshold, device, progress=progress
     )
     return order_by_scores(global_predictions, scores)
