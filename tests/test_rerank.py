@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fol_plugin import mutual_match_scores
-from fol_plugin.rerank import mutual_matches, reference_match_scores
+from fol_plugin.rerank import batched_match_scores, mutual_matches, reference_match_scores
 from fol_plugin.rerank import kernels
 from fol_plugin.rerank.engine import bf16_error_bound
 
@@ -84,6 +84,20 @@ def test_cuda_matches_cpu():
     cpu = mutual_match_scores(query, candidates)
     cuda = mutual_match_scores(query.cuda(), [c.cuda() for c in candidates])
     assert cuda.device.type == "cuda" and cuda.cpu().tolist() == cpu.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_batched_algorithm_for_gpus_equals_the_float32_algorithm(seed):
+    """Run on the CPU here (on CUDA by mutual_match_scores): near-ties, candidates of different
+    lengths and an empty one, blocks of several sizes, and a threshold below 0, where a padded
+    cell would count if it were not masked."""
+    query, candidates = structured_set(seed)
+    candidates = [*candidates[:3], torch.zeros(0, 128), *candidates[3:]]
+    reference = reference_match_scores(query, candidates)
+    assert reference.sum() > 0
+    for block_bytes in (2**31, 5 * 600 * 600 * 4, 1):  # all at once, a few, one at a time
+        assert torch.equal(batched_match_scores(query, candidates, block_bytes=block_bytes), reference)
+    assert torch.equal(batched_match_scores(query, candidates, -2.0), reference_match_scores(query, candidates, -2.0))
 
 
 def structured_set(seed: int, n: int = 600, candidates: int = 6):

@@ -1,6 +1,6 @@
 """Fast FoL re-ranking scores on the CPU: a bf16 product, then float32 only where it matters.
 
-Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`):
+It gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`):
 
 1. ``S~ = bf16(Q) bf16(D)^T`` with float32 accumulation. An entry differs from the exact
    similarity by at most ``max|q - q~| max|d| + max|q~| max|d - d~|`` (x~ = bf16(x), row norms)
@@ -23,7 +23,8 @@ Exact mode gives the scores of the float32 algorithm (:func:`.mutual.reference_m
    is mutual unless a row of that column near the anchor in bf16 beats it in the GEMM
    (:func:`.kernels.beaten_anchors`, ties to the first index).
 
-On CUDA the plain float32 algorithm runs, with cuBLAS's own rounding.
+On CUDA the plain float32 algorithm runs on blocks of candidates at once
+(:func:`.mutual.batched_match_scores`), with cuBLAS's own rounding.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .mutual import MATCH_THRESHOLD, as_descriptors, check_descriptors, mutual_matches, reference_match_scores
+from .mutual import MATCH_THRESHOLD, as_descriptors, batched_match_scores, check_descriptors, mutual_matches
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
 HALF_ULP_BELOW_ONE = BF16_UNIT_ROUNDOFF / 2  # bf16 rounding error of any value in (-1, 1)
@@ -132,7 +133,7 @@ def mutual_match_scores(
     """FoL re-ranking scores of one query against several candidates (FOL_SPEC section 5).
 
     On the CPU the bf16-then-float32 engine above computes them; elsewhere (CUDA) the plain
-    float32 algorithm does.
+    float32 algorithm does, on blocks of candidates at once.
 
     Args:
         query: [n, 128] L2-normalised local descriptors of the query (a tensor or a NumPy array).
@@ -148,7 +149,7 @@ def mutual_match_scores(
     for candidate in candidates:
         check_descriptors("candidate", candidate, query.shape[1])
     if query.device.type != "cpu" or len(query) == 0:
-        return reference_match_scores(query, candidates, threshold)
+        return batched_match_scores(query, candidates, threshold)
     query = query.float().contiguous()
     query_bf16 = query.bfloat16()
     query_stats = _rounding_stats(query, query_bf16)

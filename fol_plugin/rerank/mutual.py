@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 MATCH_THRESHOLD = 0.7
+BATCH_SIMILARITY_BYTES = 2 * 2**30  # the largest [k, m, n] float32 similarity block of batched_match_scores
 
 
 def as_descriptors(descriptors: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -68,4 +69,54 @@ def reference_match_scores(
     scores = torch.zeros(len(candidates), dtype=torch.float32, device=query.device)
     for index, candidate in enumerate(candidates):
         scores[index] = len(mutual_matches(query, candidate, threshold)[0])
+    return scores
+
+
+def batched_match_scores(
+    query: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    threshold: float = MATCH_THRESHOLD,
+    block_bytes: int = BATCH_SIMILARITY_BYTES,
+) -> torch.Tensor:
+    """The float32 algorithm of :func:`reference_match_scores` on blocks of candidates at once,
+    for GPUs: candidates zero-padded to the longest of their block, padded cells masked out of
+    the arg-maxima, ties to the first index as everywhere.
+
+    Args:
+        query: [n, D] L2-normalised.
+        candidates: [m_j, D] L2-normalised, on the query's device or not.
+        block_bytes: the largest similarity block [k, max m_j, n] float32 computed at once.
+
+    Returns:
+        [len(candidates)] float32 on the query's device.
+    """
+    device, dim = query.device, query.shape[1]
+    scores = torch.zeros(len(candidates), dtype=torch.float32, device=device)
+    nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
+    if len(query) == 0 or not nonempty:
+        return scores
+    query_indices = torch.arange(len(query), device=device)
+    start = 0
+    while start < len(nonempty):
+        block = [nonempty[start]]
+        longest = len(candidates[nonempty[start]])
+        for index in nonempty[start + 1 :]:
+            if (len(block) + 1) * max(longest, len(candidates[index])) * len(query) * 4 > block_bytes:
+                break
+            block.append(index)
+            longest = max(longest, len(candidates[index]))
+        start += len(block)
+        lengths = torch.tensor([len(candidates[index]) for index in block], device=device)
+        padded = torch.zeros(len(block), longest, dim, dtype=query.dtype, device=device)
+        for row, index in enumerate(block):
+            padded[row, : len(candidates[index])] = candidates[index].to(device=device, dtype=query.dtype)
+        similarity = padded @ query.T  # [k, m, n], as candidate @ query.T
+        padding = torch.arange(longest, device=device)[None, :] >= lengths[:, None]  # [k, m]
+        similarity.masked_fill_(padding[:, :, None], float("-inf"))
+        best_candidate = similarity.argmax(dim=1)  # [k, n]
+        best_query = similarity.argmax(dim=2)  # [k, m]
+        mutual = best_query.gather(1, best_candidate) == query_indices[None]
+        partners = padded.gather(1, best_candidate[:, :, None].expand(-1, -1, dim))  # [k, n, D]
+        cosine = (query[None] * partners).sum(dim=-1)
+        scores[torch.tensor(block, device=device)] = (mutual & (cosine > threshold)).sum(dim=1).float()
     return scores
