@@ -8,6 +8,7 @@ share the same ``<output_dir>/cache``. Rank 0 discards the cache at the end, aft
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +85,7 @@ def open_workspace(
         )
     cache = config.output_dir / CACHE_FOLDER
     needed = 0.0
-    with RunCache(config.output_dir) if processes.is_main else _nothing() as run_cache:
+    with RunCache(config.output_dir) if processes.is_main else contextlib.nullcontext() as run_cache:
         if run_cache is not None:  # rank 0 downloads the weights and checks the cache first
             weights = weights_file(config.backbone, config.weights)
             run_cache.check(cache_inputs(config, database, query_sets, weights))
@@ -102,7 +103,3 @@ def open_workspace(
         else:
             run_cache.discard()
 
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
