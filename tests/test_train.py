@@ -15,7 +15,7 @@ from matplotlib.image import imsave
 
 from fol_plugin import checkpoint, cli
 from fol_plugin.data import load_image
-from fol_plugin.distributed import SINGLE_PROCESS
+from fol_plugin.distributed import SINGLE_PROCESS, Processes
 from fol_plugin.data.datasets import load_image_set
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
@@ -353,3 +353,10 @@ def test_two_processes_train_as_one_on_the_same_global_batch_and_resume(syntheti
     assert torch.load(tmp_path / "two" / LAST, weights_only=True)["epoch_num"] == 1
     with open(tmp_path / "two" / LOG) as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
+
+
+def test_a_global_batch_splits_evenly_between_processes():
+    shares = [loop.place_batches(10, 4, Processes(rank, 2), None, False) for rank in range(2)]
+    assert shares == [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]  # the last batch of 2 kept, split 1 + 1
+    with pytest.raises(ValueError, match="--places_per_batch 5 must be a multiple of the 2 processes"):
+        loop.place_batches(10, 5, Processes(0, 2), None, False)
