@@ -46,6 +46,7 @@ from .options import (
 if TYPE_CHECKING:
     import numpy as np
 
+    from .distributed import Processes
     from .evaluation.config import EvalConfig
 
 # Only argparse and .options are imported up front, so `fol-vpr --help` answers at once; each
@@ -109,6 +110,13 @@ def _add_resize_mode(group: argparse._ActionsContainer) -> None:
     )
 
 
+def _add_dist_timeout(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
+        help="under torchrun, how long a process waits for the slowest one",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--database_folder", type=Path, required=True, help="folder of database images")
@@ -161,10 +169,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; optionally "
         "for PROCESSES processes (default: this run's)",
     )
-    scale.add_argument(
-        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
-        help="under torchrun, how long a process waits for the slowest one",
-    )
+    _add_dist_timeout(scale)
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=Path, required=True, help="results, and the cache a rerun resumes from")
     output.add_argument(
@@ -235,10 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--output_dir", type=Path, required=True)
     fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
-    fit.add_argument(
-        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
-        help="under torchrun, how long a process waits for the slowest one (rank 0 validates alone)",
-    )
+    _add_dist_timeout(fit)
     show = command("visualize", "FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
@@ -257,7 +259,6 @@ def fine_tune(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_device
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
-    from .distributed import start
     from .features import check_image_size
     from .train.loop import RECIPES, TrainConfig, train
 
@@ -284,9 +285,7 @@ def fine_tune(args: argparse.Namespace) -> None:
         validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
     )
     check_image_size(config.image_size)
-    processes = start(str(resolve_device(args.device)), args.dist_timeout)
-    if not processes.is_main:
-        _quiet_rank(processes.rank, args.debug)
+    processes = _join(args, str(resolve_device(args.device)))
     summary = train(config, places, args.resume, processes)
     processes.stop()
     if processes.is_main:
@@ -394,16 +393,13 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
 def evaluate(args: argparse.Namespace) -> None:
     """``fol-vpr eval`` and ``fol-vpr rerank``: run (or plan), then print the recalls. Under
     torchrun every process runs this; rank 0 prints."""
-    from .distributed import start
     from .evaluation.pipeline import run_eval, run_rerank
     from .evaluation.plan import plan_run
 
     config = _config(args)
-    processes = start(config.extraction.device, args.dist_timeout)
+    processes = _join(args, config.extraction.device)
     config.extraction.device = processes.device
     config.extraction.progress = processes.is_main
-    if not processes.is_main:
-        _quiet_rank(processes.rank, args.debug)
     if args.plan is not None:
         if processes.is_main:
             print(plan_run(config, args.plan or processes.world_size, args.command == "eval"))
@@ -426,6 +422,17 @@ def evaluate(args: argparse.Namespace) -> None:
             if results[stage]:
                 print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
     print(f"Results in {config.output_dir}")
+
+
+def _join(args: argparse.Namespace, device: str) -> Processes:
+    """This process's place in the run (joining torchrun's process group when there is one); the
+    processes other than rank 0 log quietly."""
+    from .distributed import start
+
+    processes = start(device, args.dist_timeout)
+    if not processes.is_main:
+        _quiet_rank(processes.rank, args.debug)
+    return processes
 
 
 def _quiet_rank(rank: int, debug: bool) -> None:

@@ -100,6 +100,13 @@ class CommitLog:
         self.path.touch()
         os.truncate(self.path, count * self.record_bytes)
 
+    def rewrite(self, records: np.ndarray) -> None:
+        """Replace the log by ``records`` [R, fields], atomically (drops damaged records; writers only)."""
+        temporary = self.path.with_suffix(".tmp")
+        temporary.unlink(missing_ok=True)
+        fsync_append(temporary, [np.asarray(records, np.int64).reshape(-1, self.fields)])
+        os.replace(temporary, self.path)
+
 
 def preallocate(path: Path, size: int) -> None:
     """Reserve ``size`` bytes of disk for ``path``, so that writes through a memory map cannot

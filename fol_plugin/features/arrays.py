@@ -25,7 +25,6 @@ from ..cache.integrity import (
     CommitLog,
     checksum,
     checksum_of_ranges,
-    fsync_append,
     preallocate,
     read_into,
 )
@@ -147,18 +146,12 @@ class ResumableArray:
                 continue
             intact[index] = False
             logger.warning("%s: rows %d-%d are damaged (%s); computing them again", self.path, begin, end - 1, problem)
-        if log is self._log:
-            self._keep(records[intact], len(records))
-
-    def _keep(self, records: np.ndarray, count: int) -> None:
-        """Rewrite this writer's log with ``records`` (drops damaged ones and a partial record)."""
-        if len(records) == count:
-            self._log.keep(count)
+        if log is not self._log:
             return
-        temporary = self._log.path.with_suffix(".tmp")
-        temporary.unlink(missing_ok=True)
-        fsync_append(temporary, [records])
-        os.replace(temporary, self._log.path)
+        if intact.all():
+            self._log.keep(len(records))  # drops a partial record
+        else:
+            self._log.rewrite(records[intact])
 
     def todo(self) -> list[range]:
         """The runs of rows in ``self.rows`` still to compute, in order."""

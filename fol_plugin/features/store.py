@@ -212,13 +212,10 @@ class LocalFeatureStore:
 
     def _cut(self, part: _Part, records: np.ndarray, intact: np.ndarray) -> None:
         """Keep the intact records of this writer's own part and cut its data after them."""
-        if not intact.all():
-            temporary = part.entries.path.with_suffix(".tmp")
-            temporary.unlink(missing_ok=True)
-            fsync_append(temporary, [records[intact]])
-            os.replace(temporary, part.entries.path)
+        if intact.all():
+            part.entries.keep(len(records))  # drops a partial record
         else:
-            part.entries.keep(len(records))  # drop a partial record
+            part.entries.rewrite(records[intact])
         for path, row_bytes in zip((part.descriptors, part.keypoints), self._row_bytes()):
             path.touch()
             os.truncate(path, part.rows * row_bytes)

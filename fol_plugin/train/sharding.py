@@ -45,12 +45,8 @@ def place_batches(
     batches = [order[start : start + places_per_batch] for start in range(0, num_places, places_per_batch)]
     if batches and len(batches[-1]) < (places_per_batch if drop_last else processes.world_size):
         batches.pop()  # dropped, or too small to give every process a place
-    return [batch[_share(len(batch), processes)] for batch in batches]
-
-
-def _share(count: int, processes: Processes) -> slice:
-    """This process's contiguous share of ``count`` places (shares differ by at most one)."""
-    return slice(processes.rank * count // processes.world_size, (processes.rank + 1) * count // processes.world_size)
+    shares = [processes.shard(len(batch)) for batch in batches]  # contiguous, differing by at most one
+    return [batch[share.start : share.stop] for batch, share in zip(batches, shares)]
 
 
 def _counts(count: int, device: torch.device) -> list[int]:
