@@ -127,6 +127,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--no_labels", action="store_true", help="images have no @east@north@ names: skip recalls")
     data.add_argument("--positive_dist_threshold", type=float, default=DEFAULT_POSITIVE_DISTANCE, help="metres")
     data.add_argument("--recall_values", type=_positive_int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
+    _add_run_options(parser)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_required: bool = True) -> None:
+    """The model, re-ranking, scale and output options of ``eval``, ``rerank`` and ``benchmark``."""
     model = parser.add_argument_group("model")
     _add_model_arguments(model)
     _add_resize_mode(model)
@@ -164,14 +169,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--search_chunk_size", type=_positive_int, default=DEFAULT_SEARCH_CHUNK,
         help="database rows searched at a time (RAM holds one chunk)",
     )
-    scale.add_argument(
-        "--plan", type=_positive_int, nargs="?", const=0, default=None, metavar="PROCESSES",
-        help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; optionally "
-        "for PROCESSES processes (default: this run's)",
-    )
+    if plan:
+        scale.add_argument(
+            "--plan", type=_positive_int, nargs="?", const=0, default=None, metavar="PROCESSES",
+            help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; "
+            "optionally for PROCESSES processes (default: this run's)",
+        )
     _add_dist_timeout(scale)
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", type=Path, required=True, help="results, and the cache a rerun resumes from")
+    output.add_argument(
+        "--output_dir", type=Path, required=output_required, help="results, and the cache a rerun resumes from"
+    )
     output.add_argument(
         "--num_preds_to_save", type=_non_negative_int, default=0, help="PNG grids and preds/*.txt with this many"
     )
@@ -203,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
     given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
+    bench = command("benchmark", "the paper's evaluation over named datasets, with a results table")
+    datasets = bench.add_argument_group("datasets (see README: The paper's benchmark in one command)")
+    datasets.add_argument("--datasets_folder", type=Path, help="the root of the datasets (the original's --eval_datasets_folder)")
+    datasets.add_argument(
+        "--dataset_names", nargs="+", metavar="NAME",
+        help="datasets (pitts30k, SF_XL, SVOX, ...) or single query sets (SF_XL_night, ...); --list_datasets names them",
+    )
+    datasets.add_argument(
+        "--dataset_path", action="append", default=[], metavar="NAME=FOLDER",
+        help="a dataset's root, instead of its place under --datasets_folder",
+    )
+    datasets.add_argument(
+        "--allow_mismatch", action="store_true", help="run datasets whose image counts differ from the expected; rows are marked"
+    )
+    datasets.add_argument(
+        "--predictions_dir", type=Path,
+        help="re-rank another method: per query set, <dir>/<name>.npy or a VPR-methods-evaluation run at <dir>/<name>",
+    )
+    datasets.add_argument("--recall_values", type=_positive_int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
+    datasets.add_argument("--list_datasets", action="store_true", help="print the known datasets, their layout and counts")
+    datasets.add_argument(
+        "--table_only", type=Path, metavar="OUTPUT_DIR", help="rebuild the results tables of a finished benchmark and exit"
+    )
+    _add_run_options(bench, plan=False, output_required=False)
     fit = command("train", "fine-tune FoL with the paper's losses")
     fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
@@ -313,15 +345,25 @@ def visualize(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
-    from .checkpoint import resolve_device
     from .evaluation.config import EvalConfig
-    from .features import ExtractionConfig
-    from .matching import ScorerConfig
 
     return EvalConfig(
         database_folder=args.database_folder,
         queries_folders=args.queries_folders,
         output_dir=args.output_dir,
+        positive_dist_threshold=args.positive_dist_threshold,
+        labelled=not args.no_labels,
+        **_run_options(args),
+    )
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    """The :class:`~fol_plugin.evaluation.config.EvalConfig` fields of :func:`_add_run_options`."""
+    from .checkpoint import resolve_device
+    from .features import ExtractionConfig
+    from .matching import ScorerConfig
+
+    return dict(
         backbone=args.backbone,
         weights=args.weights,
         extraction=ExtractionConfig(
@@ -330,8 +372,6 @@ def _config(args: argparse.Namespace) -> EvalConfig:
             precision=args.extraction_precision,
         ),
         recall_values=tuple(args.recall_values),
-        positive_dist_threshold=args.positive_dist_threshold,
-        labelled=not args.no_labels,
         rerank_topk=args.rerank_topk,
         scorer=ScorerConfig(args.rerank_scorer, args.ransac_model),
         store_dtype=args.store_dtype,
@@ -424,6 +464,58 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"Results in {config.output_dir}")
 
 
+def benchmark(args: argparse.Namespace) -> None:
+    """``fol-vpr benchmark``: every dataset through the pipeline, then the tables (rank 0 prints)."""
+    from .benchmark import REGISTRY, BenchmarkConfig, run_benchmark, write_tables
+    from .benchmark.tables import RESULTS_STEM
+
+    if args.list_datasets:
+        print(_registry_listing(REGISTRY))
+        return
+    if args.table_only:
+        write_tables(args.table_only)
+        print((args.table_only / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.table_only}/{RESULTS_STEM}.*")
+        return
+    missing = [flag for flag, value in (("--datasets_folder", args.datasets_folder), ("--dataset_names",
+               args.dataset_names), ("--output_dir", args.output_dir)) if not value]  # fmt: skip
+    if missing:
+        raise ValueError(f"fol-vpr benchmark needs {', '.join(missing)} (or --table_only DIR, or --list_datasets)")
+    options = _run_options(args)
+    processes = _join(args, options["extraction"].device)
+    options["extraction"].device = processes.device
+    options["extraction"].progress = processes.is_main
+    config = BenchmarkConfig(
+        datasets_folder=args.datasets_folder, dataset_names=args.dataset_names, output_dir=args.output_dir,
+        options=options, predictions_dir=args.predictions_dir, allow_mismatch=args.allow_mismatch,
+        dataset_paths=dict(_name_and_path(text) for text in args.dataset_path),
+    )
+    run_benchmark(config, processes)
+    processes.stop()
+    if processes.is_main:
+        print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")
+
+
+def _name_and_path(text: str) -> tuple[str, Path]:
+    name, separator, folder = text.partition("=")
+    if not separator or not name or not folder:
+        raise ValueError(f"--dataset_path {text!r}: expected NAME=FOLDER, e.g. SF_XL=/data/sf_xl/processed/test")
+    return name, Path(folder)
+
+
+def _registry_listing(registry: dict) -> str:
+    """The known datasets: layout, query sets and expected counts."""
+    lines = []
+    for spec in registry.values():
+        count = "?" if spec.num_database is None else f"{spec.num_database:,}"
+        lines.append(f"{spec.name}: in {' or '.join(spec.roots)}; database: {spec.database} ({count} images)")
+        for query_set in spec.query_sets:
+            queries = "?" if query_set.num_images is None else f"{query_set.num_images:,}"
+            lines.append(f"  {query_set.name}: {query_set.folder} ({queries} queries)")
+        if spec.note:
+            lines.append(f"  note: {spec.note}")
+    return "\n".join(lines)
+
+
 def _join(args: argparse.Namespace, device: str) -> Processes:
     """This process's place in the run (joining torchrun's process group when there is one); the
     processes other than rank 0 log quietly."""
@@ -454,7 +546,7 @@ def _record_for_torchrun(error: BaseException) -> None:
         ErrorHandler().record_exception(error)
 
 
-COMMANDS = {"eval": evaluate, "rerank": evaluate, "train": fine_tune, "visualize": visualize}
+COMMANDS = {"eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
     try:
         COMMANDS[args.command](args)
     except _user_errors() as error:

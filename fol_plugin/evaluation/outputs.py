@@ -192,7 +192,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
     """Predictions, CSV, preds files and figures per query set, and ``recalls.json`` (written
     last, atomically); returns its summary."""
     output_dir = config.output_dir
-    summary = {"config": _json_config(config), "query_sets": {}, "timings_s": timings, **extra}
+    summary = {"config": json_config(config), "query_sets": {}, "timings_s": timings, **extra}
     for query_set in query_sets:
         folder = output_dir / query_set.key
         folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
     return summary
 
 
-def _json_config(config: EvalConfig) -> dict:
+def json_config(config: EvalConfig) -> dict:
     return json.loads(json.dumps(asdict(config), default=str))
 
 

@@ -1,0 +1,325 @@
+"""``fol-vpr benchmark``: the paper's evaluation over named datasets in one command.
+
+Owns the order of work: every selected dataset is found and counted before anything is extracted
+(:mod:`.registry`), then each runs through the evaluation pipeline in ``<output_dir>/<dataset>``
+(one database extraction for all its query sets, the pipeline's cache and resume rules), or
+re-ranks another method's predictions from ``--predictions_dir``. A dataset whose run fails is
+recorded and the next one starts; a dataset already finished with the same settings is not run
+again. ``<output_dir>/benchmark.json`` records each dataset's status, counts, peak memory and wall
+time as soon as it ends; the tables (:mod:`.tables`) are built from it and the runs' recalls.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.datasets import list_images
+from ..distributed import SINGLE_PROCESS, Processes
+from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key
+from ..evaluation.outputs import json_config, read_preds_files
+from ..evaluation.pipeline import run_eval, run_rerank
+from ..options import DEFAULT_RECALL_VALUES
+from .published import PUBLISHED_RECALL_VALUES
+from .registry import REGISTRY, DatasetSpec, Located, locate, select
+from .tables import BENCHMARK_FILE, write_tables
+
+logger = logging.getLogger(__name__)
+
+MB = 1e6
+# Settings that change how a run works but not its results: a finished dataset is reused across them.
+NOT_RESULT_SETTINGS = ("num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors")
+PREDICTIONS_SUFFIX = ".npy"
+
+
+@dataclass
+class BenchmarkConfig:
+    """What ``fol-vpr benchmark`` runs.
+
+    Attributes:
+        datasets_folder: the root of the datasets (the original's ``--eval_datasets_folder``).
+        dataset_names: registry names (datasets, or single query sets such as ``SF_XL_night``).
+        output_dir: one sub-folder per dataset, ``benchmark.json`` and the results tables.
+        options: :class:`~fol_plugin.evaluation.config.EvalConfig` fields shared by every dataset
+            (backbone, weights, extraction, rerank_topk, ...); the folders, labels and positive
+            radius come from the registry, and R@1/5/10 are always among the recall values.
+        predictions_dir: another method's predictions per query set (see :func:`find_predictions`):
+            benchmark "that method + FoL re-ranking" instead of FoL end to end.
+        allow_mismatch: run datasets whose image counts differ from the registry's (rows are marked).
+        dataset_paths: dataset name -> its root, instead of the registry's layout.
+        registry: the known datasets.
+    """
+
+    datasets_folder: Path
+    dataset_names: list[str]
+    output_dir: Path
+    options: dict = field(default_factory=dict)
+    predictions_dir: Path | None = None
+    allow_mismatch: bool = False
+    dataset_paths: dict[str, Path] = field(default_factory=dict)
+    registry: Mapping[str, DatasetSpec] = field(default_factory=lambda: REGISTRY)
+
+
+def check_datasets(config: BenchmarkConfig) -> list[Located]:
+    """Every selected dataset found and counted, before any extraction.
+
+    Raises:
+        ValueError: listing every missing folder, and every count mismatch unless
+            ``allow_mismatch``.
+    """
+    selection = select(config.dataset_names, config.registry, config.datasets_folder)
+    unused = set(config.dataset_paths) - {spec.name for spec, _ in selection}
+    if unused:
+        raise ValueError(f"--dataset_path names {sorted(unused)}, which --dataset_names does not select")
+    located = [
+        locate(spec, query_sets, config.datasets_folder, config.dataset_paths.get(spec.name))
+        for spec, query_sets in selection
+    ]
+    problems = [line for item in located for line in item.problems]
+    mismatches = [line for item in located for line in item.mismatches]
+    if problems or (mismatches and not config.allow_mismatch):
+        lines = problems + mismatches
+        fix = " Fix the folders, or pass --allow_mismatch to run mismatched datasets anyway (their rows are marked)."
+        raise ValueError(
+            f"{len(lines)} problem(s) with the datasets, found before any extraction:\n  " + "\n  ".join(lines)
+            + ("\n" + fix.strip() if mismatches else "")
+        )
+    for line in mismatches:
+        logger.warning("%s: running anyway (--allow_mismatch); its rows are marked", line)
+    for item in located:
+        if item.spec.name not in config.registry:
+            logger.warning("%s is not a known dataset: running it from %s, its counts unchecked", item.spec.name, item.root)
+    return located
+
+
+def eval_config(config: BenchmarkConfig, item: Located) -> EvalConfig:
+    """The evaluation of one dataset: all its selected query sets against its database."""
+    options = dict(config.options)
+    recall_values = set(options.pop("recall_values", DEFAULT_RECALL_VALUES)) | set(PUBLISHED_RECALL_VALUES)
+    return EvalConfig(
+        database_folder=item.database_folder,
+        queries_folders=[item.queries_folder(q) for q in item.query_sets],
+        output_dir=config.output_dir / item.spec.name,
+        labelled=item.spec.labelled,
+        positive_dist_threshold=item.spec.positive_dist_threshold,
+        recall_values=tuple(sorted(recall_values)),
+        **options,
+    )
+
+
+def output_keys(evaluation: EvalConfig, item: Located) -> dict[str, str]:
+    """Query set name -> its output folder in the run, named as the pipeline names it."""
+    keys: dict[str, str] = {}
+    for query_set, folder in zip(item.query_sets, evaluation.queries_folders):
+        keys[query_set.name] = output_key(folder, set(keys.values()))
+    return keys
+
+
+def find_predictions(predictions_dir: Path, name: str) -> Path:
+    """Another method's predictions for query set ``name``: ``<dir>/<name>.npy`` ([Q, K] database
+    indices), or a VPR-methods-evaluation ``preds/`` folder of .txt files at ``<dir>/<name>``,
+    ``<dir>/<name>/preds`` or ``<dir>/<name>/<run>/preds`` (its log folder, one run in it)."""
+    array = predictions_dir / f"{name}{PREDICTIONS_SUFFIX}"
+    if array.is_file():
+        return array
+    folder = predictions_dir / name
+    candidates = [folder, folder / "preds", *sorted(folder.glob("*/preds"))]
+    found = [c for c in candidates if c.is_dir() and any(c.glob("*.txt"))]
+    if len(found) > 1 and found[0] != folder / "preds":
+        raise ValueError(
+            f"--predictions_dir: {folder} holds several VPR-methods-evaluation runs ({', '.join(map(str, found))}); "
+            "keep one, or point to it as <dir>/<name>/preds"
+        )
+    if not found:
+        raise FileNotFoundError(
+            f"--predictions_dir: no predictions for {name}: expected {array}, or {folder}/preds with "
+            "VPR-methods-evaluation's 000.txt, 001.txt, ... (run it with --num_preds_to_save K)"
+        )
+    return found[0]
+
+
+def _given_predictions(config: BenchmarkConfig, item: Located, evaluation: EvalConfig) -> tuple[list[np.ndarray], dict]:
+    """Per query set, the [Q, K] predictions to re-rank, and where each came from."""
+    database_paths = list_images(evaluation.database_folder)
+    predictions, sources = [], {}
+    for query_set, folder in zip(item.query_sets, evaluation.queries_folders):
+        source = find_predictions(config.predictions_dir, query_set.name)
+        sources[query_set.name] = str(source)
+        if source.suffix == PREDICTIONS_SUFFIX:
+            predictions.append(np.load(source))
+        else:
+            predictions.append(read_preds_files(source, list_images(folder), database_paths))
+    return predictions, sources
+
+
+def _result_settings(settings: dict) -> dict:
+    """Of a run's recorded settings, those its results depend on."""
+    settings = {name: value for name, value in settings.items() if name not in NOT_RESULT_SETTINGS}
+    if isinstance(settings.get("extraction"), dict):
+        settings["extraction"] = {k: v for k, v in settings["extraction"].items() if k not in NOT_RESULT_SETTINGS}
+    return settings
+
+
+def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None) -> bool:
+    """Whether this dataset already finished with the same settings (and predictions)."""
+    recalls = evaluation.output_dir / RECALLS_FILE
+    if not (recalls.is_file() and previous and previous.get("status") == "done"):
+        return False
+    if previous.get("predictions") != sources:
+        return False
+    recorded = json.loads(recalls.read_text()).get("config", {})
+    return _result_settings(recorded) == _result_settings(json_config(evaluation))
+
+
+class PeakMemory:
+    """Peak resident memory of this process (and of its GPU) while inside the ``with`` block.
+
+    On Linux the kernel's high-water mark is reset on entry (``/proc/self/clear_refs``), so each
+    dataset reports its own peak; elsewhere it is the peak since the process started
+    (``since_start``).
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.rss_mb: float | None = None
+        self.gpu_mb: float | None = None
+        self.since_start = False
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.since_start = True
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.rss_mb = round(_peak_rss_bytes(self.since_start) / MB, 1)
+        if self.device.startswith("cuda"):
+            self.gpu_mb = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+
+
+def _peak_rss_bytes(since_start: bool) -> float:
+    if not since_start:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _run_dataset(
+    config: BenchmarkConfig, item: Located, processes: Processes, previous: dict | None
+) -> dict:
+    """Run (or reuse) one dataset; returns its benchmark record."""
+    evaluation = eval_config(config, item)
+    entry = {
+        "root": str(item.root), "query_sets": output_keys(evaluation, item),
+        "published_as": {q.name: q.label for q in item.query_sets},
+        "counts": item.counts, "mismatches": item.mismatches, "labelled": item.spec.labelled, "note": item.spec.note,
+    }
+    start = time.perf_counter()
+    try:
+        predictions, sources = (None, None)
+        if config.predictions_dir is not None:
+            predictions, sources = _given_predictions(config, item, evaluation)
+            entry["predictions"] = sources
+        if _finished(evaluation, previous, sources):
+            logger.info("%s: finished earlier with the same settings; reusing %s", item.spec.name, evaluation.output_dir)
+            return {**previous, **entry, "reused": True}
+        with PeakMemory(str(evaluation.extraction.device)) as memory:
+            if predictions is None:
+                run_eval(evaluation, processes)
+            else:
+                run_rerank(evaluation, predictions, processes)
+    except Exception as error:
+        if processes.distributed:  # the other processes cannot skip in step: end the run (torchrun reports it)
+            raise
+        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, error, exc_info=_is_bug(error))
+        return {**entry, "status": "failed", "error": _one_line(error)}
+    return {
+        **entry, "status": "done", "wall_s": round(time.perf_counter() - start, 1), "peak_memory_mb": memory.rss_mb,
+        "peak_gpu_memory_mb": memory.gpu_mb, "peak_memory_since_start": memory.since_start,
+    }
+
+
+def _is_bug(error: BaseException) -> bool:
+    """Errors that are not about the user's data or settings get their traceback logged."""
+    return not isinstance(error, (ValueError, OSError, RuntimeError))
+
+
+def _describe(config: BenchmarkConfig) -> dict:
+    return {
+        "datasets_folder": str(config.datasets_folder),
+        "dataset_names": list(config.dataset_names),
+        "predictions_dir": None if config.predictions_dir is None else str(config.predictions_dir),
+        "allow_mismatch": config.allow_mismatch,
+        "options": json.loads(json.dumps(config.options, default=_plain)),
+    }
+
+
+def _plain(value: object) -> object:
+    return value.__dict__ if hasattr(value, "__dict__") else str(value)
+
+
+def read_record(output_dir: Path) -> dict:
+    """``<output_dir>/benchmark.json``, or an empty record."""
+    path = Path(output_dir) / BENCHMARK_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
+
+
+def _write_record(output_dir: Path, record: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / f"{BENCHMARK_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, output_dir / BENCHMARK_FILE)
+
+
+def run_benchmark(config: BenchmarkConfig, processes: Processes = SINGLE_PROCESS) -> list[dict]:
+    """Run every selected dataset, then write the tables.
+
+    Returns:
+        The table rows (see :func:`fol_plugin.benchmark.tables.build_rows`); empty on the processes
+        other than rank 0.
+    """
+    located = check_datasets(config)
+    record = read_record(config.output_dir)
+    record["config"] = _describe(config)
+    record["order"] = [item.spec.name for item in located]
+    # The benchmark's own bar, above the pipeline's: images of finished datasets, with the ETA.
+    total = sum(sum(item.counts.values()) for item in located)
+    with tqdm(total=total, desc="Benchmark", unit="img", disable=not processes.is_main, position=0) as bar:
+        for index, item in enumerate(located, 1):
+            name = item.spec.name
+            bar.set_postfix_str(f"{name} ({index}/{len(located)})")
+            logger.info(
+                "Benchmark: dataset %d of %d: %s (%s database images; %s)", index, len(located), name,
+                f"{item.counts['database']:,}", ", ".join(f"{q.name}: {item.counts[q.name]:,} queries" for q in item.query_sets),
+            )  # fmt: skip
+            record["datasets"][name] = _run_dataset(config, item, processes, record["datasets"].get(name))
+            if processes.is_main:
+                _write_record(config.output_dir, record)
+            bar.update(sum(item.counts.values()))
+    if not processes.is_main:
+        return []
+    rows = write_tables(config.output_dir)
+    failed = [name for name in record["order"] if record["datasets"][name]["status"] != "done"]
+    if failed:
+        logger.error("%d of %d datasets failed: %s (see the tables)", len(failed), len(located), ", ".join(failed))
+    return rows

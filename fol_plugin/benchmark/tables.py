@@ -1,0 +1,219 @@
+"""The results of a benchmark as tables: one row per query set, beside FoL's published numbers.
+
+Owns ``results.md`` (Markdown), ``results.tex`` (a booktabs tabular, best R@1 of each row in
+bold), ``results.csv`` and ``results.json``. They are built only from what the runs left on disk
+(``benchmark.json`` and each dataset's ``recalls.json``), so ``fol-vpr benchmark --table_only
+DIR`` rebuilds the same tables at any time.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from ..evaluation.config import RECALLS_FILE
+from .published import PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
+
+BENCHMARK_FILE = "benchmark.json"
+RESULTS_STEM = "results"
+STAGES = ("global", "reranked")
+MISSING = "–"
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
+
+
+def _recall_fields(prefix: str, values: dict | tuple | None) -> dict:
+    """``{prefix}_R@N`` for N in 1, 5, 10 from a recalls dict (``{"R@1": ...}``) or a published triple."""
+    if isinstance(values, tuple):
+        values = {f"R@{n}": v for n, v in zip(PUBLISHED_RECALL_VALUES, values)}
+    return {f"{prefix}_R@{n}": None if values is None else values.get(f"R@{n}") for n in PUBLISHED_RECALL_VALUES}
+
+
+def _per_query_ms(timings: dict, stage: str, count: int) -> float | None:
+    return None if stage not in timings or not count else round(1000 * timings[stage] / count, 2)
+
+
+def describe_run(record: dict) -> dict:
+    """What every row shares: the model, the protocol, and where the published numbers come from."""
+    options = record.get("config", {}).get("options", {})
+    extraction = options.get("extraction", {})
+    backbone = options.get("backbone", "vitl")
+    image_size = tuple(extraction.get("image_size", ()))
+    predictions_dir = record.get("config", {}).get("predictions_dir")
+    published = None if predictions_dir else _published_table(backbone, image_size)
+    return {
+        "method": f"predictions in {predictions_dir} + FoL re-ranking" if predictions_dir else "FoL",
+        "backbone": backbone if isinstance(backbone, str) else "custom",
+        "image_size": list(image_size),
+        "resize_mode": extraction.get("resize_mode", "original"),
+        "extraction_precision": extraction.get("precision", "fp32"),
+        "rerank_topk": options.get("rerank_topk"),
+        "scorer": options.get("scorer", {}).get("name", "fol") if isinstance(options.get("scorer"), dict) else "fol",
+        "published": published,
+    }
+
+
+def _published_table(backbone: object, image_size: tuple) -> str | None:
+    if not isinstance(backbone, str) or len(image_size) != 2:
+        return None
+    name = {"vitl": "ViT-L", "vitb": "ViT-B"}.get(backbone, backbone)
+    probe = published_recalls(backbone, image_size, "Pitts30k")
+    return f"{name} at {image_size[0]}x{image_size[1]}, {SOURCE}" if probe else None
+
+
+def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(what the rows share, one row per query set) of the benchmark in ``output_dir``."""
+    output_dir = Path(output_dir)
+    path = output_dir / BENCHMARK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --table_only takes the --output_dir of a fol-vpr benchmark run")
+    record = json.loads(path.read_text())
+    meta = describe_run(record)
+    rows = []
+    for name in record.get("order", list(record["datasets"])):
+        entry = record["datasets"][name]
+        summary = {}
+        recalls = output_dir / name / RECALLS_FILE
+        if entry.get("status") == "done" and recalls.is_file():
+            summary = json.loads(recalls.read_text())
+        timings = summary.get("timings_s", {})
+        total_queries = sum(entry.get("counts", {}).get(q, 0) for q in entry.get("query_sets", {}))
+        for query_set, key in entry.get("query_sets", {}).items():
+            results = summary.get("query_sets", {}).get(key, {})
+            count = entry.get("counts", {}).get(query_set, 0)
+            label = entry.get("published_as", {}).get(query_set)
+            published = None
+            if meta["published"]:
+                published = published_recalls(meta["backbone"], tuple(meta["image_size"]), label)
+            row = {
+                "dataset": name,
+                "query_set": query_set,
+                "published_as": label,
+                "status": _status(entry, results),
+                "num_database": entry.get("counts", {}).get("database"),
+                "num_queries": count,
+                **_recall_fields("global", results.get("global")),
+                **_recall_fields("reranked", results.get("reranked")),
+                **_recall_fields("published_global", published[0] if published else None),
+                **_recall_fields("published_reranked", published[1] if published else None),
+                "ms_per_query_features": _per_query_ms(timings, f"features_{key}", count),
+                "ms_per_query_search": _per_query_ms(timings, "global_search", total_queries),
+                "ms_per_query_rerank": _per_query_ms(timings, f"rerank_{key}", count),
+                "database_features_s": _database_seconds(timings),
+                "peak_memory_mb": entry.get("peak_memory_mb"),
+                "peak_gpu_memory_mb": entry.get("peak_gpu_memory_mb"),
+            }
+            for stage in STAGES:
+                for n in PUBLISHED_RECALL_VALUES:
+                    ours, theirs = row[f"{stage}_R@{n}"], row[f"published_{stage}_R@{n}"]
+                    row[f"diff_{stage}_R@{n}"] = None if ours is None or theirs is None else round(ours - theirs, 2)
+            rows.append(row)
+    return meta, rows
+
+
+def _status(entry: dict, results: dict) -> str:
+    if entry.get("status") != "done":
+        return f"failed: {entry.get('error', 'unknown error')}"
+    notes = []
+    if entry.get("mismatches"):
+        notes.append("count mismatch")
+    if not entry.get("labelled", True):
+        notes.append("no labels: recalls from the dataset's server")
+    elif not results:
+        notes.append("no results")
+    return "; ".join(notes) or "ok"
+
+
+def _database_seconds(timings: dict) -> float | None:
+    stages = [timings[s] for s in ("features_database_global", "features_database_local") if s in timings]
+    return round(sum(stages), 1) if stages else None
+
+
+def _triple(row: dict, prefix: str) -> str:
+    values = [row[f"{prefix}_R@{n}"] for n in PUBLISHED_RECALL_VALUES]
+    return MISSING if any(v is None for v in values) else " ".join(f"{v:.1f}" for v in values)
+
+
+def _number(value: float | None, digits: int = 1, signed: bool = False) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:+.{digits}f}" if signed else f"{value:,.{digits}f}"
+
+
+def _title(meta: dict) -> str:
+    size = "x".join(map(str, meta["image_size"]))
+    return (
+        f"{meta['method']}: {meta['backbone']}, {size}, resize {meta['resize_mode']}, {meta['extraction_precision']}, "
+        f"top-{meta['rerank_topk']} re-ranking ({meta['scorer']})"
+    )
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """The Markdown table: recalls as "R@1 R@5 R@10", the published ones and the R@1 differences."""
+    published = meta["published"] or "none for this backbone and image size" + (
+        "" if meta["method"] == "FoL" else " (another method's retrieval)"
+    )
+    header = [
+        "Dataset", "Query set", "#db", "#queries", "Global R@1 R@5 R@10", "Re-ranked R@1 R@5 R@10",
+        "Published global", "Published re-ranked", "ΔR@1 global / re-ranked", "ms/query features / search / re-rank",
+        "DB features (s)", "Peak RAM (MB)", "Status",
+    ]  # fmt: skip
+    lines = [f"**{_title(meta)}**", "", f"Published: {published}.", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 10 + ["---"]) + "|")
+    for row in rows:
+        times = " / ".join(_number(row[f"ms_per_query_{s}"]) for s in ("features", "search", "rerank"))
+        differences = " / ".join(_number(row[f"diff_{s}_R@1"], signed=True) for s in STAGES)
+        cells = [
+            row["dataset"], row["query_set"], _number(row["num_database"], 0), _number(row["num_queries"], 0),
+            _triple(row, "global"), _triple(row, "reranked"), _triple(row, "published_global"),
+            _triple(row, "published_reranked"), differences, times, _number(row["database_features_s"]),
+            _number(row["peak_memory_mb"], 0), row["status"].replace("|", "/"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _latex_text(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(character, character) for character in text)
+
+
+def latex(meta: dict, rows: list[dict]) -> str:
+    """A booktabs tabular of R@1/5/10, global and re-ranked, as papers print it: rows named as in
+    FoL's tables where they appear there, the best R@1 of each row in bold (both when they tie),
+    "--" where a dataset failed."""
+    lines = [
+        f"% {_latex_text(_title(meta))}",
+        r"\begin{tabular}{l" + "r" * 2 * len(PUBLISHED_RECALL_VALUES) + "}",
+        r"\toprule",
+        r" & \multicolumn{3}{c}{Global} & \multicolumn{3}{c}{Re-ranked} \\",
+        r"\cmidrule(lr){2-4} \cmidrule(lr){5-7}",
+        "Dataset & " + " & ".join(f"R@{n}" for n in PUBLISHED_RECALL_VALUES * 2) + r" \\",
+        r"\midrule",
+    ]
+    for row in rows:
+        firsts = [row[f"{stage}_R@1"] for stage in STAGES]
+        best = max((v for v in firsts if v is not None), default=None)
+        cells = [_latex_text(row["published_as"] or row["query_set"])]
+        for stage in STAGES:
+            for n in PUBLISHED_RECALL_VALUES:
+                value = row[f"{stage}_R@{n}"]
+                text = "--" if value is None else f"{value:.1f}"
+                cells.append(rf"\textbf{{{text}}}" if n == 1 and value is not None and value == best else text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(output_dir: str | os.PathLike) -> list[dict]:
+    """``results.{md,tex,csv,json}`` in ``output_dir`` from its finished runs; returns the rows."""
+    output_dir = Path(output_dir)
+    meta, rows = build_rows(output_dir)
+    (output_dir / f"{RESULTS_STEM}.md").write_text(markdown(meta, rows))
+    (output_dir / f"{RESULTS_STEM}.tex").write_text(latex(meta, rows))
+    (output_dir / f"{RESULTS_STEM}.json").write_text(json.dumps({"run": meta, "rows": rows}, indent=2))
+    with open(output_dir / f"{RESULTS_STEM}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["dataset"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows

@@ -1,0 +1,324 @@
+"""``fol-vpr benchmark`` on mini datasets in two registry layouts (a plain ``images/test`` one and
+an SF_XL-like one with two query sets on one database), labelled toy images and a tiny ViT: its
+tables hold what ``fol-vpr eval`` computes, problems are found before extraction, a failing
+dataset does not stop the others, and ``--table_only`` rebuilds the same tables."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fol_plugin import checkpoint, cli
+from fol_plugin.benchmark import PUBLISHED, BenchmarkConfig, DatasetSpec, QuerySetSpec, run_benchmark, select
+from fol_plugin.benchmark import runner as benchmark_runner
+from fol_plugin.benchmark.registry import REGISTRY, locate
+from fol_plugin.benchmark.tables import build_rows, latex, markdown
+from fol_plugin.data.datasets import find_positives, load_image_set
+from fol_plugin.evaluation import compute_recalls, run_eval, run_rerank
+from fol_plugin.evaluation.outputs import write_preds_files
+from fol_plugin.features import ExtractionConfig
+from fol_plugin.models import FoLModel
+
+from .conftest import IMAGE_SIZE, TINY_VIT, config_for, utm_name
+
+RESULTS = ("results.md", "results.tex", "results.csv", "results.json")
+NIGHT_QUERIES = 3  # the SF_XL-like night set: the first three queries
+
+
+@pytest.fixture(scope="module")
+def datasets_folder(labelled_set, tmp_path_factory) -> Path:
+    """``pitts30k/images/test/{database,queries}``, ``SF_XL/test/{database,queries_v1,queries_night}``
+    and a ``sped`` whose database holds an undecodable image."""
+    root = tmp_path_factory.mktemp("datasets")
+    shutil.copytree(labelled_set, root / "pitts30k" / "images" / "test")
+    sf_xl = root / "SF_XL" / "test"
+    shutil.copytree(labelled_set / "database", sf_xl / "database")
+    shutil.copytree(labelled_set / "queries", sf_xl / "queries_v1")
+    (sf_xl / "queries_night").mkdir()
+    for path in sorted((labelled_set / "queries").iterdir())[:NIGHT_QUERIES]:
+        shutil.copyfile(path, sf_xl / "queries_night" / path.name)
+    shutil.copytree(labelled_set, root / "sped" / "images" / "test")
+    (root / "sped" / "images" / "test" / "database" / utm_name(0, 0, "zz_broken")).write_bytes(b"\xff\xd8 no jpeg")
+    return root
+
+
+MINI_REGISTRY = {
+    "pitts30k": DatasetSpec("pitts30k", ("pitts30k/images/test",), "database", 17, (QuerySetSpec("pitts30k", "queries", 5, "Pitts30k"),)),
+    "SF_XL": DatasetSpec(
+        "SF_XL", ("SF_XL/test",), "database", 17,
+        (QuerySetSpec("SF_XL_v1", "queries_v1", 5, "SF-XL-testv1"), QuerySetSpec("SF_XL_night", "queries_night", 3, "SF-XL-night")),
+    ),
+    "sped": DatasetSpec("sped", ("sped/images/test",), "database", 18, (QuerySetSpec("sped", "queries", 5, "SPED"),)),
+}  # fmt: skip
+
+
+def tiny_options(weights: Path) -> dict:
+    return dict(
+        backbone=TINY_VIT, weights=str(weights), rerank_topk=8,
+        extraction=ExtractionConfig(image_size=IMAGE_SIZE, batch_size=4, num_workers=0),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(datasets_folder, tiny_weights, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A benchmark of the three mini datasets (sped fails) and its rows."""
+    output = tmp_path_factory.mktemp("bench")
+    config = BenchmarkConfig(
+        datasets_folder, ["pitts30k", "sf-xl", "sped"], output, tiny_options(tiny_weights), registry=MINI_REGISTRY
+    )
+    return output, run_benchmark(config)
+
+
+def row_of(rows: list[dict], query_set: str) -> dict:
+    return next(row for row in rows if row["query_set"] == query_set)
+
+
+def test_the_tables_hold_the_recalls_fol_vpr_eval_computes(finished, datasets_folder, tiny_weights, tmp_path):
+    output, rows = finished
+    assert [(row["dataset"], row["query_set"]) for row in rows] == [
+        ("pitts30k", "pitts30k"), ("SF_XL", "SF_XL_v1"), ("SF_XL", "SF_XL_night"), ("sped", "sped")
+    ]
+    pitts = run_eval(config_for(datasets_folder / "pitts30k" / "images" / "test", tmp_path / "pitts", tiny_weights, num_preds_to_save=0))
+    sf_xl_root = datasets_folder / "SF_XL" / "test"
+    sf_xl = run_eval(config_for(
+        sf_xl_root, tmp_path / "sf_xl", tiny_weights, num_preds_to_save=0,
+        queries_folders=[sf_xl_root / "queries_v1", sf_xl_root / "queries_night"],
+    ))  # fmt: skip
+    expected = {
+        "pitts30k": pitts["query_sets"]["queries"],
+        "SF_XL_v1": sf_xl["query_sets"]["queries_v1"],
+        "SF_XL_night": sf_xl["query_sets"]["queries_night"],
+    }
+    for query_set, results in expected.items():
+        row = row_of(rows, query_set)
+        assert row["status"] == "ok"
+        for stage in ("global", "reranked"):
+            for n in (1, 5, 10):
+                assert row[f"{stage}_R@{n}"] == results[stage][f"R@{n}"]
+        assert row["num_database"] == 17 and row["num_queries"] == results["num_queries"]
+        assert row["ms_per_query_features"] > 0 and row["ms_per_query_rerank"] > 0 and row["peak_memory_mb"] > 0
+    # The SF_XL-like dataset is one run: one database extraction for both query sets.
+    summary = json.loads((output / "SF_XL" / "recalls.json").read_text())
+    assert sorted(summary["query_sets"]) == ["queries_night", "queries_v1"]
+    assert summary["config"]["positive_dist_threshold"] == 25.0
+    # The tiny ViT at 126x126 has no published numbers.
+    assert row_of(rows, "pitts30k")["published_global_R@1"] is None
+    # What the files say.
+    table = json.loads((output / "results.json").read_text())
+    assert table["rows"] == rows
+    with open(output / "results.csv") as handle:
+        assert [r["query_set"] for r in csv.DictReader(handle)] == [row["query_set"] for row in rows]
+    markdown = (output / "results.md").read_text()
+    pitts_row = row_of(rows, "pitts30k")
+    triple = " ".join(f"{pitts_row[f'reranked_R@{n}']:.1f}" for n in (1, 5, 10))
+    assert re.search(rf"\| pitts30k \| pitts30k \| 17 \| 5 \| .* \| {triple} \|", markdown)
+
+
+def test_a_failing_dataset_does_not_stop_the_others(finished):
+    output, rows = finished
+    broken = row_of(rows, "sped")
+    assert broken["status"].startswith("failed: ValueError: cannot decode image") and "zz_broken" in broken["status"]
+    assert broken["global_R@1"] is None
+    record = json.loads((output / "benchmark.json").read_text())
+    assert [record["datasets"][name]["status"] for name in record["order"]] == ["done", "done", "failed"]
+    assert "| sped | sped |" in (output / "results.md").read_text() and "failed: ValueError" in (output / "results.md").read_text()
+
+
+def test_table_only_rebuilds_identical_tables(finished, tmp_path):
+    output, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    before = {name: (copy / name).read_bytes() for name in RESULTS}
+    for name in RESULTS:
+        (copy / name).unlink()
+    assert cli.main(["benchmark", "--table_only", str(copy)]) == 0
+    assert {name: (copy / name).read_bytes() for name in RESULTS} == before
+    # The tables are built from the runs in the folder given (here a moved copy), not from where they ran.
+    recalls = json.loads((copy / "pitts30k" / "recalls.json").read_text())
+    recalls["query_sets"]["queries"]["reranked"]["R@5"] = 12.5
+    (copy / "pitts30k" / "recalls.json").write_text(json.dumps(recalls))
+    assert cli.main(["benchmark", "--table_only", str(copy)]) == 0
+    assert row_of(json.loads((copy / "results.json").read_text())["rows"], "pitts30k")["reranked_R@5"] == 12.5
+
+
+def test_the_latex_table_is_a_booktabs_tabular_with_bold_best_r1(finished, tmp_path):
+    output, rows = finished
+    tex = (output / "results.tex").read_text()
+    spec = re.search(r"\\begin\{tabular\}\{([a-z]+)\}", tex).group(1)
+    assert spec == "lrrrrrr" and r"\toprule" in tex and r"\bottomrule" in tex
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    assert len(body) == len(rows)
+    for line, row in zip(body, rows):
+        cells = line.removesuffix(r"\\").strip().split(" & ")
+        assert len(cells) == len(spec)
+        assert cells[0] == (row["published_as"] or row["query_set"]).replace("_", r"\_")
+        firsts = [row["global_R@1"], row["reranked_R@1"]]
+        if firsts[0] is None:
+            assert cells[1:] == ["--"] * 6
+            continue
+        best = max(firsts)
+        assert [cells[1].startswith(r"\textbf"), cells[4].startswith(r"\textbf")] == [v == best for v in firsts]
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no LaTeX toolchain: parsed the tabular only")
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\\usepackage{booktabs}\\begin{document}\\input{" + str(output / "results.tex")
+        + "}\\end{document}\n"
+    )
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "doc.tex"], cwd=tmp_path, capture_output=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_a_rerun_reuses_finished_datasets_and_retries_failed_ones(finished, datasets_folder, tiny_weights, monkeypatch, caplog):
+    output, rows = finished
+    calls = []
+    monkeypatch.setattr(benchmark_runner, "run_eval", lambda config, processes: calls.append(config.output_dir.name))
+    caplog.set_level("INFO")
+    config = BenchmarkConfig(datasets_folder, ["pitts30k", "SF_XL", "sped"], output, tiny_options(tiny_weights), registry=MINI_REGISTRY)
+    again = run_benchmark(config)
+    assert calls == ["sped"]  # only the failed dataset runs again
+    assert "pitts30k: finished earlier with the same settings" in caplog.text
+    assert "Benchmark: dataset 2 of 3: SF_XL" in caplog.text
+    assert [row_of(again, q)["reranked_R@1"] for q in ("pitts30k", "SF_XL_v1")] == [
+        row_of(rows, q)["reranked_R@1"] for q in ("pitts30k", "SF_XL_v1")
+    ]
+
+
+def test_count_mismatches_and_missing_folders_are_reported_before_extraction(datasets_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(benchmark_runner, "run_eval", lambda *args: pytest.fail("a dataset ran"))
+    code = cli.main([
+        "benchmark", "--datasets_folder", str(datasets_folder), "--dataset_names", "pitts30k", "SF_XL", "tokyo247",
+        "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 2
+    assert "pitts30k database: expected 10,000 images, found 17" in caplog.text
+    assert "SF_XL SF_XL_v1: expected 1,000 images, found 5" in caplog.text
+    assert "SF_XL SF_XL_v2: image folder" in caplog.text and "queries_v2 does not exist" in caplog.text
+    assert "tokyo247: no folder found (tried " in caplog.text and "--dataset_path tokyo247=FOLDER" in caplog.text
+    assert "--allow_mismatch" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_mismatch_runs_marks_rows_and_sets_published_numbers_beside(datasets_folder, tiny_weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    code = cli.main([
+        "benchmark", "--datasets_folder", str(datasets_folder), "--dataset_names", "SF_XL_v1", "SF_XL_night",
+        "--dataset_path", f"SF_XL={datasets_folder / 'SF_XL' / 'test'}", "--allow_mismatch",
+        "--backbone", "vitb", "--weights", str(tiny_weights), "--image_size", "322", "322", "--rerank_topk", "4",
+        "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [row["query_set"] for row in rows] == ["SF_XL_v1", "SF_XL_night"]
+    published = PUBLISHED[("vitb", (322, 322))]
+    for row, label in zip(rows, ("SF-XL-testv1", "SF-XL-night")):
+        assert row["status"] == "count mismatch"
+        assert row["published_as"] == label
+        assert [row[f"published_reranked_R@{n}"] for n in (1, 5, 10)] == list(published[label][1])
+        assert row["diff_global_R@1"] == round(row["global_R@1"] - published[label][0][0], 2)
+    printed = capsys.readouterr().out
+    assert "Published: ViT-B at 322x322, github.com/chenshunpeng/FoL README.md" in printed
+    assert "count mismatch" in printed
+
+
+def test_another_methods_predictions_are_reranked(datasets_folder, tiny_weights, tmp_path):
+    root = datasets_folder / "pitts30k" / "images" / "test"
+    database, queries = load_image_set(root / "database"), load_image_set(root / "queries")
+    given = np.stack([np.random.default_rng(q).permutation(len(database))[:10] for q in range(len(queries))])
+    run_folder = tmp_path / "vme_logs" / "pitts30k" / "2026-11-23_10-00-00"
+    write_preds_files(run_folder / "preds", queries.paths, database.paths, given, None)
+    config = BenchmarkConfig(
+        datasets_folder, ["pitts30k"], tmp_path / "out", tiny_options(tiny_weights), registry=MINI_REGISTRY,
+        predictions_dir=tmp_path / "vme_logs",
+    )
+    row = run_benchmark(config)[0]
+    direct = run_rerank(config_for(root, tmp_path / "direct", tiny_weights, num_preds_to_save=0), [given])
+    # The "global" columns are the given method's own recalls.
+    recalls = compute_recalls(given, find_positives(database.utms, queries.utms), (1, 5, 10))
+    assert [row[f"global_R@{n}"] for n in (1, 5, 10)] == [round(recalls[n], 4) for n in (1, 5, 10)]
+    assert [row[f"reranked_R@{n}"] for n in (1, 5, 10)] == [direct["query_sets"]["queries"]["reranked"][f"R@{n}"] for n in (1, 5, 10)]
+    assert row["published_reranked_R@1"] is None  # FoL's numbers are not this method's
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["run"]
+    assert meta["method"] == f"predictions in {tmp_path / 'vme_logs'} + FoL re-ranking"
+
+
+def test_names_are_selected_as_the_original_selects_them(tmp_path):
+    chosen = select(["sf-xl_night", "Pitts30k", "SF_XL_v1"])
+    assert [(spec.name, [q.name for q in sets]) for spec, sets in chosen] == [
+        ("SF_XL", ["SF_XL_v1", "SF_XL_night"]), ("pitts30k", ["pitts30k"])
+    ]
+    assert [q.name for q in select(["svox"])[0][1]] == [q.name for q in REGISTRY["SVOX"].query_sets]
+    with pytest.raises(ValueError, match="--dataset_names pits30k: unknown dataset; choose from pitts30k, pitts250k"):
+        select(["pits30k"], datasets_folder=tmp_path)
+    # A name outside the registry is taken as the original takes it: <name>/images/test.
+    (tmp_path / "my_city" / "images" / "test").mkdir(parents=True)
+    (spec, sets), = select(["my_city"], datasets_folder=tmp_path)
+    assert (spec.roots, spec.database, spec.num_database, [(q.folder, q.num_images) for q in sets]) == (
+        ("my_city/images/test",), "database", None, [("queries", None)]
+    )
+    spec, sets = select(["SVOX_rain"])[0]
+    (tmp_path / "svox" / "gallery").mkdir(parents=True)
+    (tmp_path / "svox" / "gallery" / utm_name(0, 0, "a")).write_bytes(b"")
+    located = locate(spec, sets, tmp_path / "nowhere", override=tmp_path / "svox")
+    assert located.counts == {"database": 1}
+    assert located.mismatches == [f"SVOX database: expected 17,166 images, found 1 in {tmp_path / 'svox' / 'gallery'}"]
+    assert "SVOX SVOX_rain: image folder" in located.problems[0]
+
+
+def test_published_numbers_are_the_original_readmes():
+    # Rows read back from the original README's Performance tables (commit e930a76).
+    assert PUBLISHED[("vitl", (504, 504))]["Pitts30k"] == ((93.9, 97.2, 98.1), (94.5, 97.4, 98.2))
+    assert PUBLISHED[("vitl", (504, 504))]["SF-XL-occlusion"] == ((51.3, 65.8, 73.7), (61.8, 77.6, 77.6))
+    assert PUBLISHED[("vitl", (504, 504))]["MSLS-challenge"] == ((78.7, 90.8, 93.0), (80.0, 90.9, 93.0))
+    assert PUBLISHED[("vitl", (322, 322))]["MSLS-val"] == ((92.8, 96.9, 97.2), (90.1, 95.7, 96.9))
+    assert PUBLISHED[("vitb", (322, 322))]["SVOX-snow"] == ((98.7, 99.5, 99.5), (97.7, 99.7, 99.7))
+    assert PUBLISHED[("vitb", (322, 322))]["Nordland*"] == ((62.5, 80.3, 85.0), (78.2, 90.2, 92.9))
+    assert [len(table) for table in PUBLISHED.values()] == [20, 16, 16]
+    # Every published row is a row of the registry.
+    labels = {q.label for spec in REGISTRY.values() for q in spec.query_sets}
+    assert all(set(table) <= labels for table in PUBLISHED.values())
+
+
+def test_rows_take_each_number_from_its_place(tmp_path):
+    """A hand-written benchmark folder with distinct numbers everywhere: each lands in its column."""
+    record = {
+        "config": {"options": {"backbone": "vitl", "extraction": {"image_size": [504, 504]}, "rerank_topk": 100}},
+        "order": ["SF_XL"],
+        "datasets": {"SF_XL": {
+            "status": "done", "query_sets": {"SF_XL_v1": "queries_v1", "SF_XL_night": "queries_night"},
+            "published_as": {"SF_XL_v1": "SF-XL-testv1", "SF_XL_night": "SF-XL-night"},
+            "counts": {"database": 1000, "SF_XL_v1": 40, "SF_XL_night": 10}, "mismatches": [], "peak_memory_mb": 321.0,
+        }},
+    }  # fmt: skip
+    recalls = {
+        "query_sets": {
+            "queries_v1": {"global": {"R@1": 90.0, "R@5": 94.0, "R@10": 95.0}, "reranked": {"R@1": 96.0, "R@5": 97.0, "R@10": 98.0}},
+            "queries_night": {"global": {"R@1": 61.0, "R@5": 70.0, "R@10": 72.0}, "reranked": {"R@1": 55.0, "R@5": 71.0, "R@10": 80.0}},
+        },
+        "timings_s": {"features_queries_v1": 2.0, "features_queries_night": 1.0, "global_search": 5.0,
+                      "rerank_queries_v1": 8.0, "rerank_queries_night": 3.0, "features_database_global": 30.0,
+                      "features_database_local": 4.5},
+    }  # fmt: skip
+    (tmp_path / "SF_XL").mkdir()
+    (tmp_path / "benchmark.json").write_text(json.dumps(record))
+    (tmp_path / "SF_XL" / "recalls.json").write_text(json.dumps(recalls))
+    meta, rows = build_rows(tmp_path)
+    v1, night = rows
+    assert meta["published"].startswith("ViT-L at 504x504")
+    assert [v1[f"global_R@{n}"] for n in (1, 5, 10)] == [90.0, 94.0, 95.0]
+    assert [night[f"reranked_R@{n}"] for n in (1, 5, 10)] == [55.0, 71.0, 80.0]
+    assert [v1[f"published_global_R@{n}"] for n in (1, 5, 10)] == [91.5, 94.8, 95.6]
+    assert night["diff_reranked_R@1"] == round(55.0 - 60.5, 2) and v1["diff_global_R@10"] == round(95.0 - 95.6, 2)
+    assert (v1["ms_per_query_features"], v1["ms_per_query_search"], v1["ms_per_query_rerank"]) == (50.0, 100.0, 200.0)
+    assert (night["ms_per_query_features"], night["ms_per_query_rerank"]) == (100.0, 300.0)
+    assert v1["database_features_s"] == 34.5 and v1["peak_memory_mb"] == 321.0 and v1["status"] == "ok"
+    tex = latex(meta, rows)
+    assert r"SF-XL-testv1 & 90.0 & 94.0 & 95.0 & \textbf{96.0} & 97.0 & 98.0 \\" in tex
+    assert r"SF-XL-night & \textbf{61.0} & 70.0 & 72.0 & 55.0 & 71.0 & 80.0 \\" in tex
+    assert "| SF_XL | SF_XL_night | 1,000 | 10 | 61.0 70.0 72.0 | 55.0 71.0 80.0 | 53.4 65.9 71.7 | 60.5 72.8 75.8 | " \
+        "+7.6 / -5.5 | 100.0 / 100.0 / 300.0 | 34.5 | 321 | ok |" in markdown(meta, rows)
