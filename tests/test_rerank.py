@@ -171,3 +171,35 @@ def test_float32_rounding_ties_are_decided_as_the_float32_gemm_does():
     float32_rule = reference_match_scores(query, [candidate])
     assert float32_rule != reference_match_scores(query.double(), [candidate.double()])  # the case occurs
     assert mutual_match_scores(query, [candidate]).tolist() == float32_rule.tolist()
+
+
+def test_the_count_threshold_is_decided_by_the_float32_sum_near_it():
+    """Mutual pairs whose exact cosine lies within 3e-7 of the threshold: whether each counts is
+    decided by rounding, and the engine must decide as the original's float32 sum does."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = 60
+    basis = torch.linalg.qr(torch.randn(128, 128, generator=generator, dtype=torch.float64)).Q.T  # orthonormal rows
+    a, b = basis[:pairs], basis[pairs : 2 * pairs]
+    cosine = 0.7 + 3e-7 * (2 * torch.rand(pairs, 1, generator=generator, dtype=torch.float64) - 1)
+    query, candidate = a.float(), (cosine * a + (1 - cosine**2).sqrt() * b).float()
+    float32_rule = reference_match_scores(query, [candidate])
+    assert float32_rule != reference_match_scores(query.double(), [candidate.double()])  # the case occurs
+    assert 0 < float32_rule.item() < pairs
+    assert mutual_match_scores(query, [candidate]).tolist() == float32_rule.tolist()
+
+
+def test_key_below_is_the_table_search():
+    """The threshold keys found from a value's exponent and mantissa are those of a binary search
+    through the key table, at every bf16 value, next to each and at the special values."""
+    from numba import njit
+
+    from fol_plugin.rerank.engine import KEY_VALUES
+
+    key_below = njit(lambda x: kernels._key_below(KEY_VALUES, x))
+    finite = KEY_VALUES[np.isfinite(KEY_VALUES)]
+    values = np.concatenate([
+        np.random.default_rng(0).uniform(-2, 3, 20000), finite, np.nextafter(finite, np.inf), np.nextafter(finite, -np.inf),
+        [0.0, -0.0, 1e-40, 2.0**-126, 3.4e38, 1e39, np.inf, -np.inf, np.nan],
+    ])  # fmt: skip
+    found = np.array([key_below(x) for x in values])
+    assert (found == np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).all()

@@ -18,7 +18,9 @@ It gives the scores of the float32 algorithm (:func:`.mutual.reference_match_sco
    row's first bf16 arg-max bounds the row's maximum from below, so its GEMM arg-max lies among
    the cells at or above ``E - eps - 2 delta`` in bf16. Their exact values leave the cells within
    ``2 delta`` of the best as contenders, and their GEMM values decide.
-4. The count threshold is applied to each pair's float32 dot product, as the original does.
+4. The count threshold is applied to each pair's float32 dot product, as the original does: that
+   sum is within ``delta`` of the exact value, so the exact value decides for every pair farther
+   than ``delta`` from the threshold, and torch's own sum for the others.
 5. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
    is mutual unless a row of that column near the anchor in bf16 beats it in the GEMM
    (:func:`.kernels.beaten_anchors`, ties to the first index).
@@ -48,13 +50,10 @@ KEY_THRESHOLD_MARGIN = 3.0
 
 
 def _rounding_stats(x: torch.Tensor, x_bf16: torch.Tensor | None = None) -> tuple[float, float, float]:
-    """Largest row norm of ``x`` [N, D], of ``bf16(x)`` and of the rounding residual ``x - bf16(x)``."""
-    rounded = (x.bfloat16() if x_bf16 is None else x_bf16).float()
-    return (
-        float(x.norm(dim=1).max()),
-        float(rounded.norm(dim=1).max()),
-        float((x - rounded).norm(dim=1).max()),
-    )
+    """Largest row norm of ``x`` [N, D] float32, of ``bf16(x)`` and of the rounding residual
+    ``x - bf16(x)`` (one numba pass)."""
+    rounded = x.bfloat16() if x_bf16 is None else x_bf16
+    return kernels.rounding_stats(x.numpy(), rounded.view(torch.int16).numpy())
 
 
 def _bounds(query_stats: tuple[float, float, float], candidate_stats: tuple[float, float, float], dim: int) -> tuple[float, float]:
@@ -106,15 +105,19 @@ def _count_exact(
 ) -> int:
     """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
     query_np, candidate_np = query.numpy(), candidate.numpy()
-    # Each query cell's best candidate in the float32 GEMM, and that GEMM value.
-    best_candidate, best_value, col_chunk_keys = kernels.exact_row_best(
+    # Each query cell's best candidate in the float32 GEMM, that GEMM value and its exact value.
+    best_candidate, best_value, best_exact, col_chunk_keys = kernels.exact_row_best(
         keys, KEY_VALUES, eps, delta, threshold, query_np, candidate_np
     )
     rows = np.flatnonzero(best_value > threshold - DOT_MARGIN)
-    partners = best_candidate[rows]
-    # The count threshold on the pair's own float32 dot product, as the original applies it.
-    cosine = (query[torch.from_numpy(rows)] * candidate[torch.from_numpy(partners)]).sum(dim=1).numpy()
-    keep = cosine > threshold
+    partners, exact = best_candidate[rows], best_exact[rows]
+    # The count threshold on the pair's own float32 dot product, as the original applies it: that
+    # sum is within delta of the exact value, so it decides only for pairs that close to the threshold.
+    keep = exact > threshold
+    near = np.flatnonzero(np.abs(exact - threshold) <= delta)
+    if len(near):
+        pairs = torch.from_numpy(rows[near]), torch.from_numpy(partners[near])
+        keep[near] = ((query[pairs[0]] * candidate[pairs[1]]).sum(dim=1) > threshold).numpy()
     rows, partners, values = rows[keep], partners[keep], best_value[rows[keep]]
     if len(rows) == 0:
         return 0

@@ -14,6 +14,7 @@ scans release the GIL, so callers can run several in threads.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numba
@@ -25,7 +26,7 @@ NO_THRESHOLD = 1 << 16
 KEY_MIN = -(1 << 15)
 KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
 CELL_BLOCK = 64  # cells of a row per recorded block maximum
-ROW_BLOCK = 64  # rows of a column per recorded block maximum
+ROW_BLOCK = 16  # rows of a column per recorded block maximum
 # Let LLVM reorder the float64 sums of the exact dot products, so they vectorise.
 DOT_FASTMATH = {"reassoc", "contract"}
 # Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
@@ -94,6 +95,30 @@ def _first_reaching(line: np.ndarray, block_keys: np.ndarray, block: int, target
     return index
 
 
+BF16_MANTISSA_STEPS = 128  # 7 stored mantissa bits
+BF16_EXPONENT_BIAS = 127
+SMALLEST_NORMAL = 2.0**-126
+
+
+@numba.njit(inline="always")
+def _key_below(key_values: np.ndarray, x: float) -> int:
+    """The largest key whose value is below ``x``: ``searchsorted(key_values, x) - 1 - KEY_OFFSET``,
+    from ``x``'s own exponent and mantissa and a step or two along the table (no binary search
+    through its 512 KB)."""
+    if not SMALLEST_NORMAL <= x < np.inf:  # zero, negative, subnormal, infinite or NaN: the plain search
+        return np.searchsorted(key_values, x) - 1 - KEY_OFFSET
+    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
+    key = min(
+        (exponent - 1 + BF16_EXPONENT_BIAS) * BF16_MANTISSA_STEPS + int((2 * mantissa - 1) * BF16_MANTISSA_STEPS),
+        KEY_OFFSET - 2,
+    )
+    while key >= -KEY_OFFSET and key_values[key + KEY_OFFSET] >= x:
+        key -= 1
+    while key_values[key + 1 + KEY_OFFSET] < x:
+        key += 1
+    return key
+
+
 @_cached_njit(nogil=True, fastmath=GEMM_FASTMATH)
 def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.float32:
     """candidate[i] . query[j] as torch's float32 CPU matmul computes it: one fused multiply-add
@@ -113,7 +138,7 @@ def exact_row_best(
     threshold: float,
     query: np.ndarray,
     candidate: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass: the maxima of rows and of blocks of cells, and, while each row is still in cache, the
     float32 GEMM's arg-max of every row whose bf16 maximum exceeds ``threshold - eps - delta``
     (its first column on ties).
@@ -130,7 +155,8 @@ def exact_row_best(
 
     Returns:
         best_arg [n] (-1 where the row cannot count), best_value [n] (its float32 GEMM value;
-        -inf there), and col_chunk_key the maxima of blocks of ``ROW_BLOCK`` rows of each column.
+        -inf there), arg_exact [n] (its exact value; -inf there), and col_chunk_key the maxima
+        of blocks of ``ROW_BLOCK`` rows of each column.
     """
     n, m = keys.shape
     num_chunks = (m + CELL_BLOCK - 1) // CELL_BLOCK
@@ -138,6 +164,7 @@ def exact_row_best(
     col_chunk_key = np.full(((n + ROW_BLOCK - 1) // ROW_BLOCK, m), KEY_MIN, np.int16)
     best_arg = np.full(n, -1, np.int64)
     best_value = np.full(n, -np.inf)
+    arg_exact = np.full(n, -np.inf)
     cells = np.empty(m, np.int64)
     exact = np.empty(m, np.float64)
     for j in range(n):
@@ -148,7 +175,7 @@ def exact_row_best(
         first = _first_reaching(row, chunk_key, CELL_BLOCK, best)
         first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
-        window = np.searchsorted(key_values, first_exact - eps - 2 * delta) - 1 - KEY_OFFSET
+        window = _key_below(key_values, first_exact - eps - 2 * delta)
         count = 0
         best_exact = first_exact
         for c in range(num_chunks):
@@ -167,7 +194,31 @@ def exact_row_best(
                 if value > best_value[j]:
                     best_value[j] = value
                     best_arg[j] = cells[t]
-    return best_arg, best_value, col_chunk_key
+                    arg_exact[j] = exact[t]
+    return best_arg, best_value, arg_exact, col_chunk_key
+
+
+@_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
+def rounding_stats(x: np.ndarray, rounded_bits: np.ndarray) -> tuple[float, float, float]:
+    """Largest row norm of ``x`` [N, D] float32, of its bf16 copy (``rounded_bits``, the copy's
+    bit patterns as int16) and of the rounding residual, in one pass (float64 sums)."""
+    norm = rounded_norm = residual_norm = 0.0
+    bits = np.empty(x.shape[1], np.uint32)
+    row = bits.view(np.float32)  # a bf16 value is the upper half of its float32's bits
+    for r in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            bits[k] = np.uint32(np.uint16(rounded_bits[r, k])) << np.uint32(16)
+        total = rounded_total = residual_total = 0.0
+        for k in range(x.shape[1]):
+            value = np.float64(x[r, k])
+            rounded = np.float64(row[k])
+            total += value * value
+            rounded_total += rounded * rounded
+            residual_total += (value - rounded) * (value - rounded)
+        norm = max(norm, total)
+        rounded_norm = max(rounded_norm, rounded_total)
+        residual_norm = max(residual_norm, residual_total)
+    return np.sqrt(norm), np.sqrt(rounded_norm), np.sqrt(residual_norm)
 
 
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
@@ -244,6 +295,6 @@ def count_unbeaten_anchors(
     claimed = np.flatnonzero(anchor_row >= 0)
     col_threshold = np.full(m, NO_THRESHOLD, np.int32)
     for i in claimed:
-        col_threshold[i] = np.searchsorted(key_values, anchor_value[i] - eps - delta) - 1 - KEY_OFFSET
+        col_threshold[i] = _key_below(key_values, anchor_value[i] - eps - delta)
     beaten = beaten_anchors(keys, col_chunk_key, claimed, col_threshold, anchor_row, anchor_value, delta, query, candidate)
     return len(claimed) - int(beaten.sum())
