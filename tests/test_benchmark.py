@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,28 @@ def test_rows_take_each_number_from_its_place(tmp_path):
     assert r"SF-XL-night & \textbf{61.0} & 70.0 & 72.0 & 55.0 & 71.0 & 80.0 \\" in tex
     assert "| SF_XL | SF_XL_night | 1,000 | 10 | 61.0 70.0 72.0 | 55.0 71.0 80.0 | 53.4 65.9 71.7 | 60.5 72.8 75.8 | " \
         "+7.6 / -5.5 | 100.0 / 100.0 / 300.0 | 34.5 | 321 | ok |" in markdown(meta, rows)
+
+
+def test_two_processes_give_the_single_process_tables(datasets_folder, tiny_weights, tmp_path):
+    """``torchrun ... benchmark``: each dataset split over the processes, rank 0 writes the same
+    rows (and predictions) as one process."""
+    from .test_distributed import TESTS, TORCHRUN, run
+
+    def benchmark(*launcher: str, output: Path) -> list[dict]:
+        done = run([
+            *launcher, str(TESTS / "tiny_fol_vpr.py"), "benchmark", "--datasets_folder", str(datasets_folder),
+            "--dataset_names", "pitts30k", "SF_XL_v1", "SF_XL_night", "--allow_mismatch", "--backbone", "vitb",
+            "--weights", str(tiny_weights), "--image_size", "126", "126", "--rerank_topk", "8", "--batch_size", "2",
+            "--num_workers", "0", "--output_dir", str(output),
+        ])  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((output / "results.json").read_text())["rows"]
+
+    single = benchmark(sys.executable, output=tmp_path / "one")
+    double = benchmark(*TORCHRUN, output=tmp_path / "two")
+    recall_columns = [key for key in single[0] if "R@" in key]
+    assert [[row[key] for key in recall_columns] for row in double] == [[row[key] for key in recall_columns] for row in single]
+    for dataset, key in (("pitts30k", "queries"), ("SF_XL", "queries_v1"), ("SF_XL", "queries_night")):
+        for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
+            assert (tmp_path / "one" / dataset / key / name).read_bytes() == (tmp_path / "two" / dataset / key / name).read_bytes()
+    assert json.loads((tmp_path / "two" / "SF_XL" / "recalls.json").read_text())["processes"] == 2
