@@ -18,6 +18,7 @@ import pytest
 from fol_plugin import checkpoint, cli
 from fol_plugin.benchmark import PUBLISHED, BenchmarkConfig, DatasetSpec, QuerySetSpec, run_benchmark, select
 from fol_plugin.benchmark import runner as benchmark_runner
+from fol_plugin.benchmark.runner import find_predictions
 from fol_plugin.benchmark.registry import REGISTRY, locate
 from fol_plugin.benchmark.tables import build_rows, latex, markdown
 from fol_plugin.data.datasets import find_positives, load_image_set
@@ -224,6 +225,7 @@ def test_allow_mismatch_runs_marks_rows_and_sets_published_numbers_beside(datase
         assert row["diff_global_R@1"] == round(row["global_R@1"] - published[label][0][0], 2)
     printed = capsys.readouterr().out
     assert "Published: ViT-B at 322x322, github.com/chenshunpeng/FoL README.md" in printed
+    assert "this run differs from their protocol in top-k 4 (published: 100)" in printed
     assert "count mismatch" in printed
 
 
@@ -323,6 +325,15 @@ def test_rows_take_each_number_from_its_place(tmp_path):
     assert r"SF-XL-night & \textbf{61.0} & 70.0 & 72.0 & 55.0 & 71.0 & 80.0 \\" in tex
     assert "| SF_XL | SF_XL_night | 1,000 | 10 | 61.0 70.0 72.0 | 55.0 71.0 80.0 | 53.4 65.9 71.7 | 60.5 72.8 75.8 | " \
         "+7.6 / -5.5 | 100.0 / 100.0 / 300.0 | 34.5 | 321 | ok |" in markdown(meta, rows)
+    # A dataset without labels (MSLS-challenge) has rows without recalls, marked.
+    record["datasets"]["SF_XL"]["labelled"] = False
+    for results in recalls["query_sets"].values():
+        results["global"] = results["reranked"] = None
+    (tmp_path / "benchmark.json").write_text(json.dumps(record))
+    (tmp_path / "SF_XL" / "recalls.json").write_text(json.dumps(recalls))
+    _, rows = build_rows(tmp_path)
+    assert rows[0]["status"] == "no labels: recalls from the dataset's server" and rows[0]["global_R@1"] is None
+    assert rows[0]["published_reranked_R@1"] == 95.0  # the published numbers stand beside it
 
 
 def test_two_processes_give_the_single_process_tables(datasets_folder, tiny_weights, tmp_path):
@@ -348,3 +359,20 @@ def test_two_processes_give_the_single_process_tables(datasets_folder, tiny_weig
         for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
             assert (tmp_path / "one" / dataset / key / name).read_bytes() == (tmp_path / "two" / dataset / key / name).read_bytes()
     assert json.loads((tmp_path / "two" / "SF_XL" / "recalls.json").read_text())["processes"] == 2
+
+
+def test_predictions_are_found_where_the_harness_leaves_them(tmp_path):
+    (tmp_path / "pitts30k.npy").write_bytes(b"")
+    assert find_predictions(tmp_path, "pitts30k") == tmp_path / "pitts30k.npy"
+    for folder in ("tokyo247/preds", "sped/2026-11-23_10-00-00/preds", "amstertime"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "000.txt").write_text("Query path:\n")
+    assert find_predictions(tmp_path, "tokyo247") == tmp_path / "tokyo247" / "preds"
+    assert find_predictions(tmp_path, "sped") == tmp_path / "sped" / "2026-11-23_10-00-00" / "preds"
+    assert find_predictions(tmp_path, "amstertime") == tmp_path / "amstertime"
+    (tmp_path / "sped" / "2026-11-24_09-00-00" / "preds").mkdir(parents=True)
+    (tmp_path / "sped" / "2026-11-24_09-00-00" / "preds" / "000.txt").write_text("Query path:\n")
+    with pytest.raises(ValueError, match="holds several VPR-methods-evaluation runs"):
+        find_predictions(tmp_path, "sped")
+    with pytest.raises(FileNotFoundError, match="no predictions for eynsham: expected .*eynsham.npy, or .*eynsham/preds"):
+        find_predictions(tmp_path, "eynsham")

@@ -89,10 +89,10 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     mismatches = [line for item in located for line in item.mismatches]
     if problems or (mismatches and not config.allow_mismatch):
         lines = problems + mismatches
-        fix = " Fix the folders, or pass --allow_mismatch to run mismatched datasets anyway (their rows are marked)."
+        fix = "\nFix the folders, or pass --allow_mismatch to run mismatched datasets anyway (their rows are marked)."
         raise ValueError(
             f"{len(lines)} problem(s) with the datasets, found before any extraction:\n  " + "\n  ".join(lines)
-            + ("\n" + fix.strip() if mismatches else "")
+            + (fix if mismatches else "")
         )
     for line in mismatches:
         logger.warning("%s: running anyway (--allow_mismatch); its rows are marked", line)

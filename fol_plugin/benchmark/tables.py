@@ -16,6 +16,11 @@ from ..evaluation.config import RECALLS_FILE
 from .published import PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
 
 BENCHMARK_FILE = "benchmark.json"
+# The settings behind FoL's published numbers: (run summary key, name, value).
+PAPER_PROTOCOL = (
+    ("resize_mode", "resize", "original"), ("extraction_precision", "precision", "fp32"),
+    ("rerank_topk", "top-k", 100), ("scorer", "scorer", "fol"),
+)  # fmt: skip
 RESULTS_STEM = "results"
 STAGES = ("global", "reranked")
 MISSING = "–"
@@ -149,11 +154,20 @@ def _title(meta: dict) -> str:
     )
 
 
+def protocol_differences(meta: dict) -> list[str]:
+    """How a run's settings differ from those of FoL's published numbers."""
+    return [
+        f"{name} {meta[key]} (published: {paper})" for key, name, paper in PAPER_PROTOCOL if meta[key] != paper
+    ]
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     """The Markdown table: recalls as "R@1 R@5 R@10", the published ones and the R@1 differences."""
     published = meta["published"] or "none for this backbone and image size" + (
         "" if meta["method"] == "FoL" else " (another method's retrieval)"
     )
+    if meta["published"] and protocol_differences(meta):
+        published += "; this run differs from their protocol in " + ", ".join(protocol_differences(meta))
     header = [
         "Dataset", "Query set", "#db", "#queries", "Global R@1 R@5 R@10", "Re-ranked R@1 R@5 R@10",
         "Published global", "Published re-ranked", "ΔR@1 global / re-ranked", "ms/query features / search / re-rank",
