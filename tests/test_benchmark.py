@@ -256,6 +256,10 @@ def test_names_are_selected_as_the_original_selects_them(tmp_path):
         ("SF_XL", ["SF_XL_v1", "SF_XL_night"]), ("pitts30k", ["pitts30k"])
     ]
     assert [q.name for q in select(["svox"])[0][1]] == [q.name for q in REGISTRY["SVOX"].query_sets]
+    # The original's other names: svox_base is SVOX's base query set alone; msls is MSLS-val.
+    assert [(spec.name, [q.name for q in sets]) for spec, sets in select(["svox_base", "MSLS"])] == [
+        ("SVOX", ["SVOX"]), ("msls_val", ["msls_val"])
+    ]
     with pytest.raises(ValueError, match="--dataset_names pits30k: unknown dataset; choose from pitts30k, pitts250k"):
         select(["pits30k"], datasets_folder=tmp_path)
     # A name outside the registry is taken as the original takes it: <name>/images/test.

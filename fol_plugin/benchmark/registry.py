@@ -6,8 +6,8 @@ gmberton/VPR-datasets-downloader: ``<name>/images/test/{database,queries}``, ``S
 queries_v1, ...}`` and ``svox/images/test/{gallery, queries, queries_night, ...}``; the first root of
 a dataset that exists is used, and ``--dataset_path NAME=FOLDER`` points a dataset elsewhere.
 Names are matched as the original matches them (case-insensitive, ``-`` read as ``_``): ``SF_XL``
-and ``SVOX`` select all their query sets; ``SF_XL_night``, ``SVOX_rain``... one of them. Query
-sets of one dataset share a single database extraction.
+and ``SVOX`` select all their query sets; ``SF_XL_night``, ``SVOX_rain``, ``svox_base``... one of
+them; ``msls`` is ``msls_val``. Query sets of one dataset share a single database extraction.
 
 Expected counts come from the original README (Nordland) and the datasets' standard test splits;
 where no count is established it is None and the folder is not checked. :func:`locate` counts
@@ -121,6 +121,10 @@ REGISTRY: dict[str, DatasetSpec] = {
 }
 
 
+# Other names the original accepts: alias -> (dataset, query set).
+ALIASES = {"svox_base": ("SVOX", "SVOX"), "msls": ("msls_val", "msls_val")}
+
+
 def normalise(name: str) -> str:
     """Names compare as the original compares them: case-insensitive, ``-`` read as ``_``."""
     return name.lower().replace("-", "_")
@@ -145,6 +149,10 @@ def select(
     chosen: dict[str, set[str]] = {}
     for name in names:
         key = normalise(name)
+        if key in ALIASES and ALIASES[key][0] in registry:
+            dataset, query_set = ALIASES[key]
+            chosen.setdefault(dataset, set()).add(query_set)
+            continue
         for spec in registry.values():
             if normalise(spec.name) == key:
                 chosen.setdefault(spec.name, set()).update(q.name for q in spec.query_sets)
@@ -162,11 +170,13 @@ def select(
 
 
 def known_names(registry: Mapping[str, DatasetSpec] = REGISTRY) -> list[str]:
-    """Every name ``--dataset_names`` takes: datasets, then the query sets of those with several."""
+    """Every name ``--dataset_names`` takes: datasets, the query sets of those with several, and
+    the original's other names."""
     names = list(registry)
     for spec in registry.values():
         if len(spec.query_sets) > 1:
             names += [q.name for q in spec.query_sets]
+    names += [alias for alias, (dataset, _) in ALIASES.items() if dataset in registry]
     return names
 
 
