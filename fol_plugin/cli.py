@@ -489,7 +489,14 @@ def benchmark(args: argparse.Namespace) -> None:
         options=options, predictions_dir=args.predictions_dir, allow_mismatch=args.allow_mismatch,
         dataset_paths=dict(_name_and_path(text) for text in args.dataset_path),
     )
-    run_benchmark(config, processes)
+    try:
+        run_benchmark(config, processes)
+    except KeyboardInterrupt:
+        logger.error(
+            "Interrupted: finished datasets are recorded in %s/benchmark.json and the current one's work in its cache; "
+            "rerun the same command to go on", args.output_dir,
+        )
+        raise
     processes.stop()
     if processes.is_main:
         print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")

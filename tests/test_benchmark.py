@@ -209,8 +209,8 @@ def test_count_mismatches_and_missing_folders_are_reported_before_extraction(dat
 def test_allow_mismatch_runs_marks_rows_and_sets_published_numbers_beside(datasets_folder, tiny_weights, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
     code = cli.main([
-        "benchmark", "--datasets_folder", str(datasets_folder), "--dataset_names", "SF_XL_v1", "SF_XL_night",
-        "--dataset_path", f"SF_XL={datasets_folder / 'SF_XL' / 'test'}", "--allow_mismatch",
+        "benchmark", "--datasets_folder", str(tmp_path), "--dataset_names", "SF_XL_v1", "SF_XL_night",
+        "--dataset_path", f"sf-xl={datasets_folder / 'SF_XL' / 'test'}", "--allow_mismatch",
         "--backbone", "vitb", "--weights", str(tiny_weights), "--image_size", "322", "322", "--rerank_topk", "4",
         "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
     ])  # fmt: skip

@@ -31,7 +31,7 @@ from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
-from .registry import REGISTRY, DatasetSpec, Located, locate, select
+from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select
 from .tables import BENCHMARK_FILE, write_tables
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,12 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
             ``allow_mismatch``.
     """
     selection = select(config.dataset_names, config.registry, config.datasets_folder)
-    unused = set(config.dataset_paths) - {spec.name for spec, _ in selection}
+    paths = {normalise(name): path for name, path in config.dataset_paths.items()}
+    unused = set(paths) - {normalise(spec.name) for spec, _ in selection}
     if unused:
         raise ValueError(f"--dataset_path names {sorted(unused)}, which --dataset_names does not select")
     located = [
-        locate(spec, query_sets, config.datasets_folder, config.dataset_paths.get(spec.name))
+        locate(spec, query_sets, config.datasets_folder, paths.get(normalise(spec.name)))
         for spec, query_sets in selection
     ]
     problems = [line for item in located for line in item.problems]
