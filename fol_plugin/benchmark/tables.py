@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..evaluation.config import RECALLS_FILE
-from .published import PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
+from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
 
 BENCHMARK_FILE = "benchmark.json"
 # The settings behind FoL's published numbers: (run summary key, name, value).
@@ -62,9 +62,10 @@ def describe_run(record: dict) -> dict:
 def _published_table(backbone: object, image_size: tuple) -> str | None:
     if not isinstance(backbone, str) or len(image_size) != 2:
         return None
+    if (backbone, image_size) not in PUBLISHED:
+        return None
     name = {"vitl": "ViT-L", "vitb": "ViT-B"}.get(backbone, backbone)
-    probe = published_recalls(backbone, image_size, "Pitts30k")
-    return f"{name} at {image_size[0]}x{image_size[1]}, {SOURCE}" if probe else None
+    return f"{name} at {image_size[0]}x{image_size[1]}, {SOURCE}"
 
 
 def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
