@@ -52,7 +52,8 @@ KEY_THRESHOLD_MARGIN = 3.0
 def _rounding_stats(x: torch.Tensor, x_bf16: torch.Tensor | None = None) -> tuple[float, float, float]:
     """Largest row norm of ``x`` [N, D] float32, of ``bf16(x)`` and of the rounding residual
     ``x - bf16(x)`` (one numba pass)."""
-    rounded = x.bfloat16() if x_bf16 is None else x_bf16
+    x = x.detach()
+    rounded = x.bfloat16() if x_bf16 is None else x_bf16.detach()
     return kernels.rounding_stats(x.numpy(), rounded.view(torch.int16).numpy())
 
 
