@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -380,3 +381,17 @@ def test_predictions_are_found_where_the_harness_leaves_them(tmp_path):
         find_predictions(tmp_path, "sped")
     with pytest.raises(FileNotFoundError, match="no predictions for eynsham: expected .*eynsham.npy, or .*eynsham/preds"):
         find_predictions(tmp_path, "eynsham")
+
+
+def test_a_finished_dataset_is_run_again_when_an_image_changes(datasets_folder, tiny_weights, tmp_path, monkeypatch):
+    shutil.copytree(datasets_folder / "pitts30k", tmp_path / "data" / "pitts30k")
+    config = BenchmarkConfig(tmp_path / "data", ["pitts30k"], tmp_path / "out", tiny_options(tiny_weights), registry=MINI_REGISTRY)
+    run_benchmark(config)
+    calls = []
+    monkeypatch.setattr(benchmark_runner, "run_eval", lambda config, processes: calls.append(config.output_dir.name))
+    run_benchmark(config)
+    assert calls == []  # reused
+    image = next((tmp_path / "data" / "pitts30k" / "images" / "test" / "queries").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    run_benchmark(config)
+    assert calls == ["pitts30k"]

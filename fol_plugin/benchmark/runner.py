@@ -4,8 +4,8 @@ Owns the order of work: every selected dataset is found and counted before anyth
 (:mod:`.registry`), then each runs through the evaluation pipeline in ``<output_dir>/<dataset>``
 (one database extraction for all its query sets, the pipeline's cache and resume rules), or
 re-ranks another method's predictions from ``--predictions_dir``. A dataset whose run fails is
-recorded and the next one starts; a dataset already finished with the same settings is not run
-again. ``<output_dir>/benchmark.json`` records each dataset's status, counts, peak memory and wall
+recorded and the next one starts; a dataset already finished with the same settings, checkpoint
+and images is not run again. ``<output_dir>/benchmark.json`` records each dataset's status, counts, peak memory and wall
 time as soon as it ends; the tables (:mod:`.tables`) are built from it and the runs' recalls.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cache import checkpoint_digest, listing_digest
+from ..checkpoint import weights_file
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key
@@ -171,12 +173,23 @@ def _result_settings(settings: dict) -> dict:
     return settings
 
 
-def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None) -> bool:
-    """Whether this dataset already finished with the same settings (and predictions)."""
+def _fingerprint(evaluation: EvalConfig) -> dict:
+    """What a run's results depend on beyond its settings: the checkpoint's content and every
+    image of its folders (path, size, modification time)."""
+    folders = [evaluation.database_folder, *evaluation.queries_folders]
+    return {
+        "weights": checkpoint_digest(weights_file(evaluation.backbone, evaluation.weights)),
+        "images": [listing_digest(folder, list_images(folder)) for folder in folders],
+    }
+
+
+def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None, fingerprint: dict) -> bool:
+    """Whether this dataset already finished with the same settings, checkpoint, images and
+    predictions."""
     recalls = evaluation.output_dir / RECALLS_FILE
     if not (recalls.is_file() and previous and previous.get("status") == "done"):
         return False
-    if previous.get("predictions") != sources:
+    if previous.get("predictions") != sources or previous.get("fingerprint") != fingerprint:
         return False
     recorded = json.loads(recalls.read_text()).get("config", {})
     return _result_settings(recorded) == _result_settings(json_config(evaluation))
@@ -241,7 +254,8 @@ def _run_dataset(
         if config.predictions_dir is not None:
             predictions, sources = _given_predictions(config, item, evaluation)
             entry["predictions"] = sources
-        if _finished(evaluation, previous, sources):
+        entry["fingerprint"] = _fingerprint(evaluation)
+        if _finished(evaluation, previous, sources, entry["fingerprint"]):
             logger.info("%s: finished earlier with the same settings; reusing %s", item.spec.name, evaluation.output_dir)
             return {**previous, **entry, "reused": True}
         with PeakMemory(str(evaluation.extraction.device)) as memory:
