@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .errors import user_message
 from .options import (
     BACKBONES,
     DEFAULT_BATCH_SIZE,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fol_plugin")
 
 USER_ERROR_EXIT = 2
-WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error raised in a worker
 INTERRUPTED_EXIT = 130
 
 
@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logger.exception("%s", error)
         else:
-            logger.error("%s", _user_message(error))
+            logger.error("%s", user_message(error))
         _record_for_torchrun(error)
         return USER_ERROR_EXIT
     except Exception as error:  # a bug, not a user error: the traceback, and torchrun's summary names it
@@ -593,16 +593,3 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
         CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
     )
-
-
-def _user_message(error: BaseException) -> str:
-    """One line for the user: an OSError names its file, and an error re-raised from a DataLoader
-    worker (whose message carries the worker's traceback) keeps its last line only."""
-    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[-1]):
-        hint = "; check its permissions, or choose another path" if isinstance(error, PermissionError) else ""
-        return f"{error.strerror or error}: {error.filename}{hint}"
-    message = str(error)
-    if WORKER_TRACEBACK in message:
-        last = message.strip().splitlines()[-1]
-        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
-    return message

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..cache import checkpoint_digest, listing_digest
 from ..checkpoint import weights_file
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
-from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key
+from ..errors import user_message
+from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
+from ..evaluation.workspace import cache_inputs
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
 from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select
@@ -174,13 +175,10 @@ def _result_settings(settings: dict) -> dict:
 
 
 def _fingerprint(evaluation: EvalConfig) -> dict:
-    """What a run's results depend on beyond its settings: the checkpoint's content and every
-    image of its folders (path, size, modification time)."""
-    folders = [evaluation.database_folder, *evaluation.queries_folders]
-    return {
-        "weights": checkpoint_digest(weights_file(evaluation.backbone, evaluation.weights)),
-        "images": [listing_digest(folder, list_images(folder)) for folder in folders],
-    }
+    """What a run's results depend on beyond its settings, as its cache records it: the
+    checkpoint's content and every image (path, size, modification time)."""
+    database, query_sets = prepare(evaluation)
+    return cache_inputs(evaluation, database, query_sets, weights_file(evaluation.backbone, evaluation.weights))
 
 
 def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None, fingerprint: dict) -> bool:
@@ -233,9 +231,10 @@ def _peak_rss_bytes(since_start: bool) -> float:
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+def _table_message(error: BaseException) -> str:
+    """An error as one line of a table cell: the user's message, with its type when it is a bug."""
+    message = " ".join(user_message(error).split())
+    return f"{type(error).__name__}: {message}" if _is_bug(error) else message
 
 
 def _run_dataset(
@@ -267,7 +266,7 @@ def _run_dataset(
         if processes.distributed:  # the other processes cannot skip in step: end the run (torchrun reports it)
             raise
         logger.error("%s failed: %s; going on with the next dataset", item.spec.name, error, exc_info=_is_bug(error))
-        return {**entry, "status": "failed", "error": _one_line(error)}
+        return {**entry, "status": "failed", "error": _table_message(error)}
     return {
         **entry, "status": "done", "wall_s": round(time.perf_counter() - start, 1), "peak_memory_mb": memory.rss_mb,
         "peak_gpu_memory_mb": memory.gpu_mb, "peak_memory_since_start": memory.since_start,

@@ -1,0 +1,19 @@
+"""What a user sees of an error: one line naming the value and the fix, without the traceback
+that torch's DataLoader wraps around an error raised in one of its workers. Used by the command
+line and by the benchmark's table rows; no heavy imports."""
+from __future__ import annotations
+
+WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error raised in a worker
+
+
+def user_message(error: BaseException) -> str:
+    """One line for the user: an OSError names its file, and an error re-raised from a DataLoader
+    worker (whose message carries the worker's traceback) keeps its last line only."""
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error.args[-1]):
+        hint = "; check its permissions, or choose another path" if isinstance(error, PermissionError) else ""
+        return f"{error.strerror or error}: {error.filename}{hint}"
+    message = str(error)
+    if WORKER_TRACEBACK in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
+    return message
