@@ -31,6 +31,7 @@ from ..errors import user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
+from ..evaluation.resources import MB
 from ..evaluation.workspace import cache_inputs
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
@@ -39,7 +40,6 @@ from .tables import BENCHMARK_FILE, write_tables
 
 logger = logging.getLogger(__name__)
 
-MB = 1e6
 # Settings that change how a run works but not its results: a finished dataset is reused across them.
 NOT_RESULT_SETTINGS = ("num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors")
 PREDICTIONS_SUFFIX = ".npy"
