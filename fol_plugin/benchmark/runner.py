@@ -174,23 +174,25 @@ def _result_settings(settings: dict) -> dict:
     return settings
 
 
-def _fingerprint(evaluation: EvalConfig) -> dict:
-    """What a run's results depend on beyond its settings, as its cache records it: the
+def _run_inputs(evaluation: EvalConfig) -> dict:
+    """What a run's results depend on beyond its settings, as its cache records them: the
     checkpoint's content and every image (path, size, modification time)."""
     database, query_sets = prepare(evaluation)
     return cache_inputs(evaluation, database, query_sets, weights_file(evaluation.backbone, evaluation.weights))
 
 
-def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None, fingerprint: dict) -> bool:
+def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | None) -> bool:
     """Whether this dataset already finished with the same settings, checkpoint, images and
-    predictions."""
+    predictions (the inputs its ``recalls.json`` records, listed again only here)."""
     recalls = evaluation.output_dir / RECALLS_FILE
     if not (recalls.is_file() and previous and previous.get("status") == "done"):
         return False
-    if previous.get("predictions") != sources or previous.get("fingerprint") != fingerprint:
+    if previous.get("predictions") != sources:
         return False
-    recorded = json.loads(recalls.read_text()).get("config", {})
-    return _result_settings(recorded) == _result_settings(json_config(evaluation))
+    summary = json.loads(recalls.read_text())
+    if _result_settings(summary.get("config", {})) != _result_settings(json_config(evaluation)):
+        return False
+    return summary.get("inputs") == _run_inputs(evaluation)
 
 
 class PeakMemory:
@@ -253,8 +255,7 @@ def _run_dataset(
         if config.predictions_dir is not None:
             predictions, sources = _given_predictions(config, item, evaluation)
             entry["predictions"] = sources
-        entry["fingerprint"] = _fingerprint(evaluation)
-        if _finished(evaluation, previous, sources, entry["fingerprint"]):
+        if _finished(evaluation, previous, sources):
             logger.info("%s: finished earlier with the same settings; reusing %s", item.spec.name, evaluation.output_dir)
             return {**previous, **entry, "reused": True}
         with PeakMemory(str(evaluation.extraction.device)) as memory:

@@ -129,7 +129,7 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
     timings: dict[str, float] = {}
     database, query_sets = prepare(config)
     k = num_predictions(config, len(database))
-    with open_workspace(config, processes, database, query_sets, k, global_retrieval=True) as (cache, weights):
+    with open_workspace(config, processes, database, query_sets, k, global_retrieval=True) as (cache, weights, inputs):
         with _timed(timings, "load_model"):
             model = load_model(config.backbone, weights, config.extraction.device)
         query_global, query_local = {}, {}
@@ -162,7 +162,9 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
         with _timed(timings, "outputs"):
             if config.save_descriptors:
                 _keep_all_descriptors(config, cache, query_sets)
-            return write_run_outputs(config, database, query_sets, timings, {**extra, "processes": processes.world_size})
+            return write_run_outputs(
+                config, database, query_sets, timings, {**extra, "processes": processes.world_size, "inputs": inputs}
+            )
 
 
 def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Processes = SINGLE_PROCESS) -> dict:
@@ -188,7 +190,7 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Pro
             given, len(query_set.images), len(database), f"the predictions for {query_set.images.folder}"
         )
     k = max(s.global_predictions.shape[1] for s in query_sets)
-    with open_workspace(config, processes, database, query_sets, k, global_retrieval=False) as (cache, weights):
+    with open_workspace(config, processes, database, query_sets, k, global_retrieval=False) as (cache, weights, inputs):
         with _timed(timings, "load_model"):
             model = load_model(config.backbone, weights, config.extraction.device)
         query_local = {}
@@ -200,4 +202,6 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Pro
         if not processes.is_main:
             return {}
         with _timed(timings, "outputs"):
-            return write_run_outputs(config, database, query_sets, timings, {"processes": processes.world_size})
+            return write_run_outputs(
+                config, database, query_sets, timings, {"processes": processes.world_size, "inputs": inputs}
+            )

@@ -75,26 +75,28 @@ def open_workspace(
     query_sets: list[QuerySet],
     k: int,
     global_retrieval: bool,
-) -> Iterator[tuple[Path, Path]]:
+) -> Iterator[tuple[Path, Path, dict | None]]:
     """Lock the output folder, check its cache against this run, refuse a run the disk cannot
     hold, and turn a full disk into a message (rank 0; the others wait for it); yields (cache
-    folder, local checkpoint file)."""
+    folder, local checkpoint file, the run's inputs as :func:`cache_inputs` records them on rank 0,
+    None on the others)."""
     if config.in_memory and processes.distributed:
         raise ValueError(
             "--in_memory holds features in one process's RAM: run it without torchrun, or drop --in_memory"
         )
     cache = config.output_dir / CACHE_FOLDER
-    needed = 0.0
+    needed, inputs = 0.0, None
     with RunCache(config.output_dir) if processes.is_main else contextlib.nullcontext() as run_cache:
         if run_cache is not None:  # rank 0 downloads the weights and checks the cache first
             weights = weights_file(config.backbone, config.weights)
-            run_cache.check(cache_inputs(config, database, query_sets, weights))
+            inputs = cache_inputs(config, database, query_sets, weights)
+            run_cache.check(inputs)
             needed = _report_and_check(config, cache, len(database), query_sets, k, global_retrieval)
         processes.barrier()
         if run_cache is None:
             weights = weights_file(config.backbone, config.weights)
         with disk_full_guard(config.output_dir, lambda: needed - folder_bytes(cache)):
-            yield cache, weights
+            yield cache, weights, inputs
         processes.barrier()  # everyone is done with the cache
         if run_cache is None:
             return
