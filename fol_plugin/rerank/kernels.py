@@ -84,13 +84,13 @@ def _scan_row(row: np.ndarray, chunk_key: np.ndarray, col_block_key: np.ndarray)
 
 
 @numba.njit(inline="always")
-def _first_reaching(line: np.ndarray, block_keys: np.ndarray, block: int, target: np.int16) -> int:
-    """Index of the first key of ``line`` equal to ``target``, its maximum, searching from the
-    first block of ``block`` cells whose maximum (``block_keys``) is the target."""
+def _first_reaching(row: np.ndarray, chunk_key: np.ndarray, target: np.int16) -> int:
+    """Index of the first key of ``row`` equal to ``target``, its maximum, searching from the
+    first CELL_BLOCK block whose maximum (``chunk_key``) is the target."""
     index = 0
-    while block_keys[index // block] != target:
-        index += block
-    while line[index] != target:
+    while chunk_key[index // CELL_BLOCK] != target:
+        index += CELL_BLOCK
+    while row[index] != target:
         index += 1
     return index
 
@@ -172,7 +172,7 @@ def exact_row_best(
         best = _scan_row(row, chunk_key, col_chunk_key[j // ROW_BLOCK])
         if key_values[best + KEY_OFFSET] <= threshold - eps - delta:
             continue
-        first = _first_reaching(row, chunk_key, CELL_BLOCK, best)
+        first = _first_reaching(row, chunk_key, best)
         first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
         window = _key_below(key_values, first_exact - eps - 2 * delta)
