@@ -1,0 +1,130 @@
+"""The file mechanics every command shares: durable atomic writes, the JSON form of a config, JSON
+records read with messages that name the file, and the size units.
+
+An atomic write goes to a temporary file beside the target (same file system), is flushed and
+fsynced, then renamed over the target and the folder fsynced: a reader sees the old file or the
+new one, never a part, and an interruption or a full disk leaves no temporary file behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+GB = 1e9  # decimal units everywhere: GB = 1e9 bytes, MB = 1e6 bytes
+MB = 1e6
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+TEMPORARY_SUFFIX = ".tmp"
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up while a run was writing."""
+
+
+class DamagedFileError(ValueError):
+    """A record file of a run (JSON) cannot be read."""
+
+
+def disk_full_message(where: os.PathLike | str, needed_bytes: float, advice: str) -> str:
+    """``disk full at <where>; free N GB and <advice>`` (at least 0.1 GB)."""
+    return f"disk full at {where}; free {max(needed_bytes, 0.1 * GB) / GB:.1f} GB and {advice}"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def atomic_write(
+    path: os.PathLike | str, write: Callable[[IO[bytes]], None], advice: str = "rerun the same command"
+) -> None:
+    """Write ``path`` through ``write(handle)`` atomically and durably.
+
+    Raises:
+        DiskFullError: the disk filled up (``advice`` says what to do then); the target is
+            unchanged and no temporary file is left.
+    """
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}{TEMPORARY_SUFFIX}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        written = temporary.stat().st_size if temporary.exists() else 0
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(disk_full_message(path, written - free_bytes(path.parent), advice)) from error
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_text(path: os.PathLike | str, text: str, advice: str = "rerun the same command") -> None:
+    """UTF-8 ``text`` to ``path``, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), advice)
+
+
+def write_json(path: os.PathLike | str, record: Any, advice: str = "rerun the same command") -> None:
+    """``record`` as indented JSON, atomically."""
+    write_text(path, json.dumps(record, indent=2), advice)
+
+
+def save_torch(path: os.PathLike | str, obj: Any, advice: str = "rerun the same command") -> None:
+    """``torch.save(obj)`` to ``path``, atomically."""
+    import torch
+
+    atomic_write(path, lambda handle: torch.save(obj, handle), advice)
+
+
+def save_npy(path: os.PathLike | str, array: Any, advice: str = "rerun the same command") -> None:
+    """``numpy.save(array)`` to ``path``, atomically."""
+    import numpy as np
+
+    atomic_write(path, lambda handle: np.save(handle, array), advice)
+
+
+def read_json(path: os.PathLike | str, fix: str) -> Any:
+    """The JSON record at ``path``.
+
+    Args:
+        fix: what the user should do when the file is damaged.
+
+    Raises:
+        DamagedFileError: not valid JSON (truncated, edited, another tool's file), naming the file,
+            where it breaks, and ``fix``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedFileError(f"{path} is damaged ({error}): {fix}") from None
+
+
+def json_safe(config: Any) -> Any:
+    """A dataclass (or dict) as plain JSON data: paths and other objects as strings."""
+    value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return json.loads(json.dumps(value, default=str))
