@@ -18,6 +18,7 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DIST_TIMEOUT_MIN,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_POSITIVE_DISTANCE,
     DEFAULT_RECALL_VALUES,
     DEFAULT_SEARCH_CHUNK,
@@ -100,6 +101,10 @@ def _add_model_arguments(
         help="multiples of 14"
     )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    group.add_argument(
+        "--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="PIXELS",
+        help="refuse images that declare more pixels (read from the header, before decoding)",
+    )
 
 
 def _add_resize_mode(group: argparse._ActionsContainer) -> None:
@@ -336,7 +341,8 @@ def visualize(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"image {path} does not exist")
     model = load_model(args.backbone, args.weights, resolve_device(args.device))
     images, regions, result = match_pair(
-        model, (args.query, args.database), tuple(args.image_size), args.resize_mode, args.matcher, args.ransac_model
+        model, (args.query, args.database), tuple(args.image_size), args.resize_mode, args.matcher, args.ransac_model,
+        max_image_pixels=args.max_image_pixels,
     )
     figure = draw_pair(images, regions, result, (args.query.name, args.database.name), args.ransac_model)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +375,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         extraction=ExtractionConfig(
             image_size=tuple(args.image_size), resize_mode=args.resize_mode, batch_size=args.batch_size,
             num_workers=args.num_workers, device=str(resolve_device(args.device)),
-            precision=args.extraction_precision,
+            precision=args.extraction_precision, max_image_pixels=args.max_image_pixels,
         ),
         recall_values=tuple(args.recall_values),
         rerank_topk=args.rerank_topk,

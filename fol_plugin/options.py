@@ -15,6 +15,10 @@ DEFAULT_TOP_K = 100
 DEFAULT_RECALL_VALUES = (1, 5, 10, 20)
 DEFAULT_POSITIVE_DISTANCE = 25.0  # metres
 DEFAULT_BATCH_SIZE = 4
+# Decoded pixels an image may have (checked from its header): 2**27 admits every image of the VPR
+# datasets, the largest Street View panoramas (13312 x 6656) included, and refuses files whose
+# decoding alone would take several GB (1.6 GB of float32 RGB at the limit).
+DEFAULT_MAX_IMAGE_PIXELS = 2**27
 DESCRIPTOR_MATCHERS = ("nn", "mnn", "snn", "smnn")
 GEOMETRY_AWARE_MATCHERS = ("fginn", "adalam")
 MATCHERS = ("fol", *DESCRIPTOR_MATCHERS, *GEOMETRY_AWARE_MATCHERS)

@@ -14,6 +14,7 @@ from .data import load_image, preprocess
 from .matching import LocalFeatures, match, verify
 from .matching.features import in_image_pixels
 from .models import FoLModel
+from .options import DEFAULT_MAX_IMAGE_PIXELS
 
 PANEL_INCHES = 5.0
 REGION_ALPHA = 0.45
@@ -45,15 +46,17 @@ def match_pair(
     matcher: str = "fol",
     ransac_model: str = "homography",
     seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[torch.Tensor], torch.Tensor, PairResult]:
     """Extract, match and verify two images, as :func:`fol_plugin.matching.extract_local_features`,
-    :func:`~fol_plugin.matching.match` and :func:`~fol_plugin.matching.verify` do one by one.
+    :func:`~fol_plugin.matching.match` and :func:`~fol_plugin.matching.verify` do one by one
+    (images of more than ``max_image_pixels`` are refused before decoding).
 
     Returns:
         the two original images [3, H_i, W_i] in [0, 1] (keypoints are in their pixels), the
         selection scores [2, h, w], and the :class:`PairResult`.
     """
-    images = [load_image(path) for path in paths]
+    images = [load_image(path, max_image_pixels) for path in paths]
     device = next(model.parameters()).device
     inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in images]).to(device)
     features = model.extract(inputs)

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import shutil
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,35 @@ def config_for(root: Path, output: Path, weights: Path, **overrides) -> EvalConf
     )
     settings.update(overrides)
     return EvalConfig(**settings)
+
+
+def tiny_cli_args(root: Path, output: Path, weights: Path, *extra: str) -> list[str]:
+    """``fol-vpr eval`` with the tiny ViT (``tests/tiny_fol_vpr.py``, ``--backbone vitb``); 17
+    database images in batches of 2 and search chunks of 5 rows: two processes split 9 batches and
+    4 chunks unevenly."""
+    return [
+        str(Path(__file__).parent / "tiny_fol_vpr.py"), "eval",
+        "--database_folder", str(root / "database"), "--queries_folder", str(root / "queries"),
+        "--backbone", "vitb", "--weights", str(weights), "--image_size", *map(str, IMAGE_SIZE),
+        "--num_workers", "0", "--rerank_topk", "8", "--batch_size", "2", "--search_chunk_size", "5",
+        "--save_descriptors", "--keep_cache", "--output_dir", str(output), *extra,
+    ]  # fmt: skip
+
+
+def write_blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid 8-bit greyscale PNG of ``width`` x ``height`` black pixels, compressed row by row, so
+    that a 20000 x 20000 image (400 MB decoded as bytes, 4.8 GB as float32 RGB) is written in
+    seconds as a 0.4 MB file without holding its pixels in memory."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, rows = zlib.compressobj(1), bytes(width + 1) * 100  # per row: filter byte 0, the pixels
+    pixels = b"".join(compressor.compress(rows) for _ in range(height // 100))
+    pixels += compressor.compress(bytes(width + 1) * (height % 100)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from fol_plugin.features import LocalFeatureStore, ResumableArray
 from fol_plugin.retrieval import exact_search, merge_top_k
 
 from .conftest import DATA, REPO_ROOT, require
+from .conftest import tiny_cli_args as tiny_args
 
 
 TESTS = Path(__file__).parent
@@ -33,39 +34,6 @@ RUN_TIMEOUT_S = 300
 COMPUTED = re.compile(
     r"(?:\[rank (\d)\] )?(Queries queries|Database|Database \(local\)|Queries queries \(local\)): computed images (.*)$"
 )
-
-
-def tiny_args(root: Path, output: Path, weights: Path, *extra: str) -> list[str]:
-    """``fol-vpr eval`` with the tiny ViT; 17 database images in batches of 2 and search chunks of
-    5 rows: two processes split 9 batches and 4 chunks unevenly."""
-    return [
-        str(TESTS / "tiny_fol_vpr.py"),
-        "eval",
-        "--database_folder",
-        str(root / "database"),
-        "--queries_folder",
-        str(root / "queries"),
-        "--backbone",
-        "vitb",
-        "--weights",
-        str(weights),
-        "--image_size",
-        "126",
-        "126",
-        "--num_workers",
-        "0",
-        "--rerank_topk",
-        "8",
-        "--batch_size",
-        "2",
-        "--search_chunk_size",
-        "5",
-        "--save_descriptors",
-        "--keep_cache",
-        "--output_dir",
-        str(output),
-        *extra,
-    ]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fol_plugin.data import load_image, normalize, preprocess
+from fol_plugin.data.images import ImageTooLargeError, check_image_pixels, image_dimensions
 
-from .conftest import DATA, require
+from .conftest import DATA, require, write_blank_png
 
 
 @pytest.fixture
@@ -69,3 +70,33 @@ def test_preprocess_keeps_size_and_rejects_unknown_modes():
     torch.testing.assert_close(preprocess(images, (28, 28)), normalize(images))
     with pytest.raises(ValueError, match="resize_mode='nearest'"):
         preprocess(images, (14, 14), resize_mode="nearest")
+
+
+def test_pixel_limit_is_read_from_the_header(tmp_path):
+    """The limit admits an image of exactly ``max_pixels`` and refuses one more, from the header
+    alone: a PNG cut after its IHDR chunk (no pixel data at all) is judged the same."""
+    path = write_blank_png(tmp_path / "wide.png", 300, 200)
+    assert image_dimensions(path) == (300, 200)
+    assert load_image(path, max_pixels=300 * 200).shape == (3, 200, 300)
+    with pytest.raises(ImageTooLargeError, match=r"wide.png is 300x200 \(60,000 pixels\), more than --max_image_pixels 59,999"):
+        load_image(path, max_pixels=300 * 200 - 1)
+    header_only = tmp_path / "header_only.png"
+    header_only.write_bytes(path.read_bytes()[:33])  # signature, IHDR
+    with pytest.raises(ImageTooLargeError, match="header_only.png is 300x200"):
+        check_image_pixels(header_only, 1000)
+    check_image_pixels(header_only, None)
+
+
+def test_pixel_limit_of_a_jpeg(tmp_path):
+    path = tmp_path / "photo.jpg"
+    kornia.io.write_image(path, torch.zeros(3, 40, 50, dtype=torch.uint8))
+    assert image_dimensions(path) == (50, 40)
+    with pytest.raises(ImageTooLargeError, match="photo.jpg is 50x40"):
+        load_image(path, max_pixels=100)
+
+
+def test_a_file_that_is_no_image_names_itself(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*notes.jpg"):
+        load_image(path)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +16,65 @@ import torch.nn.functional as F
 from kornia.io import ImageLoadType
 from PIL import Image
 
-from ..options import RESIZE_MODES
+from ..files import GB
+from ..options import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RGB_MAX = 255.0
 # File signatures and the extension kornia.io decodes each with.
-_SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SIGNATURES = {b"\xff\xd8\xff": ".jpg", _PNG_SIGNATURE: ".png"}
 _KORNIA_SUFFIXES = {".jpg": (".jpg", ".jpeg"), ".png": (".png",)}
+_PNG_IHDR = struct.Struct(">8sI4sII")  # signature, chunk length, b"IHDR", width, height
+DECODED_BYTES_PER_PIXEL = 3 * 4  # [3, H, W] float32
+
+
+class ImageTooLargeError(ValueError):
+    """An image declares more pixels than the decoded-pixel limit admits."""
+
+
+def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels.
+
+    PNG sizes come from the IHDR chunk that the format puts first; other formats from Pillow's
+    lazy ``Image.open``, which reads the header only.
+
+    Raises:
+        ImageTooLargeError: Pillow refuses even to open the header (its decompression-bomb
+            limit, twice ``PIL.Image.MAX_IMAGE_PIXELS``).
+        ValueError: not an image Pillow knows.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(_PNG_IHDR.size)
+    if len(head) == _PNG_IHDR.size:
+        signature, _, chunk, width, height = _PNG_IHDR.unpack(head)
+        if signature == _PNG_SIGNATURE and chunk == b"IHDR":
+            return width, height
+    try:
+        with warnings.catch_warnings():  # Pillow's warning above its own limit: ours decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(f"image {path} is too large for Pillow to open ({error}): resize it") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}; re-save it as JPEG or PNG or remove it") from None
+
+
+def check_image_pixels(path: str | os.PathLike, max_pixels: int | None) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels (None: no limit),
+    before anything is decoded: a small file can declare a huge image (a 400 KB PNG of 20000 x
+    20000 pixels decodes to 4.8 GB of float32)."""
+    if max_pixels is None:
+        return
+    width, height = image_dimensions(path)
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image {path} is {width}x{height} ({width * height:,} pixels), more than --max_image_pixels "
+            f"{max_pixels:,}: resize it, or raise --max_image_pixels if this machine has "
+            f"{width * height * DECODED_BYTES_PER_PIXEL / GB:.1f} GB per image to decode it"
+        )
 
 
 def _content_suffix(path: Path) -> str | None:
@@ -30,8 +83,9 @@ def _content_suffix(path: Path) -> str | None:
     return next((suffix for magic, suffix in _SIGNATURES.items() if head.startswith(magic)), None)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to RGB.
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode an image file to RGB, after checking from its header that it has at most
+    ``max_pixels`` pixels (None: no limit; see :func:`check_image_pixels`).
 
     The format is read from the file's content, so a PNG named ``.jpg`` still loads. kornia-rs
     decodes 8-bit RGB, grey and RGBA files; the modes it does not take (CMYK JPEGs, grey + alpha,
@@ -40,10 +94,14 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 
     Returns:
         [3, H, W] float32 in [0, 1].
+
+    Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
+    check_image_pixels(path, max_pixels)
     suffix = _content_suffix(path)
     try:
         if suffix is None or path.suffix.lower() in _KORNIA_SUFFIXES[suffix]:
@@ -59,8 +117,10 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 def _load_with_pillow(path: Path, kornia_error: Exception) -> torch.Tensor:
     """[3, H, W] float32 in [0, 1] through Pillow's ``convert("RGB")``, or an error naming the file."""
     try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():  # the pixel limit was checked from the header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"cannot decode image {path}: {kornia_error}; {error}; re-save it as JPEG or PNG or remove it"

@@ -18,7 +18,7 @@ from kornia.augmentation.auto import RandAugment
 from torch.utils.data import Dataset
 
 from .datasets import IMAGE_EXTENSIONS
-from ..options import IMAGES_PER_PLACE
+from ..options import DEFAULT_MAX_IMAGE_PIXELS, IMAGES_PER_PLACE
 from .images import RESIZE_MODES, load_image, normalize, resize_images
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class PlaceDataset(Dataset):
         normalize_images: ImageNet normalisation (the original trains on images in [0, 1]).
         random_images: draw K random images per place each epoch instead of the first K.
         seed: sampling and augmentation seed.
+        max_image_pixels: images declaring more pixels are refused before decoding (None: no limit).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class PlaceDataset(Dataset):
         normalize_images: bool = False,
         random_images: bool = False,
         seed: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode={resize_mode!r}; choose one of {RESIZE_MODES}")
@@ -132,7 +134,7 @@ class PlaceDataset(Dataset):
         self.places, self.image_size, self.images_per_place = places, tuple(image_size), images_per_place
         self.augment = RandAugment(n=RANDAUGMENT_OPS, m=RANDAUGMENT_MAGNITUDE) if augment else None
         self.resize_mode, self.normalize_images, self.random_images = resize_mode, normalize_images, random_images
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.max_image_pixels = seed, 0, max_image_pixels
 
     def set_epoch(self, epoch: int) -> None:
         """Draw other images (and augmentations) in every epoch, reproducibly."""
@@ -149,7 +151,10 @@ class PlaceDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.cat(
-            [resize_images(load_image(path)[None], self.image_size, self.resize_mode) for path in self.chosen(index)]
+            [
+                resize_images(load_image(path, self.max_image_pixels)[None], self.image_size, self.resize_mode)
+                for path in self.chosen(index)
+            ]
         )
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):

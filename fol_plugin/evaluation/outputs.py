@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..data import load_image
 from ..data.datasets import ImageSet
+from ..options import DEFAULT_MAX_IMAGE_PIXELS
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .recalls import compute_recalls
 
@@ -133,10 +134,12 @@ def save_prediction_grids(
     num_preds: int,
     title: str,
     scores: np.ndarray | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> None:
     """``folder/{q:03d}.png``: the query then its first ``num_preds`` predictions, each titled
     with its rank, file name and FoL score (``scores`` [Q, num_preds], NaN where there is none),
-    framed green (positive) or red (not) when labelled."""
+    framed green (positive) or red (not) when labelled; images of more than ``max_image_pixels``
+    are refused (:func:`fol_plugin.data.images.check_image_pixels`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for q in tqdm(range(len(predictions)), desc=f"Figures ({title})", unit="query"):
         row = predictions[q, :num_preds]
@@ -147,7 +150,7 @@ def save_prediction_grids(
         for i, label in zip(row, labels[1:]):
             panels.append((database_paths[i], label, None if positives is None else bool(np.isin(i, positives[q]))))
         for axis, (path, label, correct) in zip(np.atleast_1d(axes), panels):
-            axis.imshow(load_image(path).permute(1, 2, 0).numpy())
+            axis.imshow(load_image(path, max_image_pixels).permute(1, 2, 0).numpy())
             axis.set_title(label, fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
@@ -224,7 +227,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
                     scores = scores_in_order(shown, query_set.global_predictions, query_set.scores)
                 save_prediction_grids(
                     folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
-                    config.num_preds_to_save, f"{query_set.key} {stage}", scores,
+                    config.num_preds_to_save, f"{query_set.key} {stage}", scores, config.extraction.max_image_pixels,
                 )
         summary["query_sets"][query_set.key] = {
             "num_queries": len(query_set.images),

@@ -14,7 +14,13 @@ from tqdm import tqdm
 
 from ..data import load_image, preprocess
 from ..models import FoLModel, check_images
-from ..options import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, EXTRACTION_PRECISIONS, default_num_workers
+from ..options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EXTRACTION_PRECISIONS,
+    default_num_workers,
+)
 from .arrays import ResumableArray
 from .store import InMemoryFeatures, LocalFeatureStore
 
@@ -37,6 +43,8 @@ class ExtractionConfig:
         precision: "fp32" (the published checkpoints' numbers), or "bf16" / "fp16": the ViT
             under autocast, the aggregator and local head in float32 (see docs/PRECISION.md).
         progress: show progress bars.
+        max_image_pixels: the most pixels an image may declare (checked from its header before
+            decoding, :func:`fol_plugin.data.images.check_image_pixels`); None: no limit.
     """
 
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
@@ -46,6 +54,7 @@ class ExtractionConfig:
     device: str = "cpu"
     precision: str = "fp32"
     progress: bool = True
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         if self.precision not in EXTRACTION_PRECISIONS:
@@ -63,7 +72,7 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = int(self.indices[position])
-        image = load_image(self.paths[index])
+        image = load_image(self.paths[index], self.config.max_image_pixels)
         return preprocess(image, self.config.image_size, self.config.resize_mode)[0], index
 
 
