@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from .integrity import folder_bytes, holds_commits
-from .lock import DirectoryLock
+from .lock import DirectoryLock, command_line
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ class RunCache:
             logger.info("Starting %s afresh: it held no finished work", self.folder)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
-        record = {"fingerprint": fingerprint, "command": shlex.join(sys.argv), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {"fingerprint": fingerprint, "command": command_line(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         temporary = self.run_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(record, indent=1))
         os.replace(temporary, self.run_file)
