@@ -181,6 +181,11 @@ def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_
             "optionally for PROCESSES processes (default: this run's)",
         )
     _add_dist_timeout(scale)
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--allow_outside_paths", action="store_true",
+        help="accept <folder>_images_paths.txt entries that lead outside their folder",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output_dir", type=Path, required=output_required, help="results, and the cache a rerun resumes from"
@@ -387,6 +392,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         keep_cache=args.keep_cache,
         search_chunk_size=args.search_chunk_size,
         global_dtype=args.global_dtype,
+        allow_outside_paths=args.allow_outside_paths,
     )
 
 
@@ -401,7 +407,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
     num_sets = len(args.queries_folders)
     if args.predictions and args.database_descriptors:
         raise ValueError("give either --predictions or --database_descriptors/--queries_descriptors, not both")
-    database_paths = list_images(args.database_folder)
+    database_paths = list_images(args.database_folder, args.allow_outside_paths)
     if args.database_descriptors:
         if len(args.queries_descriptors) != num_sets:
             raise ValueError(f"give one --queries_descriptors per --queries_folder ({num_sets}), got {len(args.queries_descriptors)}")
@@ -414,7 +420,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
         predictions = []
         for folder, path in zip(args.queries_folders, args.queries_descriptors):
             queries = np.load(path)
-            num_queries = len(list_images(folder))
+            num_queries = len(list_images(folder, args.allow_outside_paths))
             if queries.ndim != 2 or queries.shape != (num_queries, database.shape[1]):
                 raise ValueError(
                     f"{path} is {queries.shape}, expected [{num_queries}, {database.shape[1]}] ({folder} has {num_queries} "
@@ -428,7 +434,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
     for folder, source in zip(args.queries_folders, args.predictions):
         source = Path(source)
         if source.is_dir():
-            predictions.append(read_preds_files(source, list_images(folder), database_paths))
+            predictions.append(read_preds_files(source, list_images(folder, args.allow_outside_paths), database_paths))
         elif source.suffix == ".npy" and source.is_file():
             predictions.append(np.load(source))
         else:

@@ -84,8 +84,9 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def write_text(path: os.PathLike | str, text: str, advice: str = "rerun the same command") -> None:
-    """UTF-8 ``text`` to ``path``, atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), advice)
+    """UTF-8 ``text`` to ``path``, atomically (see :func:`atomic_write`); file names that are not
+    UTF-8 (held as ``surrogateescape`` characters) are written as their own bytes."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8", errors="surrogateescape")), advice)
 
 
 def write_json(path: os.PathLike | str, record: Any, advice: str = "rerun the same command") -> None:

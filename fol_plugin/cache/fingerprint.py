@@ -80,5 +80,5 @@ def listing_digest(folder: str | os.PathLike, paths: Sequence[str]) -> str:
             stat = os.stat(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} is listed but does not exist") from None
-        digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(os.path.relpath(path, folder)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -1,8 +1,11 @@
 """Evaluation image sets in the VPR-datasets-downloader layout: image lists, UTM labels, positives.
 
 A folder's images come from ``<folder>_images_paths.txt`` when it exists (paths relative to the
-folder, one per line, as SF-XL ships them), else from a sorted recursive search for .jpg, .jpeg
-and .png files. Labels are the UTM east and north fields of ``@east@north@...@.jpg`` file names.
+folder, one per line, as SF-XL ships them; a path leading outside the folder is refused unless
+allowed), else from a sorted recursive search for .jpg, .jpeg and .png files. Labels are the UTM
+east and north fields of ``@east@north@...@.jpg`` file names. File names are taken as the
+operating system gives them: bytes that are not UTF-8 are kept (``surrogateescape``), so every
+name a file system allows is listed.
 """
 from __future__ import annotations
 
@@ -42,18 +45,27 @@ class ImageSet:
         return len(self.paths)
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
+def list_images(folder: str | os.PathLike, allow_outside_paths: bool = False) -> list[str]:
     """Image paths of ``folder``: from ``<folder>_images_paths.txt`` if present, else a sorted
-    recursive search for .jpg/.jpeg/.png files that follows directory symlinks."""
+    recursive search for .jpg/.jpeg/.png files that follows directory symlinks.
+
+    Args:
+        allow_outside_paths: accept paths of the paths file that lead outside ``folder``
+            (``../other/x.jpg``, absolute paths); refused by default, since they read another
+            dataset's (or any) files.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     paths_file = Path(str(folder).rstrip("/\\") + PATHS_FILE_SUFFIX)
     if paths_file.is_file():
-        lines = [line.strip() for line in paths_file.read_text().splitlines()]
+        text = paths_file.read_text(encoding="utf-8", errors="surrogateescape")
+        lines = [line.strip() for line in text.splitlines()]
         paths = [str(folder / line) for line in lines if line]
         if not paths:
             raise ValueError(f"{paths_file} lists no images; delete it to search {folder} instead")
+        if not allow_outside_paths:
+            _check_inside(folder, paths_file, [line for line in lines if line])
         if not Path(paths[0]).is_file():
             raise FileNotFoundError(
                 f"{paths_file} lists {lines[0]!r}, but {paths[0]} does not exist: the list does not "
@@ -65,6 +77,18 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}; check --database_folder / --queries_folder")
     return paths
+
+
+def _check_inside(folder: Path, paths_file: Path, lines: list[str]) -> None:
+    """Refuse paths of ``paths_file`` that lead outside ``folder`` (judged on the path as written:
+    symbolic links inside the folder may point anywhere, as in a searched folder)."""
+    root = os.path.abspath(folder)
+    outside = [line for line in lines if os.path.commonpath([root, os.path.normpath(os.path.join(root, line))]) != root]
+    if outside:
+        raise ValueError(
+            f"{paths_file} lists {len(outside)} path(s) outside {folder}, e.g. {outside[0]!r}: fix the list, or pass "
+            "--allow_outside_paths if the images really live elsewhere"
+        )
 
 
 def _walk_images(folder: Path) -> list[str]:
@@ -103,10 +127,10 @@ def utm_from_name(path: str) -> tuple[float, float]:
         ) from None
 
 
-def load_image_set(folder: str | os.PathLike, labelled: bool = True) -> ImageSet:
-    """The images of ``folder`` with their UTM labels (when ``labelled``)."""
+def load_image_set(folder: str | os.PathLike, labelled: bool = True, allow_outside_paths: bool = False) -> ImageSet:
+    """The images of ``folder`` (:func:`list_images`) with their UTM labels (when ``labelled``)."""
     folder = Path(folder)
-    paths = list_images(folder)
+    paths = list_images(folder, allow_outside_paths)
     utms = np.array([utm_from_name(path) for path in paths], dtype=np.float64) if labelled else None
     return ImageSet(name=folder.name, folder=folder, paths=paths, utms=utms)
 

@@ -77,6 +77,15 @@ def check_image_pixels(path: str | os.PathLike, max_pixels: int | None) -> None:
         )
 
 
+def _is_utf8(path: Path) -> bool:
+    """Whether kornia-rs can take the path: it needs UTF-8, a file system may hold any bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _content_suffix(path: Path) -> str | None:
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -87,7 +96,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
     """Decode an image file to RGB, after checking from its header that it has at most
     ``max_pixels`` pixels (None: no limit; see :func:`check_image_pixels`).
 
-    The format is read from the file's content, so a PNG named ``.jpg`` still loads. kornia-rs
+    The format is read from the file's content, so a PNG named ``.jpg`` (or a file whose name is
+    not UTF-8) still loads, through a temporary alias. kornia-rs
     decodes 8-bit RGB, grey and RGBA files; the modes it does not take (CMYK JPEGs, grey + alpha,
     16-bit PNGs) are converted as Pillow's ``convert("RGB")`` does, which is what
     VPR-methods-evaluation decodes with. EXIF orientation is ignored, as there.
@@ -104,7 +114,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
     check_image_pixels(path, max_pixels)
     suffix = _content_suffix(path)
     try:
-        if suffix is None or path.suffix.lower() in _KORNIA_SUFFIXES[suffix]:
+        if suffix is None or (path.suffix.lower() in _KORNIA_SUFFIXES[suffix] and _is_utf8(path)):
             return kornia.io.load_image(path, ImageLoadType.RGB32)
         with tempfile.TemporaryDirectory() as folder:
             alias = Path(folder) / f"image{suffix}"

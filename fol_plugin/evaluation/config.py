@@ -51,6 +51,7 @@ class EvalConfig:
         search_chunk_size: database rows per faiss index.
         global_dtype: the database descriptors on disk, "float32" or "float16" (half the
             disk; searched in float32 chunks).
+        allow_outside_paths: accept ``<folder>_images_paths.txt`` entries outside their folder.
     """
 
     database_folder: Path
@@ -71,6 +72,7 @@ class EvalConfig:
     keep_cache: bool = False
     search_chunk_size: int = DEFAULT_SEARCH_CHUNK
     global_dtype: str = "float32"
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -90,18 +92,32 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
     """The database and query sets, with positives when labelled."""
     if not config.queries_folders:
         raise ValueError("give at least one --queries_folder")
-    database = load_image_set(config.database_folder, config.labelled)
+    database = load_image_set(config.database_folder, config.labelled, config.allow_outside_paths)
     query_sets, keys = [], set()
     for folder in config.queries_folders:
-        images = load_image_set(folder, config.labelled)
+        images = load_image_set(folder, config.labelled, config.allow_outside_paths)
         key = output_key(folder, keys)
         keys.add(key)
         positives = None
         if config.labelled:
             positives = find_positives(database.utms, images.utms, config.positive_dist_threshold)
         query_sets.append(QuerySet(images=images, key=key, positives=positives))
+    if config.num_preds_to_save:
+        _check_line_breaks([database, *(query_set.images for query_set in query_sets)])
     logger.info("Database: %d images; queries: %s", len(database), {s.key: len(s.images) for s in query_sets})
     return database, query_sets
+
+
+def _check_line_breaks(image_sets: list[ImageSet]) -> None:
+    """Refuse, before any work, file names that ``preds/*.txt`` (one path a line, the format
+    VPR-methods-evaluation reads) cannot hold."""
+    for images in image_sets:
+        broken = next((path for path in images.paths if "\n" in path or "\r" in path), None)
+        if broken is not None:
+            raise ValueError(
+                f"the image file name {broken!r} holds a line break, which preds/*.txt files (one path a line) cannot "
+                "hold: rename the file, or run without --num_preds_to_save (predictions.csv quotes such names)"
+            )
 
 
 def output_key(folder: Path, taken: set[str]) -> str:
@@ -164,5 +180,15 @@ def check_predictions(predictions: np.ndarray, num_queries: int, num_database: i
         raise ValueError(
             f"{source} hold database index {int(given[q, j])} at query {q}, rank {j}, outside [0, {num_database}) "
             f"of this --database_folder: they are for another database"
+        )
+    ranked = np.sort(given, axis=1)
+    repeated = np.argwhere(ranked[:, 1:] == ranked[:, :-1])
+    if len(repeated):
+        q = int(repeated[0, 0])
+        index = int(ranked[q, repeated[0, 1]])
+        ranks = np.flatnonzero(given[q] == index).tolist()
+        raise ValueError(
+            f"{source} list database index {index} {len(ranks)} times for query {q} (ranks {ranks}): each query's "
+            "predictions must be distinct database images, best first"
         )
     return given.astype(np.int64)

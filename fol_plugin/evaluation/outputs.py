@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from ..data import load_image
 from ..data.datasets import ImageSet
+from ..files import save_npy, write_text
 from ..options import DEFAULT_MAX_IMAGE_PIXELS
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .recalls import compute_recalls
@@ -41,28 +43,30 @@ def write_predictions_csv(
     positives: Sequence[np.ndarray] | None,
 ) -> None:
     """One row per query and rank of the final order: the database image, its global rank and
-    distance, its FoL score (empty past the re-ranked candidates) and whether it is a positive."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["query_index", "query_path", "rank", "database_index", "database_path", "global_rank", "global_distance",
-             "rerank_score", "is_positive"]
-        )
-        for q, row in enumerate(predictions):
-            global_rank = {int(i): r for r, i in enumerate(global_predictions[q])}
-            for rank, i in enumerate(row):
-                g = global_rank[int(i)]
-                writer.writerow([
-                    q,
-                    query_paths[q],
-                    rank,
-                    int(i),
-                    database_paths[i],
-                    g,
-                    "" if global_distances is None else f"{global_distances[q, g]:.6g}",
-                    "" if scores is None or g >= scores.shape[1] else int(scores[q, g]),
-                    "" if positives is None else int(np.isin(i, positives[q])),
-                ])
+    distance, its FoL score (empty past the re-ranked candidates) and whether it is a positive;
+    written atomically, any file name quoted as CSV does."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(
+        ["query_index", "query_path", "rank", "database_index", "database_path", "global_rank", "global_distance",
+         "rerank_score", "is_positive"]
+    )
+    for q, row in enumerate(predictions):
+        global_rank = {int(i): r for r, i in enumerate(global_predictions[q])}
+        for rank, i in enumerate(row):
+            g = global_rank[int(i)]
+            writer.writerow([
+                q,
+                query_paths[q],
+                rank,
+                int(i),
+                database_paths[i],
+                g,
+                "" if global_distances is None else f"{global_distances[q, g]:.6g}",
+                "" if scores is None or g >= scores.shape[1] else int(scores[q, g]),
+                "" if positives is None else int(np.isin(i, positives[q])),
+            ])
+    write_text(path, table.getvalue())
 
 
 def write_preds_files(
@@ -80,7 +84,7 @@ def write_preds_files(
         sections = [PREDS_HEADERS[0], query_paths[q] + "\n", PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n"]
         if positives is not None:
             sections += [PREDS_HEADERS[2], "\n".join(database_paths[i] for i in positives[q]) + "\n"]
-        (folder / f"{q:03d}.txt").write_text("\n".join(sections))
+        (folder / f"{q:03d}.txt").write_text("\n".join(sections), encoding="utf-8", errors="surrogateescape")
 
 
 def read_preds_files(folder: str | os.PathLike, query_paths: Sequence[str], database_paths: Sequence[str]) -> np.ndarray:
@@ -93,7 +97,7 @@ def read_preds_files(folder: str | os.PathLike, query_paths: Sequence[str], data
         path = folder / f"{q:03d}.txt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {folder} must hold one file per query ({len(query_paths)})")
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
         try:
             start = lines.index(PREDS_HEADERS[1]) + 1
             listed_query = lines[lines.index(PREDS_HEADERS[0]) + 1]
@@ -176,8 +180,9 @@ def panel_labels(query_path: str, prediction_paths: Sequence[str], scores: np.nd
 
 
 def _short_name(path: str) -> str:
-    """A file name short enough for a panel title (the middle elided)."""
-    name = Path(path).name
+    """A file name short enough for a panel title (the middle elided; bytes that are not UTF-8
+    shown as U+FFFD)."""
+    name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
     return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]
 
 
@@ -199,11 +204,11 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
     for query_set in query_sets:
         folder = output_dir / query_set.key
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "predictions_global.npy", query_set.global_predictions)
+        save_npy(folder / "predictions_global.npy", query_set.global_predictions)
         final = query_set.global_predictions
         if query_set.reranked is not None:
-            np.save(folder / "predictions_reranked.npy", query_set.reranked)
-            np.save(folder / "rerank_scores.npy", query_set.scores)
+            save_npy(folder / "predictions_reranked.npy", query_set.reranked)
+            save_npy(folder / "rerank_scores.npy", query_set.scores)
             final = query_set.reranked
         write_predictions_csv(
             folder / "predictions.csv",

@@ -147,6 +147,10 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """DINOv2's initialisation; nothing on the meta device, where weights come from a
+        checkpoint (initialising there imports torch's compiler, which leaves a folder in /tmp)."""
+        if self.pos_embed.is_meta:
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():

@@ -1,0 +1,47 @@
+"""Image sets (``fol_plugin.data.datasets``): listing, paths files, labels."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fol_plugin.data.datasets import list_images
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    """``a/database`` with its paths file, and ``b/database`` beside it."""
+    for name in ("a", "b"):
+        (tmp_path / name / "database").mkdir(parents=True)
+        (tmp_path / name / "database" / "x.jpg").write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize("entry", ["../../b/database/x.jpg", "/etc/passwd", "sub/../../x.jpg"])
+def test_paths_file_entries_outside_the_folder_are_refused(two_datasets, entry):
+    folder = two_datasets / "a" / "database"
+    (two_datasets / "a" / "database_images_paths.txt").write_text(f"x.jpg\n{entry}\n")
+    with pytest.raises(ValueError, match=rf"lists 1 path\(s\) outside {folder}, e.g. '{entry}': .*--allow_outside_paths"):
+        list_images(folder)
+    assert list_images(folder, allow_outside_paths=True) == [str(folder / "x.jpg"), str(folder / entry)]
+
+
+def test_paths_file_entries_inside_the_folder_are_taken_as_written(two_datasets):
+    folder = two_datasets / "a" / "database"
+    (folder / "sub").mkdir()
+    (two_datasets / "a" / "database_images_paths.txt").write_text("sub/../x.jpg\n./x.jpg\n")
+    assert list_images(folder) == [str(folder / "sub/../x.jpg"), str(folder / "x.jpg")]
+
+
+def test_a_relative_folder_with_an_absolute_entry_is_refused(two_datasets, monkeypatch):
+    monkeypatch.chdir(two_datasets)
+    (two_datasets / "a" / "database_images_paths.txt").write_text(f"{two_datasets}/b/database/x.jpg\n")
+    with pytest.raises(ValueError, match="outside a/database"):
+        list_images("a/database")
+
+
+def test_names_that_are_not_utf8_are_listed(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (tmp_path / name).write_bytes(b"")
+    (tmp_path / "plain.jpg").write_bytes(b"")
+    assert sorted(list_images(tmp_path)) == sorted([str(tmp_path / name), str(tmp_path / "plain.jpg")])
