@@ -23,8 +23,8 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
 
 
-def run_cli(args: list[str], limit_memory: bool = False) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run_cli(args: list[str], limit_memory: bool = False, **environment: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **environment}
     return subprocess.run(
         [sys.executable, *args], env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
         preexec_fn=_limit_memory if limit_memory else None,
@@ -71,3 +71,20 @@ def test_visualize_refuses_an_image_bomb(tmp_path, tiny_weights):
     [line] = error_lines(result)
     assert f"image {bomb} is 20000x20000" in line
     assert not (tmp_path / "figure.png").exists()
+
+
+def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, tmp_path):
+    """Neither a finished run nor one failing in a DataLoader worker leaves folders behind
+    (``pymp-*`` of the workers, ``torchinductor_<user>``)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = run_cli(tiny_cli_args(labelled_set, tmp_path / "run", tiny_weights, "--num_workers", "2"), TMPDIR=str(temporary))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(path.name for path in temporary.iterdir()) == []
+    root = tmp_path / "broken"
+    shutil.copytree(labelled_set, root)
+    (root / "queries" / "@999999.00@2.00@17@T@zz@.jpg").write_text("not an image")  # the last: workers sent batches
+    args = tiny_cli_args(root, tmp_path / "run2", tiny_weights, "--num_workers", "2", "--batch_size", "1")
+    failed = run_cli(args, TMPDIR=str(temporary))
+    assert failed.returncode == USER_ERROR_EXIT and "cannot decode image" in failed.stderr
+    assert sorted(path.name for path in temporary.iterdir()) == []

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data import load_image, preprocess
+from ..data.loader import worker_loader
 from ..models import FoLModel, check_images
 from ..options import (
     DEFAULT_BATCH_SIZE,
@@ -82,10 +83,10 @@ def check_image_size(image_size: tuple[int, int]) -> None:
 
 
 def image_loader(paths: Sequence[str], indices: Sequence[int], config: ExtractionConfig) -> DataLoader:
-    return DataLoader(
+    return worker_loader(
         ImageListDataset(paths, indices, config),
+        config.num_workers,
         batch_size=config.batch_size,
-        num_workers=config.num_workers,
         pin_memory=torch.device(config.device).type == "cuda",
     )
 
