@@ -477,8 +477,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    """``fol-vpr benchmark``: every dataset through the pipeline, then the tables (rank 0 prints)."""
-    from .benchmark import REGISTRY, BenchmarkConfig, run_benchmark, write_tables
+    """``fol-vpr benchmark``: every dataset through the pipeline, then the tables (rank 0 prints).
+
+    Raises:
+        ValueError: after the tables are written, when a dataset failed (exit code
+            ``USER_ERROR_EXIT``, with the line naming the failed datasets).
+    """
+    from .benchmark import REGISTRY, BenchmarkConfig, failure_summary, run_benchmark, write_tables
     from .benchmark.tables import RESULTS_STEM
 
     if args.list_datasets:
@@ -502,7 +507,7 @@ def benchmark(args: argparse.Namespace) -> None:
         dataset_paths=dict(_name_and_path(text) for text in args.dataset_path),
     )
     try:
-        run_benchmark(config, processes)
+        rows = run_benchmark(config, processes)
     except KeyboardInterrupt:
         logger.error(
             "Interrupted: finished datasets are recorded in %s/benchmark.json and the current one's work in its cache; "
@@ -510,8 +515,12 @@ def benchmark(args: argparse.Namespace) -> None:
         )
         raise
     processes.stop()
-    if processes.is_main:
-        print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")
+    if not processes.is_main:
+        return
+    print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")
+    failed = failure_summary(rows, args.output_dir)
+    if failed:
+        raise ValueError(failed)
 
 
 def _name_and_path(text: str) -> tuple[str, Path]:

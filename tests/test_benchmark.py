@@ -22,10 +22,12 @@ from fol_plugin.benchmark import runner as benchmark_runner
 from fol_plugin.benchmark.runner import find_predictions
 from fol_plugin.benchmark.registry import REGISTRY, locate
 from fol_plugin.benchmark.tables import build_rows, latex, markdown
+from fol_plugin.cache import RunLockedError
 from fol_plugin.data.datasets import find_positives, load_image_set
 from fol_plugin.evaluation import compute_recalls, run_eval, run_rerank
 from fol_plugin.evaluation.outputs import write_preds_files
 from fol_plugin.features import ExtractionConfig
+from fol_plugin.files import DamagedFileError
 from fol_plugin.models import FoLModel
 
 from .conftest import IMAGE_SIZE, TINY_VIT, config_for, utm_name
@@ -395,3 +397,100 @@ def test_a_finished_dataset_is_run_again_when_an_image_changes(datasets_folder, 
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
     run_benchmark(config)
     assert calls == ["pitts30k"]
+
+
+def test_dataset_names_that_are_paths_are_refused_before_anything_is_written(datasets_folder, tmp_path, monkeypatch):
+    """``--dataset_names ../x`` or an absolute name would put the dataset's outputs outside
+    ``--output_dir`` (an absolute one into the dataset folder itself)."""
+    monkeypatch.setattr(benchmark_runner, "run_eval", lambda *args: pytest.fail("a dataset ran"))
+    outside = tmp_path / "outside"
+    shutil.copytree(datasets_folder / "pitts30k", outside)
+    (tmp_path / "data").mkdir()
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    for name in ("../outside", str(outside)):
+        config = BenchmarkConfig(tmp_path / "data", [name], tmp_path / "out", {}, registry=MINI_REGISTRY)
+        with pytest.raises(ValueError, match=rf"--dataset_names {re.escape(name)}: a dataset's name is its folder in --output_dir"):
+            run_benchmark(config)
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+
+
+def test_a_second_benchmark_on_one_output_dir_is_refused_before_it_writes(datasets_folder, tmp_path, monkeypatch):
+    from fol_plugin.cache.lock import DirectoryLock
+    from fol_plugin.cache.run_cache import LOCK_FILE
+
+    monkeypatch.setattr(benchmark_runner, "run_eval", lambda *args: pytest.fail("a dataset ran"))
+    output = tmp_path / "out"
+    output.mkdir()
+    config = BenchmarkConfig(datasets_folder, ["pitts30k", "sped"], output, {}, registry=MINI_REGISTRY)
+    # The other benchmark: the same lock through another open file description (flock conflicts in one process too).
+    with DirectoryLock(output, LOCK_FILE, f"--output_dir {output}"):
+        with pytest.raises(
+            RunLockedError,
+            match=rf"--output_dir {re.escape(str(output))} is in use by another process \(process {os.getpid()} .*\); "
+            "wait for it to finish, or use another folder",
+        ):
+            run_benchmark(config)
+    assert [path.name for path in output.iterdir()] == [LOCK_FILE]
+
+
+def test_a_benchmark_with_a_failed_dataset_exits_non_zero_after_the_others_and_the_tables(
+    datasets_folder, tiny_weights, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    code = cli.main([
+        "benchmark", "--datasets_folder", str(datasets_folder), "--dataset_names", "pitts30k", "sped", "--allow_mismatch",
+        "--backbone", "vitb", "--weights", str(tiny_weights), "--image_size", *map(str, IMAGE_SIZE), "--rerank_topk", "4",
+        "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == cli.USER_ERROR_EXIT
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [(row["dataset"], row["status"].split(":")[0]) for row in rows] == [("pitts30k", "count mismatch"), ("sped", "failed")]
+    assert all((tmp_path / "out" / name).is_file() for name in RESULTS)
+    assert caplog.records[-1].levelname == "ERROR"
+    assert caplog.records[-1].getMessage().startswith("1 of 2 datasets failed: sped")
+
+
+def test_a_damaged_benchmark_json_is_named_with_what_to_do(finished, datasets_folder, tmp_path, caplog):
+    output, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    damaged = copy / "benchmark.json"
+    damaged.write_text(damaged.read_text()[:100])
+    config = BenchmarkConfig(datasets_folder, ["pitts30k"], copy, {}, registry=MINI_REGISTRY)
+    with pytest.raises(DamagedFileError, match=rf"^{re.escape(str(damaged))} is damaged \(.*\): delete it and rerun"):
+        run_benchmark(config)
+    assert cli.main(["benchmark", "--table_only", str(copy)]) == cli.USER_ERROR_EXIT
+    assert f"{damaged} is damaged" in caplog.text and "delete it and rerun" in caplog.text
+
+
+def test_a_damaged_recalls_json_is_computed_again_on_the_first_rerun(datasets_folder, tiny_weights, tmp_path, monkeypatch, caplog):
+    config = BenchmarkConfig(datasets_folder, ["pitts30k"], tmp_path / "out", tiny_options(tiny_weights), registry=MINI_REGISTRY)
+    (first,) = run_benchmark(config)
+    damaged = tmp_path / "out" / "pitts30k" / "recalls.json"
+    damaged.write_text(damaged.read_text()[:100])
+    calls, real_run_eval = [], benchmark_runner.run_eval
+    monkeypatch.setattr(
+        benchmark_runner, "run_eval", lambda config, processes: (calls.append(config.output_dir.name), real_run_eval(config, processes))[1]
+    )
+    (again,) = run_benchmark(config)
+    assert calls == ["pitts30k"]
+    assert f"{damaged} is damaged" in caplog.text and "running pitts30k again" in caplog.text
+    assert again["status"] == "ok" and again["reranked_R@1"] == first["reranked_R@1"]
+    # --table_only on a damaged recalls.json names it and what to do.
+    damaged.write_text("{")
+    with pytest.raises(DamagedFileError, match=rf"^{re.escape(str(damaged))} is damaged \(.*\): rerun the fol-vpr benchmark"):
+        build_rows(tmp_path / "out")
+
+
+def test_an_undecodable_image_read_by_dataloader_workers_is_one_line(datasets_folder, tiny_weights, tmp_path, caplog, capfd):
+    options = tiny_options(tiny_weights)
+    options["extraction"].num_workers = 2
+    config = BenchmarkConfig(datasets_folder, ["sped"], tmp_path / "out", options, registry=MINI_REGISTRY)
+    caplog.set_level("INFO")
+    (row,) = run_benchmark(config)
+    (failure,) = [record for record in caplog.records if "sped failed" in record.getMessage()]
+    message = failure.getMessage()
+    assert message.startswith("sped failed: cannot decode image ") and "zz_broken" in message
+    assert "\n" not in message and "Traceback" not in message and not failure.exc_info
+    assert "Traceback" not in capfd.readouterr().err
+    assert row["status"] == "failed: " + message.removeprefix("sped failed: ").removesuffix("; going on with the next dataset")

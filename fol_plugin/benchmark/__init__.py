@@ -3,10 +3,10 @@
 the results tables (:mod:`.tables`)."""
 from .published import PUBLISHED, published_recalls
 from .registry import REGISTRY, DatasetSpec, QuerySetSpec, locate, select
-from .runner import BenchmarkConfig, check_datasets, run_benchmark
+from .runner import BenchmarkConfig, check_datasets, failure_summary, run_benchmark
 from .tables import build_rows, write_tables
 
 __all__ = [
     "PUBLISHED", "REGISTRY", "BenchmarkConfig", "DatasetSpec", "QuerySetSpec", "build_rows", "check_datasets",
-    "locate", "published_recalls", "run_benchmark", "select", "write_tables",
+    "failure_summary", "locate", "published_recalls", "run_benchmark", "select", "write_tables",
 ]

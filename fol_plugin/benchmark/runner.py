@@ -7,12 +7,17 @@ re-ranks another method's predictions from ``--predictions_dir``. A dataset whos
 recorded and the next one starts; a dataset already finished with the same settings, checkpoint
 and images is not run again. ``<output_dir>/benchmark.json`` records each dataset's status, counts, peak memory and wall
 time as soon as it ends; the tables (:mod:`.tables`) are built from it and the runs' recalls.
+
+One benchmark at a time in an output folder: rank 0 holds ``<output_dir>/.fol-vpr.lock`` (the
+lock ``fol-vpr eval`` takes on its output folder) for the whole run, and each dataset's own run
+locks its sub-folder. A dataset's name is its sub-folder, so it must be a plain folder name: a
+path (``../x``, ``/data/x``) is refused before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -24,6 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cache import RunCache
+from ..cache.run_cache import LOCK_FILE
 from ..checkpoint import weights_file
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
@@ -33,16 +40,19 @@ from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
 from ..evaluation.resources import MB
 from ..evaluation.workspace import cache_inputs
+from ..files import DamagedFileError, read_json, write_json
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
 from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select
-from .tables import BENCHMARK_FILE, write_tables
+from .tables import BENCHMARK_FILE, FAILED, RESULTS_FILES, RESULTS_STEM, read_record, write_tables
 
 logger = logging.getLogger(__name__)
 
 # Settings that change how a run works but not its results: a finished dataset is reused across them.
 NOT_RESULT_SETTINGS = ("num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors")
 PREDICTIONS_SUFFIX = ".npy"
+# Names a dataset's folder may not take: the benchmark's own files in --output_dir.
+RESERVED_NAMES = {BENCHMARK_FILE, LOCK_FILE, *RESULTS_FILES}
 
 
 @dataclass
@@ -77,10 +87,13 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     """Every selected dataset found and counted, before any extraction.
 
     Raises:
-        ValueError: listing every missing folder, and every count mismatch unless
-            ``allow_mismatch``.
+        ValueError: a dataset name that is not a plain folder name; else listing every missing
+            folder, and every count mismatch unless ``allow_mismatch``.
     """
     selection = select(config.dataset_names, config.registry, config.datasets_folder)
+    unsafe = [problem for spec, _ in selection if (problem := _name_problem(spec.name))]
+    if unsafe:
+        raise ValueError("\n".join(unsafe))
     paths = {normalise(name): path for name, path in config.dataset_paths.items()}
     unused = set(paths) - {normalise(spec.name) for spec, _ in selection}
     if unused:
@@ -104,6 +117,19 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
         if item.spec.name not in config.registry:
             logger.warning("%s is not a known dataset: running it from %s, its counts unchecked", item.spec.name, item.root)
     return located
+
+
+def _name_problem(name: str) -> str | None:
+    """Why dataset ``name`` cannot be its folder in ``--output_dir`` (a path, ``..``, one of the
+    benchmark's own files), or None. The query sets' folders inside it are named by the pipeline's
+    safe-name rule (:func:`~fol_plugin.evaluation.config.output_key`)."""
+    if Path(name).name == name and name not in {"", "..", *RESERVED_NAMES}:
+        return None
+    return (
+        f"--dataset_names {name}: a dataset's name is its folder in --output_dir, so it must be a plain folder name, "
+        "not a path nor one of the benchmark's own files; place the dataset at <datasets_folder>/<name>/images/test, "
+        "or point a known dataset at it with --dataset_path NAME=FOLDER"
+    )
 
 
 def eval_config(config: BenchmarkConfig, item: Located) -> EvalConfig:
@@ -189,7 +215,11 @@ def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | Non
         return False
     if previous.get("predictions") != sources:
         return False
-    summary = json.loads(recalls.read_text())
+    try:
+        summary = read_json(recalls, f"running {evaluation.output_dir.name} again")
+    except DamagedFileError as error:
+        logger.warning("%s", error)
+        return False
     if _result_settings(summary.get("config", {})) != _result_settings(json_config(evaluation)):
         return False
     return summary.get("inputs") == _run_inputs(evaluation)
@@ -233,8 +263,10 @@ def _peak_rss_bytes(since_start: bool) -> float:
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
-def _table_message(error: BaseException) -> str:
-    """An error as one line of a table cell: the user's message, with its type when it is a bug."""
+def _one_line(error: BaseException) -> str:
+    """A dataset's error as one line, for the log and its table rows: the line ``fol-vpr eval``
+    prints (without the traceback a DataLoader worker's error carries), with its type when it
+    is a bug."""
     message = " ".join(user_message(error).split())
     return f"{type(error).__name__}: {message}" if _is_bug(error) else message
 
@@ -266,8 +298,9 @@ def _run_dataset(
     except Exception as error:
         if processes.distributed:  # the other processes cannot skip in step: end the run (torchrun reports it)
             raise
-        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, error, exc_info=_is_bug(error))
-        return {**entry, "status": "failed", "error": _table_message(error)}
+        message = _one_line(error)
+        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, message, exc_info=_is_bug(error))
+        return {**entry, "status": FAILED, "error": message}
     return {
         **entry, "status": "done", "wall_s": round(time.perf_counter() - start, 1), "peak_memory_mb": memory.rss_mb,
         "peak_gpu_memory_mb": memory.gpu_mb, "peak_memory_since_start": memory.since_start,
@@ -293,28 +326,28 @@ def _plain(value: object) -> object:
     return value.__dict__ if hasattr(value, "__dict__") else str(value)
 
 
-def read_record(output_dir: Path) -> dict:
-    """``<output_dir>/benchmark.json``, or an empty record."""
-    path = Path(output_dir) / BENCHMARK_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
-
-
-def _write_record(output_dir: Path, record: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir / f"{BENCHMARK_FILE}.tmp"
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, output_dir / BENCHMARK_FILE)
-
-
 def run_benchmark(config: BenchmarkConfig, processes: Processes = SINGLE_PROCESS) -> list[dict]:
     """Run every selected dataset, then write the tables.
 
     Returns:
         The table rows (see :func:`fol_plugin.benchmark.tables.build_rows`); empty on the processes
-        other than rank 0.
+        other than rank 0. A failed dataset's rows say why (see :func:`failure_summary`).
+
+    Raises:
+        RunLockedError: another benchmark (or ``fol-vpr eval``) is using ``output_dir``; nothing
+            is written.
+        DamagedFileError: ``benchmark.json`` cannot be read.
     """
     located = check_datasets(config)
-    record = read_record(config.output_dir)
+    # The output folder's lock and its checks, as fol-vpr eval takes them (rank 0; the others wait for it).
+    with RunCache(config.output_dir) if processes.is_main else contextlib.nullcontext():
+        processes.barrier()
+        return _run_locked(config, processes, located)
+
+
+def _run_locked(config: BenchmarkConfig, processes: Processes, located: list[Located]) -> list[dict]:
+    """:func:`run_benchmark` once rank 0 holds the output folder's lock."""
+    record = read_record(config.output_dir) or {"datasets": {}}
     record["config"] = _describe(config)
     record["order"] = [item.spec.name for item in located]
     # The benchmark's own bar, above the pipeline's: images of finished datasets, with the ETA.
@@ -329,12 +362,21 @@ def run_benchmark(config: BenchmarkConfig, processes: Processes = SINGLE_PROCESS
             )  # fmt: skip
             record["datasets"][name] = _run_dataset(config, item, processes, record["datasets"].get(name))
             if processes.is_main:
-                _write_record(config.output_dir, record)
+                write_json(config.output_dir / BENCHMARK_FILE, record)
             bar.update(sum(item.counts.values()))
     if not processes.is_main:
         return []
-    rows = write_tables(config.output_dir)
-    failed = [name for name in record["order"] if record["datasets"][name]["status"] != "done"]
-    if failed:
-        logger.error("%d of %d datasets failed: %s (see the tables)", len(failed), len(located), ", ".join(failed))
-    return rows
+    return write_tables(config.output_dir)
+
+
+def failure_summary(rows: list[dict], output_dir: Path) -> str | None:
+    """The line that ends a benchmark whose datasets did not all finish, or None when they did."""
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    failed = list(dict.fromkeys(row["dataset"] for row in rows if row["status"].startswith(f"{FAILED}:")))
+    if not failed:
+        return None
+    return (
+        f"{len(failed)} of {len(datasets)} datasets failed: {', '.join(failed)}; their rows in "
+        f"{Path(output_dir) / RESULTS_STEM}.md say why: fix that and rerun the same command (finished datasets "
+        "are reused)"
+    )

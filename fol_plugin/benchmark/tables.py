@@ -3,25 +3,28 @@
 Owns ``results.md`` (Markdown), ``results.tex`` (a booktabs tabular, best R@1 of each row in
 bold), ``results.csv`` and ``results.json``. They are built only from what the runs left on disk
 (``benchmark.json`` and each dataset's ``recalls.json``), so ``fol-vpr benchmark --table_only
-DIR`` rebuilds the same tables at any time.
+DIR`` rebuilds the same tables at any time. Every file is written atomically.
 """
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from pathlib import Path
 
 from ..evaluation.config import RECALLS_FILE
+from ..files import read_json, write_json, write_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
 
 BENCHMARK_FILE = "benchmark.json"
+FAILED = "failed"  # the status of a dataset whose run failed, and the start of its rows' status
 # The settings behind FoL's published numbers: (run summary key, name, value).
 PAPER_PROTOCOL = (
     ("resize_mode", "resize", "original"), ("extraction_precision", "precision", "fp32"),
     ("rerank_topk", "top-k", 100), ("scorer", "scorer", "fol"),
 )  # fmt: skip
 RESULTS_STEM = "results"
+RESULTS_FILES = tuple(f"{RESULTS_STEM}.{suffix}" for suffix in ("md", "tex", "csv", "json"))
 STAGES = ("global", "reranked")
 MISSING = "–"
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -68,13 +71,31 @@ def _published_table(backbone: object, image_size: tuple) -> str | None:
     return f"{name} at {image_size[0]}x{image_size[1]}, {SOURCE}"
 
 
-def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(what the rows share, one row per query set) of the benchmark in ``output_dir``."""
-    output_dir = Path(output_dir)
-    path = output_dir / BENCHMARK_FILE
+def read_record(output_dir: str | os.PathLike) -> dict | None:
+    """``<output_dir>/benchmark.json``, or None when there is none.
+
+    Raises:
+        DamagedFileError: it cannot be read, naming it and what to do.
+    """
+    path = Path(output_dir) / BENCHMARK_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: --table_only takes the --output_dir of a fol-vpr benchmark run")
-    record = json.loads(path.read_text())
+        return None
+    return read_json(path, "delete it and rerun the fol-vpr benchmark command (its datasets then run again)")
+
+
+def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(what the rows share, one row per query set) of the benchmark in ``output_dir``.
+
+    Raises:
+        FileNotFoundError: no ``benchmark.json``.
+        DamagedFileError: a damaged ``benchmark.json`` or ``recalls.json``, naming it and what to do.
+    """
+    output_dir = Path(output_dir)
+    record = read_record(output_dir)
+    if record is None:
+        raise FileNotFoundError(
+            f"{output_dir / BENCHMARK_FILE} does not exist: --table_only takes the --output_dir of a fol-vpr benchmark run"
+        )
     meta = describe_run(record)
     rows = []
     for name in record.get("order", list(record["datasets"])):
@@ -82,7 +103,7 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
         summary = {}
         recalls = output_dir / name / RECALLS_FILE
         if entry.get("status") == "done" and recalls.is_file():
-            summary = json.loads(recalls.read_text())
+            summary = read_json(recalls, f"rerun the fol-vpr benchmark command of {output_dir}: it runs {name} again")
         timings = summary.get("timings_s", {})
         total_queries = sum(entry.get("counts", {}).get(q, 0) for q in entry.get("query_sets", {}))
         for query_set, key in entry.get("query_sets", {}).items():
@@ -120,7 +141,7 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
 
 def _status(entry: dict, results: dict) -> str:
     if entry.get("status") != "done":
-        return f"failed: {entry.get('error', 'unknown error')}"
+        return f"{FAILED}: {entry.get('error', 'unknown error')}"
     notes = []
     if entry.get("mismatches"):
         notes.append("count mismatch")
@@ -224,11 +245,13 @@ def write_tables(output_dir: str | os.PathLike) -> list[dict]:
     """``results.{md,tex,csv,json}`` in ``output_dir`` from its finished runs; returns the rows."""
     output_dir = Path(output_dir)
     meta, rows = build_rows(output_dir)
-    (output_dir / f"{RESULTS_STEM}.md").write_text(markdown(meta, rows))
-    (output_dir / f"{RESULTS_STEM}.tex").write_text(latex(meta, rows))
-    (output_dir / f"{RESULTS_STEM}.json").write_text(json.dumps({"run": meta, "rows": rows}, indent=2))
-    with open(output_dir / f"{RESULTS_STEM}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["dataset"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["dataset"])
+    writer.writeheader()
+    writer.writerows(rows)
+    md, tex, csv_file, json_file = (output_dir / name for name in RESULTS_FILES)
+    write_text(md, markdown(meta, rows))
+    write_text(tex, latex(meta, rows))
+    write_text(csv_file, table.getvalue())
+    write_json(json_file, {"run": meta, "rows": rows})
     return rows

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data import load_image
 from ..data.datasets import ImageSet
-from ..files import save_npy, write_text
+from ..files import save_npy, write_json, write_text
 from ..options import DEFAULT_MAX_IMAGE_PIXELS
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .recalls import compute_recalls
@@ -198,7 +198,7 @@ def scores_in_order(predictions: np.ndarray, global_predictions: np.ndarray, sco
 
 def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
     """Predictions, CSV, preds files and figures per query set, and ``recalls.json`` (written
-    last, atomically); returns its summary."""
+    last, atomically and durably); returns its summary."""
     output_dir = config.output_dir
     summary = {"config": json_config(config), "query_sets": {}, "timings_s": timings, **extra}
     for query_set in query_sets:
@@ -243,9 +243,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
         for stage in ("global", "reranked"):
             if summary["query_sets"][query_set.key][stage]:
                 logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
-    temporary = output_dir / f"{RECALLS_FILE}.tmp"
-    temporary.write_text(json.dumps(summary, indent=2))
-    os.replace(temporary, output_dir / RECALLS_FILE)
+    write_json(output_dir / RECALLS_FILE, summary)
     return summary
 
 
