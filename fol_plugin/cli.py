@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fol_plugin")
 
 USER_ERROR_EXIT = 2
+DATASETS_FAILED_EXIT = 3  # fol-vpr benchmark: some datasets failed; the others ran and the tables are written
 INTERRUPTED_EXIT = 130
 
 
@@ -476,23 +477,23 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"Results in {config.output_dir}")
 
 
-def benchmark(args: argparse.Namespace) -> None:
+def benchmark(args: argparse.Namespace) -> int:
     """``fol-vpr benchmark``: every dataset through the pipeline, then the tables (rank 0 prints).
 
-    Raises:
-        ValueError: after the tables are written, when a dataset failed (exit code
-            ``USER_ERROR_EXIT``, with the line naming the failed datasets).
+    Returns:
+        0, or ``DATASETS_FAILED_EXIT`` after the tables are written when a dataset failed (with an
+        error line naming the failed datasets).
     """
     from .benchmark import REGISTRY, BenchmarkConfig, failure_summary, run_benchmark, write_tables
     from .benchmark.tables import RESULTS_STEM
 
     if args.list_datasets:
         print(_registry_listing(REGISTRY))
-        return
+        return 0
     if args.table_only:
         write_tables(args.table_only)
         print((args.table_only / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.table_only}/{RESULTS_STEM}.*")
-        return
+        return 0
     missing = [flag for flag, value in (("--datasets_folder", args.datasets_folder), ("--dataset_names",
                args.dataset_names), ("--output_dir", args.output_dir)) if not value]  # fmt: skip
     if missing:
@@ -516,11 +517,13 @@ def benchmark(args: argparse.Namespace) -> None:
         raise
     processes.stop()
     if not processes.is_main:
-        return
+        return 0
     print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")
     failed = failure_summary(rows, args.output_dir)
     if failed:
-        raise ValueError(failed)
+        logger.error("%s", failed)
+        return DATASETS_FAILED_EXIT
+    return 0
 
 
 def _name_and_path(text: str) -> tuple[str, Path]:
@@ -574,6 +577,7 @@ def _record_for_torchrun(error: BaseException) -> None:
         ErrorHandler().record_exception(error)
 
 
+# Each command returns None or 0 (success), or its exit code.
 COMMANDS = {"eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize}
 
 
@@ -585,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except _user_errors() as error:
         if args.debug:
             logger.exception("%s", error)
@@ -600,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
         return INTERRUPTED_EXIT
-    return 0
+    return code or 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -442,7 +442,7 @@ def test_a_benchmark_with_a_failed_dataset_exits_non_zero_after_the_others_and_t
         "--backbone", "vitb", "--weights", str(tiny_weights), "--image_size", *map(str, IMAGE_SIZE), "--rerank_topk", "4",
         "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
     ])  # fmt: skip
-    assert code == cli.USER_ERROR_EXIT
+    assert code == cli.DATASETS_FAILED_EXIT
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [(row["dataset"], row["status"].split(":")[0]) for row in rows] == [("pitts30k", "count mismatch"), ("sped", "failed")]
     assert all((tmp_path / "out" / name).is_file() for name in RESULTS)

@@ -213,9 +213,11 @@ def locate(
     query_sets: tuple[QuerySetSpec, ...],
     datasets_folder: str | os.PathLike,
     override: str | os.PathLike | None = None,
+    allow_outside_paths: bool = False,
 ) -> Located:
     """Find ``spec``'s root (``override`` if given) and count the images of its database and of
-    the selected query sets, without reading any image."""
+    the selected query sets, without reading any image (``allow_outside_paths`` as in
+    :func:`fol_plugin.data.datasets.list_images`)."""
     located = Located(spec, query_sets)
     candidates = [Path(override)] if override else [Path(datasets_folder) / root for root in spec.roots]
     located.root = next((root for root in candidates if root.is_dir()), None)
@@ -230,7 +232,7 @@ def locate(
     folders += [(q.name, located.queries_folder(q), q.num_images) for q in query_sets]
     for name, folder, expected in folders:
         try:
-            found = len(list_images(folder))
+            found = len(list_images(folder, allow_outside_paths))
         except (FileNotFoundError, ValueError) as error:
             located.problems.append(f"{spec.name} {name}: {error}")
             continue

@@ -49,7 +49,11 @@ from .tables import BENCHMARK_FILE, FAILED, RESULTS_FILES, RESULTS_STEM, read_re
 logger = logging.getLogger(__name__)
 
 # Settings that change how a run works but not its results: a finished dataset is reused across them.
-NOT_RESULT_SETTINGS = ("num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors")
+# (The image limits only refuse images; the images a run read are compared through its inputs.)
+NOT_RESULT_SETTINGS = (
+    "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors", "max_image_pixels",
+    "allow_outside_paths",
+)
 PREDICTIONS_SUFFIX = ".npy"
 # Names a dataset's folder may not take: the benchmark's own files in --output_dir.
 RESERVED_NAMES = {BENCHMARK_FILE, LOCK_FILE, *RESULTS_FILES}
@@ -99,7 +103,10 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     if unused:
         raise ValueError(f"--dataset_path names {sorted(unused)}, which --dataset_names does not select")
     located = [
-        locate(spec, query_sets, config.datasets_folder, paths.get(normalise(spec.name)))
+        locate(
+            spec, query_sets, config.datasets_folder, paths.get(normalise(spec.name)),
+            config.options.get("allow_outside_paths", False),
+        )
         for spec, query_sets in selection
     ]
     problems = [line for item in located for line in item.problems]
@@ -180,7 +187,7 @@ def find_predictions(predictions_dir: Path, name: str) -> Path:
 
 def _given_predictions(config: BenchmarkConfig, item: Located, evaluation: EvalConfig) -> tuple[list[np.ndarray], dict]:
     """Per query set, the [Q, K] predictions to re-rank, and where each came from."""
-    database_paths = list_images(evaluation.database_folder)
+    database_paths = list_images(evaluation.database_folder, evaluation.allow_outside_paths)
     predictions, sources = [], {}
     for query_set, folder in zip(item.query_sets, evaluation.queries_folders):
         source = find_predictions(config.predictions_dir, query_set.name)
@@ -188,7 +195,7 @@ def _given_predictions(config: BenchmarkConfig, item: Located, evaluation: EvalC
         if source.suffix == PREDICTIONS_SUFFIX:
             predictions.append(np.load(source))
         else:
-            predictions.append(read_preds_files(source, list_images(folder), database_paths))
+            predictions.append(read_preds_files(source, list_images(folder, evaluation.allow_outside_paths), database_paths))
     return predictions, sources
 
 
