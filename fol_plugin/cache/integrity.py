@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from ..files import DiskFullError  # the one class of every command, raised here too (fol_plugin.cache re-exports it)
+
 CHECKSUM_MASK = (1 << 63) - 1  # checksums are kept in int64 records
 GB = 1e9
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
-
-
-class DiskFullError(RuntimeError):
-    """The disk filled up while a run was writing."""
 
 
 def checksum(*buffers: np.ndarray | bytes) -> int:
