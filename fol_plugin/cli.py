@@ -282,7 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many epochs without a better validation R@5; 0: never",
     )
     fit.add_argument("--output_dir", type=Path, required=True)
-    fit.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pth")
+    fit.add_argument(
+        "--resume", action="store_true",
+        help="continue from <output_dir>/last.pth, with the run's settings (--epochs, --device, --num_workers and "
+        "the validation flags may change)",
+    )
+    fit.add_argument(
+        "--overwrite", action="store_true",
+        help="start a new run in an --output_dir that holds an earlier one (its last.pth, best.pth, losses.csv and "
+        "losses.png are removed first)",
+    )
     _add_dist_timeout(fit)
     show = command("visualize", "FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
@@ -329,7 +338,7 @@ def fine_tune(args: argparse.Namespace) -> None:
     )
     check_image_size(config.image_size)
     processes = _join(args, str(resolve_device(args.device)))
-    summary = train(config, places, args.resume, processes)
+    summary = train(config, places, args.resume, processes, overwrite=args.overwrite)
     processes.stop()
     if processes.is_main:
         print(f"{len(summary['epochs'])} epochs; best checkpoint: {summary['best']}")
@@ -610,9 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback
     (``--debug`` shows it). Imported when an error is caught, not at start-up."""
-    from .cache import CacheMismatchError, DiskFullError, OutputFolderError, RunLockedError
+    from .cache import CacheMismatchError, OutputFolderError, RunLockedError
     from .checkpoint import CheckpointError
     from .evaluation.resources import InsufficientDiskError
+    from .files import DiskFullError
 
     return (
         ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,

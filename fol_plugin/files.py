@@ -12,7 +12,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +41,23 @@ def free_bytes(folder: Path) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def ensure_room(folder: Path, writes: Sequence[tuple[Path, float]], advice: str) -> None:
+    """Check, before anything is written, that the file system of ``folder`` has room for
+    ``writes`` (each a path and its estimated bytes), written one after another by
+    :func:`atomic_write`: each new file sits beside the one it replaces until the rename.
+
+    Raises:
+        DiskFullError: not enough free space, with how much to free and ``advice``.
+    """
+    peak = growth = 0.0
+    for path, size in writes:
+        peak = max(peak, growth + size)
+        growth += size - (path.stat().st_size if path.exists() else 0)
+    free = free_bytes(folder)
+    if peak > free:
+        raise DiskFullError(disk_full_message(folder, peak - free, advice))
 
 
 def atomic_write(

@@ -3,7 +3,10 @@ runs resume exactly, and checkpoints load through the hub entrypoints."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 import torch
 from matplotlib.image import imsave
 
-from fol_plugin import checkpoint, cli
+from fol_plugin import checkpoint, cli, files
 from fol_plugin.data import load_image
 from fol_plugin.distributed import SINGLE_PROCESS, Processes
 from fol_plugin.data.datasets import load_image_set
@@ -187,15 +190,142 @@ def test_place_batches_and_gsv_cities_layout(tmp_path, synthetic):
         gsv_cities_places(tmp_path / "gsv", ["Paris"])
 
 
-def test_train_command(synthetic, tmp_path, monkeypatch, capsys):
+def linked_places(folder: Path, places: list[Path]) -> Path:
+    """A --data_root of links to ``places`` (place folders)."""
+    folder.mkdir()
+    for place in places:
+        (folder / place.name).symlink_to(place)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def four_places(synthetic, tmp_path_factory) -> Path:
+    """A --data_root of 4 of the synthetic places: one batch of --places_per_batch 4 per epoch."""
+    return linked_places(tmp_path_factory.mktemp("four") / "train", sorted((synthetic["root"] / "train").iterdir())[:4])
+
+
+@pytest.fixture
+def tiny_cli_model(monkeypatch) -> None:
+    """``fol-vpr train`` builds the tiny ViT, whatever ``--backbone`` says."""
     monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
-    arguments = ["train", "--dataset", "folders", "--data_root", str(synthetic["root"] / "train"), "--weights", "none",
-                 "--num_trainable_blocks", "2", "--image_size", str(SIZE), str(SIZE), "--places_per_batch", "4",
-                 "--epochs", "1", "--no_augment", "--num_workers", "0", "--output_dir", str(tmp_path / "cli")]
+
+
+def train_arguments(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
+    """``fol-vpr train`` for one epoch on the places under ``data_root``, then ``extra`` (a later
+    flag replaces an earlier one)."""
+    return ["train", "--dataset", "folders", "--data_root", str(data_root), "--weights", "none",
+            "--num_trainable_blocks", "2", "--image_size", str(SIZE), str(SIZE), "--places_per_batch", "4",
+            "--epochs", "1", "--no_augment", "--num_workers", "0", "--output_dir", str(output_dir), *extra]
+
+
+def last_error(caplog) -> str:
+    """The last ERROR line the command logged."""
+    return [record.getMessage() for record in caplog.records if record.levelname == "ERROR"][-1]
+
+
+def test_train_command(synthetic, tmp_path, tiny_cli_model, capsys):
+    arguments = train_arguments(synthetic["root"] / "train", tmp_path / "cli")
     assert cli.main(arguments) == 0
     assert "1 epochs; best checkpoint" in capsys.readouterr().out
     assert cli.main(arguments) == 2  # an existing run needs --resume
     assert cli.main(arguments[:-2] + ["--image_size", "120", "120", "--output_dir", str(tmp_path / "other")]) == 2
+
+
+def test_resume_refuses_settings_that_change_the_run(synthetic, four_places, tmp_path, tiny_cli_model, caplog):
+    """Issue 20, 5: another --lr, --image_size, --num_trainable_blocks or other places than the
+    run's is refused with each difference (exit 2, last.pth untouched); --epochs, --patience and
+    --device may change."""
+    data, run = four_places, tmp_path / "run"
+    assert cli.main(train_arguments(data, run)) == 0
+    before = (run / LAST).read_bytes()
+    changed = ["--resume", "--epochs", "2", "--lr", "1e-3", "--image_size", "140", "140", "--num_trainable_blocks", "1"]
+    assert cli.main(train_arguments(data, run, *changed)) == 2
+    assert last_error(caplog) == (
+        f"--resume: these settings differ from the run in {run / LAST}: --num_trainable_blocks 2 -> 1, "
+        "--image_size 126 126 -> 140 140, --lr 6e-05 -> 0.001; rerun with the run's settings, or start a new run in "
+        "another --output_dir"
+    )
+    others = linked_places(tmp_path / "others", sorted((synthetic["root"] / "train").iterdir())[4:8])
+    assert cli.main(train_arguments(others, run, "--resume", "--epochs", "2")) == 2
+    message = last_error(caplog)
+    assert f"the training places (--dataset, --data_root, --cities) 4 places, 16 images under {data} " in message
+    assert f"-> 4 places, 16 images under {others} " in message
+    assert (run / LAST).read_bytes() == before
+    assert cli.main(train_arguments(data, run, "--resume", "--epochs", "2", "--patience", "3", "--device", "cpu")) == 0
+    assert torch.load(run / LAST, weights_only=True)["epoch_num"] == 1
+
+
+def test_a_full_disk_is_found_before_writing_and_leaves_the_run_intact(
+    four_places, tmp_path, tiny_cli_model, monkeypatch, caplog
+):
+    """Issue 20, 6: the disk is checked before the first epoch and before each epoch's writes;
+    a disk that fills up anyway leaves no temporary file; each is one line, exit 2, with the
+    last saved epoch kept."""
+    data, run = four_places, tmp_path / "run"
+    assert cli.main(train_arguments(data, run)) == 0
+    earlier = {name: (run / name).read_bytes() for name in (LAST, BEST)}
+    resume = train_arguments(data, run, "--resume", "--epochs", "2")
+    advice = "rerun with --resume to continue after epoch 1, the last one saved"
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 1000)
+    assert cli.main(resume) == 2  # before the epoch
+    assert last_error(caplog) == f"disk full at {run}; free 0.1 GB and {advice}"
+    answers = iter([10**12, 1000])  # room at the start, none after the epoch
+    monkeypatch.setattr(files, "free_bytes", lambda folder: next(answers))
+    assert cli.main(resume) == 2 and next(answers, None) is None  # asked again after the epoch
+    assert last_error(caplog) == f"disk full at {run}; free 0.1 GB and {advice}"
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 10**12)
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"x" * 100_000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert cli.main(resume) == 2  # the estimate passed, the disk filled up anyway
+    written = rf"disk full at {re.escape(str(run))}/(best|last)\.pth; free 0\.1 GB and {advice}"
+    assert re.fullmatch(written, last_error(caplog))
+    assert not list(run.glob("*.tmp"))
+    assert {name: (run / name).read_bytes() for name in (LAST, BEST)} == earlier
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_files(
+    synthetic, four_places, tmp_path, tiny_cli_model, caplog
+):
+    """Issue 20, 7: without last.pth (deleted as a truncated one), the earlier run's best.pth and
+    losses are still refused, not overwritten, unless --overwrite; any checkpoint counts."""
+    data, run = four_places, tmp_path / "run"
+    assert cli.main(train_arguments(data, run)) == 0
+    (run / LAST).unlink()
+    earlier = {name: (run / name).read_bytes() for name in (BEST, LOG, PLOT)}
+    assert cli.main(train_arguments(data, run)) == 2
+    assert last_error(caplog) == (
+        f"{run} holds an earlier run's files (best.pth, losses.csv, losses.png): pass --overwrite to start a new run "
+        "there (it removes last.pth, best.pth, losses.csv, losses.png first), or choose another --output_dir"
+    )
+    assert {name: (run / name).read_bytes() for name in earlier} == earlier
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "epoch_3.pth").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"\(epoch_3\.pth\)"):
+        train(tiny_config(other), synthetic["places"])
+    assert cli.main(train_arguments(data, run, "--overwrite", "--resume")) == 2
+    assert "not both" in last_error(caplog)
+    assert cli.main(train_arguments(data, run, "--overwrite")) == 0
+    assert torch.load(run / LAST, weights_only=True)["epoch_num"] == 0
+
+
+def test_the_resume_log_names_the_last_finished_epoch(synthetic, tmp_path, caplog):
+    """Issue 20, 12: after one finished epoch the run resumes after epoch 1, with epoch 2 next,
+    as the epoch log lines count."""
+    config, places = tiny_config(tmp_path / "run", epochs=1), synthetic["places"][:4]
+    train(config, places)
+    caplog.set_level("INFO")
+    train(dataclasses.replace(config, epochs=2), places, resume=True)
+    assert f"Resuming {tmp_path / 'run'} after epoch 1: epoch 2 of 2 next" in caplog.messages
+    assert any(message.startswith("Epoch 2: epoch 2,") for message in caplog.messages)
+    train(dataclasses.replace(config, epochs=2), places, resume=True)
+    assert caplog.messages[-1] == (
+        f"Resuming {tmp_path / 'run'} after epoch 2: all 2 epochs are done; give a larger --epochs to train on"
+    )
 
 
 def test_more_places_per_batch_than_places_is_an_error(synthetic, tmp_path):
@@ -253,9 +383,9 @@ def test_early_stopping_after_patience_epochs_without_a_better_reranked_recall(s
         return {"R@5": 100.0 - value, "reranked_R@5": value}
 
     monkeypatch.setattr(loop, "validation_recalls", scripted)
-    monkeypatch.setattr(loop, "save_weights", lambda model, path: saved_after.append(len(rows_seen)))
+    monkeypatch.setattr(loop, "save_weights", lambda model, path, advice: saved_after.append(len(rows_seen)))
     rows_seen: list = []
-    monkeypatch.setattr(loop, "_write_log", lambda output_dir, rows: rows_seen.append(len(rows)))
+    monkeypatch.setattr(loop, "_write_log", lambda output_dir, rows, advice: rows_seen.append(len(rows)))
     config = tiny_config(
         tmp_path / "run", epochs=6, patience=3, validation=synthetic["validation"], validation_image_size=(SIZE + 14, SIZE + 14)
     )

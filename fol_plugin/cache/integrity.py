@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from ..files import DISK_FULL_ERRNOS, DiskFullError, disk_full_message  # fol_plugin.cache re-exports DiskFullError
+
 CHECKSUM_MASK = (1 << 63) - 1  # checksums are kept in int64 records
-GB = 1e9
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
-
-
-class DiskFullError(RuntimeError):
-    """The disk filled up while a run was writing."""
 
 
 def checksum(*buffers: np.ndarray | bytes) -> int:
@@ -143,10 +139,10 @@ def disk_full_guard(folder: Path, still_needed: Callable[[], float]) -> Iterator
     except OSError as error:
         if error.errno not in DISK_FULL_ERRNOS:
             raise
-        where = error.filename or folder
         free = shutil.disk_usage(folder).free if folder.exists() else 0
-        needed = max(still_needed() - free, 0.1 * GB)
         raise DiskFullError(
-            f"disk full at {where}; free {needed / GB:.1f} GB and rerun the same command to resume "
-            "(everything finished so far is kept)",
+            disk_full_message(
+                error.filename or folder, still_needed() - free,
+                "rerun the same command to resume (everything finished so far is kept)",
+            )
         ) from error

@@ -4,20 +4,27 @@ Per epoch: P places x K images per step, AdamW (the paper's lr 6e-5, weight deca
 linear decay of the learning rate to 0.1x, optional gradient accumulation and (on CUDA) mixed
 precision; then validation recalls through the evaluation pipeline, ``last.pth`` (weights,
 optimiser and schedule, for ``--resume``) and the best ``best.pth`` by R@5 (model weights only, in
-the original checkpoint format, loadable by torch.hub), a loss log (CSV) and its plot (PNG).
+the original checkpoint format, loadable by torch.hub), a loss log (CSV) and its plot (PNG). Every
+write is atomic and fsynced, after a check that the disk has room for it.
+
+A new run refuses an ``output_dir`` holding an earlier run's files unless told to overwrite them;
+``--resume`` refuses settings that change the run (:data:`RUN_SETTINGS`, and the training places).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
+import os
 import random
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,7 @@ from ..data.places import PlaceDataset, collate_places
 from ..distributed import SINGLE_PROCESS, Processes
 from ..evaluation.recalls import compute_recalls
 from ..features import ExtractionConfig, InMemoryFeatures, ResumableArray, extract_global
+from ..files import MB, atomic_write, ensure_room, json_safe, save_torch, write_text
 from ..models import GLOBAL_DIM, FoLModel, ViTConfig
 from ..models.fol import TrainingOutputs
 from ..options import (
@@ -63,6 +71,42 @@ VALIDATION_RECALLS = (1, 5, 10)
 BEST_BY = 5  # the checkpoint kept as best.pth has the highest R@5 (re-ranked unless --val_rerank_topk 0)
 RERANKED = "reranked_"  # prefix of the re-ranked recalls in the log
 DINOV2_PREFIX = "backbone.model."
+RUN_FILES = (LAST, BEST, LOG, PLOT)  # what a run writes; --overwrite removes them first
+CHECKPOINT_PATTERN = "*.pth"  # any checkpoint in an output folder marks an earlier run
+ADAMW_MOMENTS = 2  # AdamW keeps two moments per trainable weight in last.pth
+CHECKPOINT_MARGIN_BYTES = 16 * MB  # beside the tensors: pickle headers, the config, the log, the RNG state
+LOG_FILE_BYTES = 1 * MB  # losses.csv and losses.png are each smaller
+# The settings of a run that --resume must find unchanged: the flag that sets each (the field
+# where no flag does). The others may change: --epochs (more to go on), --device, --num_workers,
+# the validation (its folders, --val_image_size, --val_rerank_topk, --patience) and the folder's
+# place (output_dir). The training places are compared too (see _places_record).
+RUN_SETTINGS = {
+    "backbone": "--backbone",
+    "weights": "--weights",
+    "dinov2_weights": "--dinov2_weights",
+    "num_trainable_blocks": "--num_trainable_blocks",
+    "image_size": "--image_size",
+    "places_per_batch": "--places_per_batch",
+    "images_per_place": "--images_per_place",
+    "accumulation_steps": "--accumulation_steps",
+    "lr": "--lr",
+    "weight_decay": "--weight_decay",
+    "lr_end_factor": "lr_end_factor",
+    "decay_iterations": "decay_iterations",
+    "seed": "--seed",
+    "augment": "--recipe/--no_augment (augment)",
+    "normalize_images": "--recipe (normalize_images)",
+    "random_images": "--recipe (random_images)",
+    "shuffle_each_epoch": "--recipe (shuffle_each_epoch)",
+    "resize_mode": "--recipe (resize_mode)",
+    "mixed_precision": "mixed_precision",
+    "loss_weights": "loss_weights",
+}
+PLACES_FLAGS = "--dataset, --data_root, --cities"
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` with settings that differ from those of the run it would continue."""
 
 
 @dataclass
@@ -198,11 +242,14 @@ def validation_recalls(
     return recalls
 
 
-def _write_log(output_dir: Path, rows: list[dict]) -> None:
-    with open(output_dir / LOG, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def _write_log(output_dir: Path, rows: list[dict], advice: str) -> None:
+    """``losses.csv`` (one row per epoch) and its plot ``losses.png``, each written atomically
+    (``advice``: what to do if the disk fills up)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(output_dir / LOG, text.getvalue(), advice)
     figure = Figure(figsize=(7, 4))
     axis = figure.subplots()
     epochs = [row["epoch"] for row in rows]
@@ -215,7 +262,7 @@ def _write_log(output_dir: Path, rows: list[dict]) -> None:
     axis.set_yscale("symlog", linthresh=1e-3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(output_dir / PLOT, dpi=100)
+    atomic_write(output_dir / PLOT, lambda handle: figure.savefig(handle, format="png", dpi=100), advice)
 
 
 def accumulation_divisors(num_batches: int, accumulation_steps: int) -> list[int]:
@@ -228,12 +275,85 @@ def accumulation_divisors(num_batches: int, accumulation_steps: int) -> list[int
     return divisors
 
 
-def save_weights(model: FoLModel, path: Path) -> None:
+def save_weights(model: FoLModel, path: Path, advice: str = "rerun the same command") -> None:
     """The model's weights alone, as the original repository saves them (DataParallel keys under
-    ``model_state_dict``): what ``load_model`` and the torch.hub entrypoints read."""
-    temporary = path.with_name(f"{path.name}.tmp")
-    torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, temporary)
-    temporary.replace(path)
+    ``model_state_dict``): what ``load_model`` and the torch.hub entrypoints read. Written
+    atomically (``advice``: what to do if the disk fills up)."""
+    save_torch(path, {"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, advice)
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes of the elements of ``tensors``."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def checkpoint_writes(model: FoLModel, output_dir: Path, improved: bool) -> list[tuple[Path, float]]:
+    """The files an epoch writes, in order, with their estimated bytes: ``best.pth`` (when the
+    epoch is the best), the loss log and plot, then ``last.pth`` (the weights, AdamW's moments of
+    the trainable ones, and the rest). ``last.pth`` is written last: once it is there, the epoch
+    is finished."""
+    weights = _tensor_bytes(model.state_dict().values())
+    moments = ADAMW_MOMENTS * _tensor_bytes(trainable_parameters(model))
+    best = [(output_dir / BEST, weights + CHECKPOINT_MARGIN_BYTES)] if improved else []
+    logs = [(output_dir / LOG, LOG_FILE_BYTES), (output_dir / PLOT, LOG_FILE_BYTES)]
+    return best + logs + [(output_dir / LAST, weights + moments + CHECKPOINT_MARGIN_BYTES)]
+
+
+def _disk_full_advice(saved_epochs: int) -> str:
+    """What to do when the disk fills up with ``saved_epochs`` epochs in ``last.pth``."""
+    if saved_epochs:
+        return f"rerun with --resume to continue after epoch {saved_epochs}, the last one saved"
+    return "rerun the same command with --overwrite (no epoch was saved)"
+
+
+def _places_record(places: Sequence[Sequence[Path]]) -> dict[str, object]:
+    """What ``--resume`` compares of the training places: how many, the folder their images share,
+    and a digest of their ordered listing (absolute paths)."""
+    listing = [[os.path.abspath(path) for path in place] for place in places]
+    images = [path for place in listing for path in place]
+    return {
+        "places": len(listing),
+        "images": len(images),
+        "root": os.path.commonpath(images) if images else "",
+        "digest": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16],
+    }
+
+
+def _shown(value: object) -> str:
+    """A setting as its flag takes it: sizes as "H W", None as "none"."""
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return " ".join(_shown(item) for item in value)
+    return str(value)
+
+
+def _shown_places(record: dict) -> str:
+    return f"{record['places']} places, {record['images']} images under {record['root']} (listing {record['digest']})"
+
+
+def check_resume_settings(config: TrainConfig, places: dict, checkpoint: dict, last: Path) -> None:
+    """Refuse to resume the run of ``last`` (its ``checkpoint``) with settings of ``config`` or
+    training ``places`` (a :func:`_places_record`) that differ from the run's own.
+
+    Raises:
+        ResumeMismatchError: naming each difference, run's value -> this command's.
+    """
+    saved, current = checkpoint.get("config", {}), json_safe(config)
+    differences = [
+        f"{flag} {_shown(saved[name])} -> {_shown(current[name])}"
+        for name, flag in RUN_SETTINGS.items()
+        if name in saved and saved[name] != current[name]
+    ]
+    if "places" in checkpoint and checkpoint["places"] != places:
+        differences.append(
+            f"the training places ({PLACES_FLAGS}) {_shown_places(checkpoint['places'])} -> {_shown_places(places)}"
+        )
+    if differences:
+        raise ResumeMismatchError(
+            f"--resume: these settings differ from the run in {last}: {', '.join(differences)}; rerun with the "
+            "run's settings, or start a new run in another --output_dir"
+        )
 
 
 def _log_summary(
@@ -289,14 +409,38 @@ class _TrainingForward(torch.nn.Module):
         return self.model.forward_train(images)
 
 
-def _check_run(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool, processes: Processes) -> Path:
-    """Refuse a run that cannot start; returns ``last.pth``."""
+def earlier_run_files(output_dir: Path) -> list[str]:
+    """The names of an earlier run's files in ``output_dir``: its checkpoints, loss log and plot."""
+    if not output_dir.is_dir():
+        return []
+    return sorted({path.name for path in output_dir.glob(CHECKPOINT_PATTERN)} | {
+        name for name in RUN_FILES if (output_dir / name).exists()
+    })
+
+
+def _check_run(
+    config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool, overwrite: bool, processes: Processes
+) -> Path:
+    """Refuse a run that cannot start, then (rank 0) make ``output_dir``, removing an earlier
+    run's files with ``overwrite``; returns ``last.pth``."""
     output_dir = Path(config.output_dir)
     last = output_dir / LAST
-    if last.exists() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --output_dir")
+    if resume and overwrite:
+        raise ValueError(
+            f"give --resume (continue the run in {output_dir}) or --overwrite (start a new one over it), not both"
+        )
+    found = earlier_run_files(output_dir)
+    if found and not (resume or overwrite):
+        resumable = "pass --resume to continue that run, " if LAST in found else ""
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run's files ({', '.join(found)}): {resumable}pass --overwrite to start a "
+            f"new run there (it removes {', '.join(RUN_FILES)} first), or choose another --output_dir"
+        )
     if resume and not last.exists():
-        raise FileNotFoundError(f"--resume: no {last} to continue from")
+        raise FileNotFoundError(
+            f"--resume: no {last} to continue from; start a new run without --resume (with --overwrite where an "
+            "earlier run left files), or in another --output_dir"
+        )
     if len(places) < 2:
         raise ValueError(f"training needs at least 2 places, got {len(places)}")
     if config.places_per_batch > len(places):
@@ -308,6 +452,9 @@ def _check_run(config: TrainConfig, places: Sequence[Sequence[Path]], resume: bo
     processes.barrier()  # every process checked before rank 0 writes anything
     if processes.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (output_dir / name).unlink(missing_ok=True)
     return last
 
 
@@ -351,21 +498,37 @@ def _train_epoch(
 
 
 def train(
-    config: TrainConfig, places: Sequence[Sequence[Path]], resume: bool = False, processes: Processes = SINGLE_PROCESS
+    config: TrainConfig,
+    places: Sequence[Sequence[Path]],
+    resume: bool = False,
+    processes: Processes = SINGLE_PROCESS,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune FoL on ``places`` (image paths per place).
 
     Args:
-        resume: continue from ``output_dir/last.pth``; without it an existing one is an error.
+        resume: continue from ``output_dir/last.pth``, with the run's settings
+            (:data:`RUN_SETTINGS`) and places; without it, an earlier run's files in
+            ``output_dir`` are an error.
         processes: this process's place in a ``torchrun`` run (one process by default): each
             takes its share of every global batch, the losses see the whole batch, and rank 0
             validates and writes the checkpoints.
+        overwrite: start a new run over an earlier one's files (:data:`RUN_FILES` are removed).
 
     Returns:
         {"epochs": per-epoch log rows, "best": path of the best checkpoint or None}.
+
+    Raises:
+        ResumeMismatchError: ``resume`` with settings that differ from the run's.
+        DiskFullError: the disk lacks room for an epoch's files (checked before the first
+            epoch and before each epoch's writes); what is on disk is unchanged.
     """
     output_dir = Path(config.output_dir)
-    last = _check_run(config, places, resume, processes)
+    last = _check_run(config, places, resume, overwrite, processes)
+    places_record = _places_record(places)
+    saved = read_checkpoint(last, "cpu", option="--resume") if resume else None
+    if saved is not None:
+        check_resume_settings(config, places_record, saved, last)
     device = torch.device(processes.device) if processes.distributed else resolve_device(config.device)
     processes = dataclasses.replace(processes, device=str(device))
     _seed_everything(config.seed)
@@ -377,15 +540,20 @@ def train(
         optimizer, start_factor=1.0, end_factor=config.lr_end_factor, total_iters=config.decay_iterations
     )
     start_epoch, rows, best_score, stale = 0, [], -math.inf, 0
-    if resume:
-        checkpoint = read_checkpoint(last, "cpu", option="--resume")
-        model.load_state_dict(checkpoint["model_state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-        start_epoch, rows, best_score = checkpoint["epoch_num"] + 1, checkpoint["log"], checkpoint["best_score"]
-        stale = checkpoint.get("epochs_without_gain", 0)
-        torch.set_rng_state(checkpoint["rng_state"])
-        logger.info("Resuming %s after epoch %d", output_dir, checkpoint["epoch_num"])
+    if saved is not None:
+        model.load_state_dict(saved["model_state_dict"])
+        optimizer.load_state_dict(saved["optimizer_state_dict"])
+        scheduler.load_state_dict(saved["scheduler_state_dict"])
+        start_epoch, rows, best_score = saved["epoch_num"] + 1, saved["log"], saved["best_score"]
+        stale = saved.get("epochs_without_gain", 0)
+        torch.set_rng_state(saved["rng_state"])
+        if start_epoch < config.epochs:  # epochs count from 1 in the log, as in "Epoch 2/3"
+            logger.info("Resuming %s after epoch %d: epoch %d of %d next", output_dir, start_epoch, start_epoch + 1,
+                        config.epochs)
+        else:
+            logger.info("Resuming %s after epoch %d: all %d epochs are done; give a larger --epochs to train on",
+                        output_dir, start_epoch, config.epochs)
+        del saved  # copied into the model and the optimiser: free its tensors
     forward: torch.nn.Module = _TrainingForward(model)
     if processes.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -410,6 +578,7 @@ def train(
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_places, num_workers=config.num_workers)
         if epoch == start_epoch and processes.is_main:
             _log_summary(config, places, model, len(loader), device, processes.world_size)
+            ensure_room(output_dir, checkpoint_writes(model, output_dir, True), _disk_full_advice(epoch))
         model.train()
         generator = torch.Generator().manual_seed(epoch_seed)
         sums, steps = _train_epoch(
@@ -429,6 +598,11 @@ def train(
             score = recalls.get(best_by, -row["loss_total"])
             improved = score > best_score
             best_score, stale = max(best_score, score), 0 if improved else stale + 1
+            advice = _disk_full_advice(epoch)
+            ensure_room(output_dir, checkpoint_writes(model, output_dir, improved), advice)
+            if improved:
+                save_weights(model, output_dir / BEST, advice)
+            _write_log(output_dir, rows, advice)
             checkpoint = {
                 "model_state_dict": model.state_dict(),
                 "optimizer_state_dict": optimizer.state_dict(),
@@ -439,14 +613,10 @@ def train(
                 "best_score": best_score,
                 "epochs_without_gain": stale,
                 "rng_state": torch.get_rng_state(),  # dropout draws continue as without the interruption
-                "config": json.loads(json.dumps(asdict(config), default=str)),
+                "config": json_safe(config),
+                "places": places_record,
             }
-            temporary = output_dir / f"{LAST}.tmp"
-            torch.save(checkpoint, temporary)
-            temporary.replace(last)
-            if improved:
-                save_weights(model, output_dir / BEST)
-            _write_log(output_dir, rows)
+            save_torch(last, checkpoint, advice)
             stop = bool(config.validation and config.patience and stale >= config.patience)
             if stop:
                 logger.info(
