@@ -335,6 +335,7 @@ def fine_tune(args: argparse.Namespace) -> None:
         accumulation_steps=args.accumulation_steps, seed=args.seed, device=args.device, num_workers=args.num_workers,
         validation=validation, validation_rerank_topk=args.val_rerank_topk,
         validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
+        max_image_pixels=args.max_image_pixels,
     )
     check_image_size(config.image_size)
     processes = _join(args, str(resolve_device(args.device)))

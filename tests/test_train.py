@@ -490,3 +490,9 @@ def test_a_global_batch_splits_evenly_between_processes():
     assert shares == [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]  # the last batch of 2 kept, split 1 + 1
     with pytest.raises(ValueError, match="--places_per_batch 5 must be a multiple of the 2 processes"):
         loop.place_batches(10, 5, Processes(0, 2), None, False)
+
+
+def test_training_images_over_the_pixel_limit_are_refused(four_places, tmp_path, tiny_cli_model, caplog):
+    """--max_image_pixels reaches the training images (checked from their headers)."""
+    assert cli.main(train_arguments(four_places, tmp_path / "run", "--max_image_pixels", "100")) == cli.USER_ERROR_EXIT
+    assert re.search(r"image .* is \d+x\d+ \([\d,]+ pixels\), more than --max_image_pixels 100", last_error(caplog))

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_model, read_checkpoint, resolve_device
 from ..data.datasets import ImageSet, find_positives
+from ..data.loader import worker_loader
 from ..data.places import PlaceDataset, collate_places
 from ..distributed import SINGLE_PROCESS, Processes
 from ..evaluation.recalls import compute_recalls
@@ -46,6 +47,7 @@ from ..models import GLOBAL_DIM, FoLModel, ViTConfig
 from ..models.fol import TrainingOutputs
 from ..options import (
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_TOP_K,
     IMAGES_PER_PLACE,
     TRAIN_ACCUMULATION_STEPS,
@@ -143,6 +145,7 @@ class TrainConfig:
         patience: with validation, stop after this many epochs without a better R@5 (0: never
             stop early).
         loss_weights: the weights of :func:`fol_loss`.
+        max_image_pixels: images declaring more pixels are refused before decoding (None: no limit).
     """
 
     output_dir: Path
@@ -173,6 +176,7 @@ class TrainConfig:
     validation_image_size: tuple[int, int] | None = None
     patience: int = TRAIN_PATIENCE
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
 # The defaults of TrainConfig are the original's recipe ("paper"); "improved" is ours: each field
@@ -560,11 +564,11 @@ def train(
         forward = DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=True)
     dataset = PlaceDataset(
         places, config.image_size, config.images_per_place, config.augment, config.resize_mode,
-        config.normalize_images, config.random_images, config.seed,
+        config.normalize_images, config.random_images, config.seed, config.max_image_pixels,
     )  # fmt: skip
     extraction = ExtractionConfig(
         config.validation_image_size or config.image_size, batch_size=config.places_per_batch, num_workers=0,
-        device=str(device), progress=False,
+        device=str(device), progress=False, max_image_pixels=config.max_image_pixels,
     )
     best_by = f"{RERANKED if config.validation_rerank_topk else ''}R@{BEST_BY}"
     scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision and device.type == "cuda")
@@ -575,7 +579,7 @@ def train(
             len(places), config.places_per_batch, processes, epoch_seed if config.shuffle_each_epoch else None,
             drop_last=config.shuffle_each_epoch,
         )
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_places, num_workers=config.num_workers)
+        loader = worker_loader(dataset, config.num_workers, batch_sampler=batches, collate_fn=collate_places)
         if epoch == start_epoch and processes.is_main:
             _log_summary(config, places, model, len(loader), device, processes.world_size)
             ensure_room(output_dir, checkpoint_writes(model, output_dir, True), _disk_full_advice(epoch))
