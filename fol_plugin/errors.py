@@ -15,5 +15,7 @@ def user_message(error: BaseException) -> str:
     message = str(error)
     if WORKER_TRACEBACK in message:
         last = message.strip().splitlines()[-1]
-        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
+        names = {type(error).__name__, f"{type(error).__module__}.{type(error).__qualname__}"}
+        kind, separator, rest = last.partition(": ")
+        return rest if separator and kind in names else last
     return message
