@@ -21,6 +21,7 @@ from .options import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_POSITIVE_DISTANCE,
     DEFAULT_RECALL_VALUES,
+    DEFAULT_RERANK_FRACTION,
     DEFAULT_SEARCH_CHUNK,
     DEFAULT_TOP_K,
     EXTRACTION_PRECISIONS,
@@ -85,6 +86,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
     return value
 
 
@@ -161,6 +169,11 @@ def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_
         + ", ".join(MATCHERS),
     )
     rerank.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
+    rerank.add_argument(
+        "--rerank_fraction", type=_fraction, default=DEFAULT_RERANK_FRACTION, metavar="F",
+        help="re-rank only the share F of queries whose global top-1 is least confident (largest distance); the "
+        "others keep their global order (README: Adaptive re-ranking)",
+    )
     rerank.add_argument(
         "--store_dtype", choices=STORE_DTYPES, default="float32",
         help="local features on disk; float16 halves the disk but scores may differ from the original's",
@@ -395,6 +408,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         ),
         recall_values=tuple(args.recall_values),
         rerank_topk=args.rerank_topk,
+        rerank_fraction=args.rerank_fraction,
         scorer=ScorerConfig(args.rerank_scorer, args.ransac_model),
         store_dtype=args.store_dtype,
         in_memory=args.in_memory,
@@ -407,8 +421,9 @@ def _run_options(args: argparse.Namespace) -> dict:
     )
 
 
-def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]:
-    """Per query set, in the order of ``--queries_folder``, the [Q, K] predictions given to ``fol-vpr rerank``."""
+def load_given_predictions(args: argparse.Namespace, k: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Per query set, in the order of ``--queries_folder``, the [Q, K] predictions given to ``fol-vpr rerank``,
+    and their [Q, K] distances when descriptors were given (else None)."""
     import numpy as np
 
     from .data.datasets import list_images
@@ -428,7 +443,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
                 f"{args.database_descriptors} is {database.shape}, but {args.database_folder} has {len(database_paths)} "
                 f"images: expected [{len(database_paths)}, D]"
             )
-        predictions = []
+        predictions, distances = [], []
         for folder, path in zip(args.queries_folders, args.queries_descriptors):
             queries = np.load(path)
             num_queries = len(list_images(folder, args.allow_outside_paths))
@@ -437,8 +452,10 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
                     f"{path} is {queries.shape}, expected [{num_queries}, {database.shape[1]}] ({folder} has {num_queries} "
                     f"images; the database descriptors have dimension {database.shape[1]})"
                 )
-            predictions.append(exact_search(database, queries, min(k, len(database)))[1])
-        return predictions
+            found_distances, found = exact_search(database, queries, min(k, len(database)))
+            predictions.append(found)
+            distances.append(found_distances)
+        return predictions, distances
     if len(args.predictions) != num_sets:
         raise ValueError(f"give one --predictions per --queries_folder ({num_sets}), got {len(args.predictions)}")
     predictions = []
@@ -450,7 +467,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> list[np.ndarray]
             predictions.append(np.load(source))
         else:
             raise FileNotFoundError(f"--predictions {source}: expected a preds/ folder of .txt files or a .npy file")
-    return predictions
+    return predictions, None
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -472,8 +489,8 @@ def evaluate(args: argparse.Namespace) -> None:
         if args.command == "eval":
             summary = run_eval(config, processes)
         else:
-            predictions = load_given_predictions(args, max(config.rerank_topk, max(config.recall_values)))
-            summary = run_rerank(config, predictions, processes)
+            predictions, distances = load_given_predictions(args, max(config.rerank_topk, max(config.recall_values)))
+            summary = run_rerank(config, predictions, processes, distances)
     except KeyboardInterrupt:
         logger.error("Interrupted: finished work is kept in %s/cache; rerun the same command to resume", config.output_dir)
         raise

@@ -308,7 +308,8 @@ def test_rows_take_each_number_from_its_place(tmp_path):
     recalls = {
         "query_sets": {
             "queries_v1": {"global": {"R@1": 90.0, "R@5": 94.0, "R@10": 95.0}, "reranked": {"R@1": 96.0, "R@5": 97.0, "R@10": 98.0}},
-            "queries_night": {"global": {"R@1": 61.0, "R@5": 70.0, "R@10": 72.0}, "reranked": {"R@1": 55.0, "R@5": 71.0, "R@10": 80.0}},
+            "queries_night": {"global": {"R@1": 61.0, "R@5": 70.0, "R@10": 72.0}, "reranked": {"R@1": 55.0, "R@5": 71.0, "R@10": 80.0},
+                              "confidence": {"global_ap": 0.8125, "reranked_ap": None, "undefined": {"reranked_ap": "every top-1 is right"}}},
         },
         "timings_s": {"features_queries_v1": 2.0, "features_queries_night": 1.0, "global_search": 5.0,
                       "rerank_queries_v1": 8.0, "rerank_queries_night": 3.0, "features_database_global": 30.0,
@@ -327,11 +328,13 @@ def test_rows_take_each_number_from_its_place(tmp_path):
     assert (v1["ms_per_query_features"], v1["ms_per_query_search"], v1["ms_per_query_rerank"]) == (50.0, 100.0, 200.0)
     assert (night["ms_per_query_features"], night["ms_per_query_rerank"]) == (100.0, 300.0)
     assert v1["database_features_s"] == 34.5 and v1["peak_memory_mb"] == 321.0 and v1["status"] == "ok"
+    assert (night["global_ap"], night["reranked_ap"], night["reranked_ap_undefined"]) == (0.8125, None, "every top-1 is right")
+    assert v1["global_ap"] is None and v1["global_ap_undefined"] is None  # a run without a confidence record
     tex = latex(meta, rows)
     assert r"SF-XL-testv1 & 90.0 & 94.0 & 95.0 & \textbf{96.0} & 97.0 & 98.0 \\" in tex
     assert r"SF-XL-night & \textbf{61.0} & 70.0 & 72.0 & 55.0 & 71.0 & 80.0 \\" in tex
     assert "| SF_XL | SF_XL_night | 1,000 | 10 | 61.0 70.0 72.0 | 55.0 71.0 80.0 | 53.4 65.9 71.7 | 60.5 72.8 75.8 | " \
-        "+7.6 / -5.5 | 100.0 / 100.0 / 300.0 | 34.5 | 321 | ok |" in markdown(meta, rows)
+        "+7.6 / -5.5 | 0.812 / every top-1 is right | 100.0 / 100.0 / 300.0 | 34.5 | 321 | ok |" in markdown(meta, rows)
     # A dataset without labels (MSLS-challenge) has rows without recalls, marked.
     record["datasets"]["SF_XL"]["labelled"] = False
     for results in recalls["query_sets"].values():

@@ -91,9 +91,16 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     """Every selected dataset found and counted, before any extraction.
 
     Raises:
-        ValueError: a dataset name that is not a plain folder name; else listing every missing
-            folder, and every count mismatch unless ``allow_mismatch``.
+        ValueError: ``--rerank_fraction`` below 1 with ``predictions_dir``; a dataset name that is
+            not a plain folder name; else listing every missing folder, and every count mismatch
+            unless ``allow_mismatch``.
     """
+    if config.predictions_dir is not None and config.options.get("rerank_fraction", 1.0) < 1:
+        raise ValueError(
+            f"--rerank_fraction {config.options['rerank_fraction']} re-ranks the queries whose global top-1 is least "
+            "confident, which needs global distances, and --predictions_dir gives predictions without them: drop "
+            "--rerank_fraction, or benchmark FoL end to end"
+        )
     selection = select(config.dataset_names, config.registry, config.datasets_folder)
     unsafe = [problem for spec, _ in selection if (problem := _name_problem(spec.name))]
     if unsafe:

@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
 from ..files import read_json, write_json, write_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
@@ -36,6 +37,14 @@ def _recall_fields(prefix: str, values: dict | tuple | None) -> dict:
     if isinstance(values, tuple):
         values = {f"R@{n}": v for n, v in zip(PUBLISHED_RECALL_VALUES, values)}
     return {f"{prefix}_R@{n}": None if values is None else values.get(f"R@{n}") for n in PUBLISHED_RECALL_VALUES}
+
+
+def _ap_fields(confidence: dict | None) -> dict:
+    """``{stage}_ap`` and ``{stage}_ap_undefined`` (why it is undefined) of a query set's confidence."""
+    fields = {}
+    for stage in STAGES:
+        fields[f"{stage}_ap"], fields[f"{stage}_ap_undefined"] = stage_ap(confidence, stage)
+    return fields
 
 
 def _per_query_ms(timings: dict, stage: str, count: int) -> float | None:
@@ -124,6 +133,7 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                 **_recall_fields("reranked", results.get("reranked")),
                 **_recall_fields("published_global", published[0] if published else None),
                 **_recall_fields("published_reranked", published[1] if published else None),
+                **_ap_fields(results.get("confidence")),
                 "ms_per_query_features": _per_query_ms(timings, f"features_{key}", count),
                 "ms_per_query_search": _per_query_ms(timings, "global_search", total_queries),
                 "ms_per_query_rerank": _per_query_ms(timings, f"rerank_{key}", count),
@@ -184,7 +194,8 @@ def protocol_differences(meta: dict) -> list[str]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    """The Markdown table: recalls as "R@1 R@5 R@10", the published ones and the R@1 differences."""
+    """The Markdown table: recalls as "R@1 R@5 R@10", the published ones, the R@1 differences and
+    the confidence APs."""
     published = meta["published"] or "none for this backbone and image size" + (
         "" if meta["method"] == "FoL" else " (another method's retrieval)"
     )
@@ -192,18 +203,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         published += "; this run differs from their protocol in " + ", ".join(protocol_differences(meta))
     header = [
         "Dataset", "Query set", "#db", "#queries", "Global R@1 R@5 R@10", "Re-ranked R@1 R@5 R@10",
-        "Published global", "Published re-ranked", "ΔR@1 global / re-ranked", "ms/query features / search / re-rank",
+        "Published global", "Published re-ranked", "ΔR@1 global / re-ranked", "AP global / re-ranked",
+        "ms/query features / search / re-rank",
         "DB features (s)", "Peak RAM (MB)", "Status",
     ]  # fmt: skip
     lines = [f"**{_title(meta)}**", "", f"Published: {published}.", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 10 + ["---"]) + "|")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 11 + ["---"]) + "|")
     for row in rows:
         times = " / ".join(_number(row[f"ms_per_query_{s}"]) for s in ("features", "search", "rerank"))
         differences = " / ".join(_number(row[f"diff_{s}_R@1"], signed=True) for s in STAGES)
+        aps = " / ".join(ap_text(row[f"{s}_ap"], row[f"{s}_ap_undefined"]) for s in STAGES)
         cells = [
             row["dataset"], row["query_set"], _number(row["num_database"], 0), _number(row["num_queries"], 0),
             _triple(row, "global"), _triple(row, "reranked"), _triple(row, "published_global"),
-            _triple(row, "published_reranked"), differences, times, _number(row["database_features_s"]),
+            _triple(row, "published_reranked"), differences, aps, times, _number(row["database_features_s"]),
             _number(row["peak_memory_mb"], 0), row["status"].replace("|", "/"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -13,7 +13,7 @@ from ..cache.run_cache import CACHE_FOLDER, LOCK_FILE
 from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
 from ..features import ExtractionConfig, check_image_size
 from ..matching import ScorerConfig
-from ..options import GLOBAL_DTYPES
+from ..options import DEFAULT_RERANK_FRACTION, GLOBAL_DTYPES
 from ..rerank import DEFAULT_TOP_K
 from ..retrieval import DEFAULT_SEARCH_CHUNK
 from .recalls import DEFAULT_RECALL_VALUES
@@ -42,6 +42,8 @@ class EvalConfig:
         positive_dist_threshold: metres within which a database image is correct.
         labelled: read UTM labels from file names and compute recalls.
         rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
+        rerank_fraction: the share of queries re-ranked, those of lowest global confidence
+            (:mod:`.confidence`); the others keep their global order. 1: all.
         scorer: the re-ranking score: FoL's (default), or matches / RANSAC inliers of a matcher.
         store_dtype: local-feature store precision ("float32" reproduces the original's scores).
         in_memory: hold all database local features in RAM, as the original's default mode.
@@ -64,6 +66,7 @@ class EvalConfig:
     positive_dist_threshold: float = DEFAULT_POSITIVE_DISTANCE
     labelled: bool = True
     rerank_topk: int = DEFAULT_TOP_K
+    rerank_fraction: float = DEFAULT_RERANK_FRACTION
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     store_dtype: str = "float32"
     in_memory: bool = False
@@ -84,8 +87,9 @@ class QuerySet:
     positives: list[np.ndarray] | None = None
     global_predictions: np.ndarray | None = None
     global_distances: np.ndarray | None = None
-    scores: np.ndarray | None = None
+    scores: np.ndarray | None = None  # [Q, k] in the global order; NaN rows for queries not re-ranked
     reranked: np.ndarray | None = None
+    selected: np.ndarray | None = None  # the queries re-ranked (sorted) under --rerank_fraction; None: all
 
 
 def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
@@ -149,6 +153,13 @@ def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
     check_image_size(config.extraction.image_size)
     if config.rerank_topk < 0:
         raise ValueError(f"--rerank_topk {config.rerank_topk} must be 0 (no re-ranking) or positive")
+    if not 0 <= config.rerank_fraction <= 1:
+        raise ValueError(f"--rerank_fraction {config.rerank_fraction} must be between 0 and 1 (the share re-ranked)")
+    if config.rerank_fraction < 1 and not config.rerank_topk:
+        raise ValueError(
+            f"--rerank_fraction {config.rerank_fraction} chooses the queries to re-rank, but --rerank_topk 0 re-ranks none: "
+            "give --rerank_topk > 0 or drop --rerank_fraction"
+        )
     if config.weights is None:
         raise ValueError("evaluation needs FoL weights: --weights auto (the published checkpoint) or a .pth file")
     if config.global_dtype not in GLOBAL_DTYPES:

@@ -20,6 +20,7 @@ from ..data import load_image
 from ..data.datasets import ImageSet
 from ..files import save_npy, write_json, write_text
 from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .recalls import compute_recalls
 
@@ -43,7 +44,8 @@ def write_predictions_csv(
     positives: Sequence[np.ndarray] | None,
 ) -> None:
     """One row per query and rank of the final order: the database image, its global rank and
-    distance, its FoL score (empty past the re-ranked candidates) and whether it is a positive;
+    distance, its FoL score (empty past the re-ranked candidates, and for a query not re-ranked:
+    a NaN row of ``scores``) and whether it is a positive;
     written atomically, any file name quoted as CSV does."""
     table = io.StringIO(newline="")
     writer = csv.writer(table)
@@ -63,7 +65,7 @@ def write_predictions_csv(
                 database_paths[i],
                 g,
                 "" if global_distances is None else f"{global_distances[q, g]:.6g}",
-                "" if scores is None or g >= scores.shape[1] else int(scores[q, g]),
+                "" if scores is None or g >= scores.shape[1] or np.isnan(scores[q, g]) else int(scores[q, g]),
                 "" if positives is None else int(np.isin(i, positives[q])),
             ])
     write_text(path, table.getvalue())
@@ -197,8 +199,8 @@ def scores_in_order(predictions: np.ndarray, global_predictions: np.ndarray, sco
 
 
 def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
-    """Predictions, CSV, preds files and figures per query set, and ``recalls.json`` (written
-    last, atomically and durably); returns its summary."""
+    """Predictions, CSV, preds files, figures and ``confidence.json`` per query set, and
+    ``recalls.json`` (written last, atomically and durably); returns its summary."""
     output_dir = config.output_dir
     summary = {"config": json_config(config), "query_sets": {}, "timings_s": timings, **extra}
     for query_set in query_sets:
@@ -240,6 +242,11 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
             "global": _recalls(config, query_set, query_set.global_predictions),
             "reranked": _recalls(config, query_set, query_set.reranked),
         }
+        if query_set.selected is not None:
+            summary["query_sets"][query_set.key]["rerank_selection"] = selection_record(query_set, config.rerank_fraction)
+        summary["query_sets"][query_set.key]["confidence"], points = assess(query_set)
+        if points is not None:
+            write_json(folder / CONFIDENCE_FILE, points)
         for stage in ("global", "reranked"):
             if summary["query_sets"][query_set.key][stage]:
                 logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])

@@ -23,10 +23,11 @@ from ..features import LocalFeatureStore
 from ..features.extract import FeatureStore
 from ..models import FoLModel
 from . import stages
+from .confidence import global_confidence, num_reranked, select_queries
 from .config import DATABASE_DESCRIPTORS_FILE, EvalConfig, QuerySet, check_predictions, num_predictions, prepare
 from .outputs import keep_descriptors, write_run_outputs
 from .resources import MB
-from .workspace import num_queries, open_workspace
+from .workspace import open_workspace
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,35 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def _candidate_ids(query_sets: list[QuerySet], top_k: int) -> np.ndarray:
-    """The database images among any query's first ``top_k`` predictions, sorted."""
-    return np.unique(np.concatenate([query_set.global_predictions[:, :top_k].ravel() for query_set in query_sets]))
+    """The database images among the first ``top_k`` predictions of any query to re-rank, sorted."""
+    rows = [s.global_predictions if s.selected is None else s.global_predictions[s.selected] for s in query_sets]
+    return np.unique(np.concatenate([predictions[:, :top_k].ravel() for predictions in rows]))
+
+
+def _select(config: EvalConfig, query_sets: list[QuerySet]) -> None:
+    """``--rerank_fraction`` below 1: set each query set's queries to re-rank, those of lowest
+    global confidence (:mod:`.confidence`)."""
+    if config.rerank_fraction >= 1:
+        return
+    for query_set in query_sets:
+        if query_set.global_distances is None:
+            raise ValueError(
+                f"--rerank_fraction {config.rerank_fraction} re-ranks the queries whose global top-1 is least confident, "
+                "which needs the global distances: give --database_descriptors and --queries_descriptors instead of "
+                "--predictions, or drop --rerank_fraction"
+            )
+        query_set.selected = select_queries(global_confidence(query_set.global_distances), config.rerank_fraction)
+        logger.info(
+            "%s: re-ranking the %d of %d queries of lowest global confidence (--rerank_fraction %g)",
+            query_set.key, len(query_set.selected), len(query_set.images), config.rerank_fraction,
+        )
 
 
 def _extract_queries(
     config: EvalConfig, processes: Processes, model: FoLModel, cache: Path, query_set: QuerySet, need_global: bool
 ) -> tuple[np.ndarray | None, FeatureStore | None]:
-    """A query set's global descriptors [Q, 8448] (when ``need_global``) and local features."""
+    """A query set's global descriptors [Q, 8448] (when ``need_global``: local features of every
+    query come with them) and local features (else of the queries to re-rank only)."""
     paths, folder = query_set.images.paths, cache / query_set.key
     local = stages.open_local(config, processes, folder / "local", len(paths)) if config.rerank_topk else None
     descriptors = None
@@ -58,9 +80,8 @@ def _extract_queries(
             ).array
         )
     elif local is not None:
-        stages.extract_local_part(
-            config, processes, model, paths, np.arange(len(paths)), local, f"Queries {query_set.key} (local)"
-        )
+        ids = np.arange(len(paths)) if query_set.selected is None else query_set.selected
+        stages.extract_local_part(config, processes, model, paths, ids, local, f"Queries {query_set.key} (local)")
     return descriptors, local
 
 
@@ -143,7 +164,8 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
             database_local = stages.open_local(config, processes, cache / "database_local", len(database))
         # Local features in the global pass when every database image may be a candidate (or they
         # are held in RAM anyway); else a second pass over the candidates only.
-        single_pass = config.in_memory or num_queries(query_sets) * min(config.rerank_topk, k) >= len(database)
+        reranked = sum(num_reranked(len(query_set.images), config.rerank_fraction) for query_set in query_sets)
+        single_pass = config.in_memory or reranked * min(config.rerank_topk, k) >= len(database)
         database_file = cache / _database_file(config)
         with _timed(timings, "features_database_global"):
             stages.extract_global_part(
@@ -154,6 +176,7 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
             _search(config, processes, database_file, query_sets, query_global, k)
         extra = {}
         if config.rerank_topk:
+            _select(config, query_sets)
             extra = _rerank(
                 config, processes, model, cache, database.paths, query_sets, query_local, database_local, timings
             )
@@ -167,13 +190,20 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
             )
 
 
-def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Processes = SINGLE_PROCESS) -> dict:
+def run_rerank(
+    config: EvalConfig,
+    predictions: list[np.ndarray],
+    processes: Processes = SINGLE_PROCESS,
+    distances: list[np.ndarray] | None = None,
+) -> dict:
     """``fol-vpr rerank``: FoL re-ranking of another method's predictions.
 
     Args:
         predictions: per query folder of ``config.queries_folders``, in order, [Q, K] database
             indices, best first.
         processes: this process's place in a distributed run (a single process by default).
+        distances: the method's [Q, K] distances of those predictions, ascending, when known (it
+            gave descriptors): they are the global confidence (``--rerank_fraction``, AP).
 
     Returns:
         The summary written to ``recalls.json`` (recalls before and after re-ranking); empty on
@@ -185,10 +215,18 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Pro
     database, query_sets = prepare(config)
     if len(predictions) != len(query_sets):
         raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
-    for query_set, given in zip(query_sets, predictions):
+    for index, (query_set, given) in enumerate(zip(query_sets, predictions)):
         query_set.global_predictions = check_predictions(
             given, len(query_set.images), len(database), f"the predictions for {query_set.images.folder}"
         )
+        if distances is not None:
+            if np.shape(distances[index]) != query_set.global_predictions.shape:
+                raise ValueError(
+                    f"the distances for {query_set.images.folder} are {np.shape(distances[index])}, but its predictions "
+                    f"are {query_set.global_predictions.shape}"
+                )
+            query_set.global_distances = np.asarray(distances[index], dtype=np.float32)
+    _select(config, query_sets)
     k = max(s.global_predictions.shape[1] for s in query_sets)
     with open_workspace(config, processes, database, query_sets, k, global_retrieval=False) as (cache, weights, inputs):
         with _timed(timings, "load_model"):

@@ -92,19 +92,21 @@ def project(
 ) -> dict:
     """Projected seconds per stage, disk and RAM per process of a run of these sizes.
 
-    Database local features are counted for at most ``num_queries x top_k`` candidates (fewer
-    when candidates are shared; none when the database pass extracts them, as the run does when
-    the candidates may cover the database), re-ranking for every query's ``top_k`` candidates.
+    Database local features are counted for at most ``reranked x top_k`` candidates (fewer when
+    candidates are shared; none when the database pass extracts them, as the run does when the
+    candidates may cover the database), re-ranking for the ``top_k`` candidates of each of the
+    ``reranked`` queries: all of them, or their ``--rerank_fraction``.
     """
     top_k = config.rerank_topk if top_k is None else top_k
-    candidates = min(num_database, num_queries * top_k) if config.rerank_topk else 0
-    single_pass = global_retrieval and (config.in_memory or num_queries * top_k >= num_database)
+    reranked = num_queries * config.rerank_fraction
+    candidates = min(num_database, reranked * top_k) if config.rerank_topk else 0
+    single_pass = global_retrieval and (config.in_memory or reranked * top_k >= num_database)
     seconds = {
         "queries (global + local)": num_queries * costs.image,
         "database global": num_database * costs.image if global_retrieval else 0.0,
         "global search": num_queries * num_database * costs.distance if global_retrieval else 0.0,
         "candidates' local features (at most)": 0.0 if single_pass else candidates * costs.image,
-        "re-ranking": num_queries * top_k * costs.pair if config.rerank_topk else 0.0,
+        "re-ranking": reranked * top_k * costs.pair if config.rerank_topk else 0.0,
     }
     seconds = {stage: value / processes for stage, value in seconds.items()}
     resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)

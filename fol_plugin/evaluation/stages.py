@@ -13,7 +13,7 @@ commit log, and a barrier ends every stage before anyone reads what the others w
   lower index), as one process searching chunk by chunk;
 - candidates' local features: the missing ids split across processes, once every process has
   indexed the same entries of the store (between two barriers, while nobody writes);
-- re-ranking: queries split across processes.
+- re-ranking: queries split across processes (only those selected by ``--rerank_fraction``).
 """
 
 from __future__ import annotations
@@ -132,7 +132,10 @@ def rerank(
     database_local: FeatureStore,
 ) -> None:
     """FoL scores of each query's candidates (or another scorer's), queries split across the
-    processes; sets ``query_set.scores`` and ``query_set.reranked`` on every process."""
+    processes; sets ``query_set.scores`` and ``query_set.reranked`` on every process. Only the
+    queries of ``query_set.selected`` (all when None) are scored: the others keep their global
+    order and NaN scores. Scores are cached per query, so a rerun with another selection reuses
+    those computed."""
     top_k = min(config.rerank_topk, query_set.global_predictions.shape[1])
     local_dtype = "float32" if config.in_memory else config.store_dtype
     # Scores already computed are reused only for the same candidates, scorer and features.
@@ -156,17 +159,21 @@ def rerank(
         def pair_scorer(q: int, i: int) -> float:
             return score_pair(query_features(q), LocalFeatures(database_local.keypoints(i), database_local[i]))
 
+    selected = np.arange(len(query_set.images)) if query_set.selected is None else query_set.selected
+    chosen = set(selected.tolist())
     score_candidates(
         query_set.global_predictions,
         query_local,
         database_local,
         top_k,
         device=config.extraction.device,
-        queries=[q for rows in scores.todo() for q in rows],
+        queries=[q for rows in scores.todo() for q in rows if q in chosen],
         on_query_done=lambda q, row: scores.write(q, row[None]),
         progress=config.extraction.progress,
         pair_scorer=pair_scorer,
     )
     processes.barrier()
-    query_set.scores = np.array(scores.array)
-    query_set.reranked = order_by_scores(query_set.global_predictions, query_set.scores)
+    query_set.scores = np.full(scores.shape, np.nan, scores.dtype)
+    query_set.scores[selected] = scores.array[selected]
+    query_set.reranked = query_set.global_predictions.copy()
+    query_set.reranked[selected] = order_by_scores(query_set.global_predictions[selected], query_set.scores[selected])
