@@ -29,6 +29,8 @@ from .options import (
     GLOBAL_DTYPES,
     IMAGES_PER_PLACE,
     MATCHERS,
+    REPORT_MAX_QUERIES,
+    REPORT_MAX_SIZE_MB,
     RESIZE_MODES,
     SCORERS,
     STORE_DTYPES,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 
     from .distributed import Processes
     from .evaluation.config import EvalConfig
+    from .report import ReportOptions
 
 # Only argparse and .options are imported up front, so `fol-vpr --help` answers at once; each
 # command imports what it runs.
@@ -86,6 +89,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
     return value
 
 
@@ -209,6 +219,9 @@ def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_
     )
     output.add_argument("--save_descriptors", action="store_true", help="keep the global descriptors as .npy")
     output.add_argument("--keep_cache", action="store_true", help="keep <output_dir>/cache after success")
+    output.add_argument(
+        "--report", action="store_true", help="write <output_dir>/report.html at the end (as fol-vpr report does)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "losses.png are removed first)",
     )
     _add_dist_timeout(fit)
+    _add_report_command(command("report", "a finished eval, rerank or benchmark folder as one self-contained HTML file"))
     show = command("visualize", "FoL's regions and matches on two images, as one PNG")
     show.add_argument("--query", type=Path, required=True)
     show.add_argument("--database", type=Path, required=True)
@@ -317,6 +331,57 @@ def build_parser() -> argparse.ArgumentParser:
     for subparser in commands.choices.values():
         _show_defaults(subparser)
     return parser
+
+
+def _add_report_command(parser: argparse.ArgumentParser) -> None:
+    """``fol-vpr report RUN_DIR``: its options (README: See and judge the re-ranking)."""
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --output_dir of a finished eval, rerank or benchmark")
+    parser.add_argument(
+        "--max_queries", type=_positive_int, default=REPORT_MAX_QUERIES,
+        help="queries shown per query set at most, changed ones first",
+    )
+    parser.add_argument(
+        "--max_size_mb", type=_positive_float, default=REPORT_MAX_SIZE_MB,
+        help="the file's size at most (MB = 10^6 bytes); queries beyond are left out",
+    )
+    parser.add_argument(
+        "--matches", type=_non_negative_int, default=0, metavar="N",
+        help="FoL's match figure (query vs re-ranked top-1) for N queries per query set, changed ones first; loads "
+        "the run's model",
+    )
+    parser.add_argument("--weights", default=None, help="checkpoint for --matches (default: the run's, from recalls.json)")
+    parser.add_argument("--device", default=None, help="where --matches runs the model (default: cuda when available)")
+    parser.add_argument(
+        "--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="PIXELS",
+        help="images that declare more pixels are not read",
+    )
+
+
+def report(args: argparse.Namespace) -> None:
+    """``fol-vpr report``: write ``RUN_DIR/report.html`` and print where, and its size."""
+    from .report import ReportOptions
+
+    options = ReportOptions(
+        max_queries=args.max_queries, max_size_mb=args.max_size_mb, matches=args.matches, weights=args.weights,
+        device=args.device, max_image_pixels=args.max_image_pixels,
+    )
+    _write_report(args.run_dir, options)
+
+
+def _report_at_end(args: argparse.Namespace, output_dir: Path) -> None:
+    """``--report``: the run's report, with the run's image limit."""
+    if args.report:
+        from .report import ReportOptions
+
+        _write_report(output_dir, ReportOptions(max_image_pixels=args.max_image_pixels))
+
+
+def _write_report(run_dir: Path, options: ReportOptions) -> None:
+    from .files import MB
+    from .report import write_report
+
+    path = write_report(run_dir, options)
+    print(f"Report: {path} ({path.stat().st_size / MB:.1f} MB)")
 
 
 def fine_tune(args: argparse.Namespace) -> None:
@@ -502,6 +567,7 @@ def evaluate(args: argparse.Namespace) -> None:
             if results[stage]:
                 print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
     print(f"Results in {config.output_dir}")
+    _report_at_end(args, config.output_dir)
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -546,6 +612,7 @@ def benchmark(args: argparse.Namespace) -> int:
     if not processes.is_main:
         return 0
     print((args.output_dir / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.output_dir}/{RESULTS_STEM}.*")
+    _report_at_end(args, args.output_dir)
     failed = failure_summary(rows, args.output_dir)
     if failed:
         logger.error("%s", failed)
@@ -605,7 +672,9 @@ def _record_for_torchrun(error: BaseException) -> None:
 
 
 # Each command returns None or 0 (success), or its exit code.
-COMMANDS = {"eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize}
+COMMANDS = {
+    "eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize, "report": report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

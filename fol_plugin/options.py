@@ -29,6 +29,9 @@ GEOMETRIC_MODELS = ("homography", "fundamental")
 MAX_DEFAULT_WORKERS = 4
 DEFAULT_SEARCH_CHUNK = 65536  # database rows per faiss index
 DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run waits at a barrier
+# fol-vpr report (fol_plugin.report.html)
+REPORT_MAX_QUERIES = 1000  # per query set
+REPORT_MAX_SIZE_MB = 20.0
 
 # fol-vpr train (fol_plugin.train.loop.TrainConfig)
 TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.loop.RECIPES

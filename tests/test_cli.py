@@ -57,7 +57,7 @@ def test_image_bomb_is_refused_from_its_header(labelled_set, tiny_weights, tmp_p
 
 
 def test_max_image_pixels_is_in_every_commands_help():
-    for command in ("eval", "rerank", "benchmark", "train", "visualize"):
+    for command in ("eval", "rerank", "benchmark", "train", "visualize", "report"):
         result = run_cli(["-m", "fol_plugin", command, "--help"])
         assert "--max_image_pixels PIXELS" in result.stdout and "134217728" in result.stdout, command
 
