@@ -11,10 +11,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from .data import load_image, preprocess
+from .data.images import network_size
 from .matching import LocalFeatures, match, verify
 from .matching.features import in_image_pixels
 from .models import FoLModel
-from .options import DEFAULT_MAX_IMAGE_PIXELS
+from .options import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_IMAGE_PIXELS
 
 PANEL_INCHES = 5.0
 REGION_ALPHA = 0.45
@@ -41,7 +42,7 @@ class PairResult:
 def match_pair(
     model: FoLModel,
     paths: tuple[str | os.PathLike, str | os.PathLike],
-    image_size: tuple[int, int] = (322, 322),
+    image_size: tuple[int, int] | tuple[int] = DEFAULT_IMAGE_SIZE,
     resize_mode: str = "original",
     matcher: str = "fol",
     ransac_model: str = "homography",
@@ -54,23 +55,35 @@ def match_pair(
 
     Returns:
         the two original images [3, H_i, W_i] in [0, 1] (keypoints are in their pixels), the
-        selection scores [2, h, w], and the :class:`PairResult`.
+        the two selection scores [h_i, w_i], and the :class:`PairResult`.
     """
     images = [load_image(path, max_image_pixels) for path in paths]
     device = next(model.parameters()).device
-    inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in images]).to(device)
-    features = model.extract(inputs)
+    sizes = [network_size(image_size, *image.shape[-2:]) for image in images]
+    inputs = [preprocess(image, size, resize_mode).to(device) for image, size in zip(images, sizes)]
+    if sizes[0] == sizes[1]:  # one batch of two
+        batch = model.extract(torch.cat(inputs))
+        keypoints, descriptors, regions = batch.keypoints, batch.local_descriptors, list(batch.region_scores.cpu())
+    else:  # one shorter side (--image_size S), other aspect ratios: one image at a time
+        single = [model.extract(image_input) for image_input in inputs]
+        keypoints = [features.keypoints[0] for features in single]
+        descriptors = [features.local_descriptors[0] for features in single]
+        regions = [features.region_scores[0].cpu() for features in single]
     local = [
-        in_image_pixels(keypoints, descriptors, tuple(image.shape[-2:]), image_size)
-        for image, keypoints, descriptors in zip(images, features.keypoints, features.local_descriptors)
+        in_image_pixels(points, vectors, tuple(image.shape[-2:]), size)
+        for points, vectors, image, size in zip(keypoints, descriptors, images, sizes)
     ]
     matches = match(local[0], local[1], matcher)
     geometric_model, inliers = verify(local[0], local[1], matches, ransac_model, seed=seed)
-    return images, features.region_scores.cpu(), PairResult(tuple(local), matches.indices, inliers, geometric_model)
+    return images, regions, PairResult(tuple(local), matches.indices, inliers, geometric_model)
 
 
 def draw_pair(
-    images: list[torch.Tensor], region_scores: torch.Tensor, result: PairResult, names: tuple[str, str], ransac_model: str
+    images: list[torch.Tensor],
+    region_scores: list[torch.Tensor],
+    result: PairResult,
+    names: tuple[str, str],
+    ransac_model: str,
 ) -> Figure:
     """Three rows, each image at its own aspect ratio: the selection score of every patch (with a
     colour bar) and the local features of the selected regions; all matches; the RANSAC inliers."""

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import hubconf
-from fol_plugin import CheckpointDownloadError, CheckpointError, load_model
+from fol_plugin import CheckpointDownloadError, CheckpointError, checkpoint, load_model
 from fol_plugin.checkpoint import WEIGHT_URLS, cache_path, checkpoint_backbone, extract_state_dict
+
+from fol_plugin.models import FoLModel
 
 from .conftest import TINY_VIT, closed_port_url, save_upstream_checkpoint
 
@@ -150,3 +152,39 @@ def test_hub_entrypoint_reports_unreachable_published_url(hub_home, monkeypatch)
     monkeypatch.setitem(WEIGHT_URLS, "vitb", url)
     with pytest.raises(CheckpointDownloadError, match="weights="):
         hubconf.fol_vitb14(pretrained=True)
+
+
+def test_loose_loading_takes_what_matches_and_warns(tmp_path, tiny_weights):
+    """strict=False, the original hub's loading: the missing weights are named and keep their
+    initialisation, every other weight is the checkpoint's."""
+    missing = tiny_weights.pop("upconv2.weight")
+    save_upstream_checkpoint(tiny_weights, tmp_path / "partial.pth")
+    with pytest.warns(UserWarning, match=r"lacks 1 of the model's weights, left at their random initialisation \(strict=False\): upconv2\.weight"):
+        model = load_model(TINY_VIT, weights=tmp_path / "partial.pth", device="cpu", strict=False)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in tiny_weights.items())
+    assert loaded["upconv2.weight"].shape == missing.shape and bool(loaded["upconv2.weight"].isfinite().all())
+    wider = TINY_VIT.__class__(embed_dim=48, depth=2, num_heads=2)
+    with pytest.raises(CheckpointError, match="wrong shapes"):  # loose loading still refuses other shapes
+        load_model(wider, weights=tmp_path / "partial.pth", strict=False)
+
+
+def test_every_hub_entrypoint_takes_strict(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    del tiny_weights["upconv2.bias"]
+    path = save_upstream_checkpoint(tiny_weights, tmp_path / "partial.pth")
+    calls = {
+        "FoL": lambda **kw: hubconf.FoL(backbone="vitb", **kw),
+        "fol_vitl14": hubconf.fol_vitl14,
+        "fol_vitb14": hubconf.fol_vitb14,
+        "get_trained_model": lambda **kw: hubconf.get_trained_model(backbone="vitb", **kw),
+    }
+    for name, call in calls.items():
+        assert inspect.signature(getattr(hubconf, name)).parameters["strict"].default is True, name
+        with pytest.raises(CheckpointError, match="upconv2.bias"):
+            call(weights=str(path))
+        with pytest.warns(UserWarning, match="upconv2.bias"):
+            model = call(weights=str(path), strict=False)
+        images = torch.randn(1, 3, 126, 126)
+        with torch.inference_mode():
+            assert model(images).shape == (1, 8448), name

@@ -2,16 +2,28 @@
 on the command line, and the exit codes."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from fol_plugin.cli import USER_ERROR_EXIT
+import numpy as np
+import pytest
+import torch
 
-from .conftest import tiny_cli_args, write_blank_png
+from fol_plugin import checkpoint, cli
+from fol_plugin.cli import USER_ERROR_EXIT
+from fol_plugin.data import load_image, preprocess
+from fol_plugin.data.datasets import list_images
+from fol_plugin.data.images import network_size
+from fol_plugin.evaluation.config import load_sets
+from fol_plugin.models import FoLModel
+
+from .conftest import DATA, TINY_VIT, config_for, require, tiny_cli_args, write_blank_png
 
 RUN_TIMEOUT_S = 300
 # The address space a run may take in the tests that could exhaust memory on a regression: a
@@ -90,3 +102,64 @@ def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, 
     failed = run_cli(args, TMPDIR=str(temporary))
     assert failed.returncode == USER_ERROR_EXIT and "cannot decode image" in failed.stderr
     assert sorted(path.name for path in temporary.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """In-process ``fol-vpr``: ``--backbone vitb`` builds the tiny ViT."""
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+
+
+def eval_args(database: Path, queries: Path, weights: Path, *extra: str) -> list[str]:
+    return ["eval", "--database_folder", str(database), "--queries_folder", str(queries), "--backbone", "vitb",
+            "--weights", str(weights), "--num_workers", "0", "--rerank_topk", "4", *extra]  # fmt: skip
+
+
+def test_one_image_size_value_resizes_each_image_by_its_shorter_side(tiny_cli, tiny_weights, tmp_path, caplog):
+    """``--image_size 126`` as VPR-methods-evaluation takes it, on photos of five aspect ratios in
+    batches of 4: each query's descriptor is the model's on that image at its own size."""
+    caplog.set_level(logging.INFO)
+    toy = require(DATA / "toy_dataset")
+    output = tmp_path / "run"
+    args = eval_args(toy / "database", toy / "queries", tiny_weights, "--no_labels", "--image_size", "126",
+                     "--batch_size", "4", "--save_descriptors", "--output_dir", str(output))  # fmt: skip
+    assert cli.main(args) == 0
+    assert "--image_size 126: each image's shorter side to 126" in caplog.text
+    model = checkpoint.load_model(TINY_VIT, weights=tiny_weights, device="cpu")
+    saved = np.load(output / "queries" / "queries_descriptors.npy")
+    paths = list_images(toy / "queries")
+    sizes = set()
+    for path, descriptor in zip(paths, saved):
+        image = load_image(path)
+        size = network_size((126,), *image.shape[-2:])
+        sizes.add(size)
+        with torch.inference_mode():
+            np.testing.assert_allclose(descriptor, model(preprocess(image, size))[0].numpy(), atol=1e-5, rtol=0)
+    assert len(sizes) >= 3
+
+
+def test_log_dir_names_the_output_folder_as_the_harness(tiny_cli, labelled_set, tiny_weights, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    args = eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126")
+    assert cli.main([*args, "--log_dir", "fol"]) == 0
+    [folder] = (tmp_path / "logs" / "fol").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", folder.name) and (folder / "recalls.json").is_file()
+    assert cli.main([*args, "--log_dir", "fol", "--output_dir", "x"]) == USER_ERROR_EXIT
+    assert "give --output_dir x or --log_dir fol, not both" in caplog.text
+    assert cli.main(args) == USER_ERROR_EXIT
+    assert "give --output_dir DIR (resumable), or --log_dir NAME" in caplog.text
+
+
+def test_save_only_wrong_preds_keeps_the_queries_wrong_at_rank_one(tiny_cli, labelled_set, tiny_weights, tmp_path):
+    output = tmp_path / "run"
+    args = eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126",
+                     "--num_preds_to_save", "3", "--save_only_wrong_preds", "--output_dir", str(output))  # fmt: skip
+    assert cli.main(args) == 0
+    for stage in ("global", "reranked"):
+        predictions = np.load(output / "queries" / f"predictions_{stage}.npy")
+        positives = config_for(labelled_set, tmp_path / "x", tiny_weights)
+        database, query_sets = load_sets(positives)
+        wrong = [q for q, row in enumerate(predictions) if row[0] not in query_sets[0].positives[q]]
+        assert 0 < len(wrong) < len(predictions)
+        assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.txt")) == [f"{q:03d}.txt" for q in wrong]
+        assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.png")) == [f"{q:03d}.png" for q in wrong]

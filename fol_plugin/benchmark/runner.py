@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 # Settings that change how a run works but not its results: a finished dataset is reused across them.
 # (The image limits only refuse images; the images a run read are compared through its inputs.)
 NOT_RESULT_SETTINGS = (
-    "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors", "max_image_pixels",
-    "allow_outside_paths",
+    "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_only_wrong_preds", "save_descriptors",
+    "max_image_pixels", "allow_outside_paths",
 )
 PREDICTIONS_SUFFIX = ".npy"
 # Names a dataset's folder may not take: the benchmark's own files in --output_dir.

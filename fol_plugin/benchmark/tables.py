@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+from ..data.images import describe_image_size
 from ..evaluation.config import RECALLS_FILE
 from ..files import read_json, write_json, write_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
@@ -169,7 +170,7 @@ def _number(value: float | None, digits: int = 1, signed: bool = False) -> str:
 
 
 def _title(meta: dict) -> str:
-    size = "x".join(map(str, meta["image_size"]))
+    size = describe_image_size(meta["image_size"])
     return (
         f"{meta['method']}: {meta['backbone']}, {size}, resize {meta['resize_mode']}, {meta['extraction_precision']}, "
         f"top-{meta['rerank_topk']} re-ranking ({meta['scorer']})"

@@ -27,8 +27,11 @@ class InsufficientDiskError(RuntimeError):
     """The output folder's disk cannot hold a run."""
 
 
-def cells_per_image(image_size: tuple[int, int]) -> int:
-    """Upper bound on the local features of one image at ``image_size``."""
+def cells_per_image(image_size: tuple[int, int] | tuple[int]) -> int:
+    """Upper bound on the local features of one image at ``image_size`` (one value, the shorter
+    side: any aspect ratio, so the bound of 225 selected patches)."""
+    if len(image_size) != 2:
+        return CELLS_PER_PATCH * NUM_SELECTED_PATCHES
     patches = (image_size[0] // PATCH_SIZE) * (image_size[1] // PATCH_SIZE)
     return CELLS_PER_PATCH * min(NUM_SELECTED_PATCHES, patches)
 
