@@ -615,12 +615,15 @@ def _join(args: argparse.Namespace, device: str) -> Processes:
 
 
 def _quiet_rank(rank: int, debug: bool) -> None:
-    """Logging of a process other than rank 0: marked with its rank; warnings and errors only
-    unless ``--debug``."""
+    """Logging of a process other than rank 0: marked with its rank; errors only unless
+    ``--debug`` (every process sees the same inputs, so rank 0 says each warning once)."""
+    import warnings
+
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
     if not debug:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
 
 
 def _record_for_torchrun(error: BaseException) -> None:

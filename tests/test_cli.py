@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fol_plugin import checkpoint, cli
+from fol_plugin.cache.run_cache import LOCK_FILE
 from fol_plugin.cli import USER_ERROR_EXIT
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import list_images
@@ -95,6 +96,7 @@ def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, 
     done = run_cli(tiny_cli_args(labelled_set, tmp_path / "run", tiny_weights, "--num_workers", "2"), TMPDIR=str(temporary))
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(path.name for path in temporary.iterdir()) == []
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # the run's lock went with it
     root = tmp_path / "broken"
     shutil.copytree(labelled_set, root)
     (root / "queries" / "@999999.00@2.00@17@T@zz@.jpg").write_text("not an image")  # the last: workers sent batches

@@ -146,11 +146,31 @@ def num_predictions(config: EvalConfig, num_database: int) -> int:
     """Predictions kept per query: enough for the recalls, the re-ranking and the saved figures."""
     wanted = max(max(config.recall_values), config.rerank_topk, config.num_preds_to_save)
     if wanted > num_database:
+        depth = ""
+        if config.rerank_topk > num_database:
+            depth = f"; re-ranking the top {num_database}, not --rerank_topk {config.rerank_topk}"
         logger.warning(
             "Only %d database images: keeping %d predictions per query, not %d (R@N above %d counts all of them, as "
-            "VPR-methods-evaluation does)", num_database, num_database, wanted, num_database,
+            "VPR-methods-evaluation does)%s", num_database, num_database, wanted, num_database, depth,
         )
     return min(wanted, num_database)
+
+
+def warn_shallow_predictions(config: EvalConfig, source: str, available: int, num_database: int) -> None:
+    """One warning line when ``available`` predictions per query (given to ``fol-vpr rerank``)
+    are fewer than ``--rerank_topk`` or than the largest recall value needs."""
+    problems = []
+    if config.rerank_topk > available:
+        problems.append(f"re-ranking the top {available}, not --rerank_topk {config.rerank_topk}")
+    beyond = [n for n in config.recall_values if n > available]
+    if beyond and available < num_database:
+        recalls = ", ".join(f"R@{n}" for n in beyond)
+        problems.append(f"{recalls} count only those {available} (lower bounds: the database has {num_database} images)")
+    if problems:
+        logger.warning(
+            "%s hold %d predictions per query: %s; give more predictions (VPR-methods-evaluation: --num_preds_to_save %d)",
+            source, available, "; ".join(problems), max(config.rerank_topk, *config.recall_values),
+        )  # fmt: skip
 
 
 def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:

@@ -23,7 +23,15 @@ from ..features import LocalFeatureStore
 from ..features.extract import FeatureStore
 from ..models import FoLModel
 from . import stages
-from .config import DATABASE_DESCRIPTORS_FILE, EvalConfig, QuerySet, check_predictions, num_predictions, prepare
+from .config import (
+    DATABASE_DESCRIPTORS_FILE,
+    EvalConfig,
+    QuerySet,
+    check_predictions,
+    num_predictions,
+    prepare,
+    warn_shallow_predictions,
+)
 from .outputs import keep_descriptors, write_run_outputs
 from .resources import MB
 from .workspace import num_queries, open_workspace
@@ -186,9 +194,10 @@ def run_rerank(config: EvalConfig, predictions: list[np.ndarray], processes: Pro
     if len(predictions) != len(query_sets):
         raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
     for query_set, given in zip(query_sets, predictions):
-        query_set.global_predictions = check_predictions(
-            given, len(query_set.images), len(database), f"the predictions for {query_set.images.folder}"
-        )
+        source = f"the predictions for {query_set.images.folder}"
+        query_set.global_predictions = check_predictions(given, len(query_set.images), len(database), source)
+        if processes.is_main:
+            warn_shallow_predictions(config, source, query_set.global_predictions.shape[1], len(database))
     k = max(s.global_predictions.shape[1] for s in query_sets)
     with open_workspace(config, processes, database, query_sets, k, global_retrieval=False) as (cache, weights, inputs):
         with _timed(timings, "load_model"):
