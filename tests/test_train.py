@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import logging
 import os
 import re
 import subprocess
@@ -32,6 +33,7 @@ from fol_plugin.train.loop import (
     TrainConfig,
     accumulation_divisors,
     load_dinov2_weights,
+    plot_losses,
     train,
     validation_recalls,
 )
@@ -496,3 +498,26 @@ def test_training_images_over_the_pixel_limit_are_refused(four_places, tmp_path,
     """--max_image_pixels reaches the training images (checked from their headers)."""
     assert cli.main(train_arguments(four_places, tmp_path / "run", "--max_image_pixels", "100")) == cli.USER_ERROR_EXIT
     assert re.search(r"image .* is \d+x\d+ \([\d,]+ pixels\), more than --max_image_pixels 100", last_error(caplog))
+
+
+def test_the_log_says_the_real_batch_and_rounded_numbers(four_places, tmp_path, tiny_cli_model, caplog):
+    """Four places in batches of 4 with --accumulation_steps 4: one batch an epoch, so each
+    optimiser step averages 16 images, not 64; epoch lines carry rounded numbers once each."""
+    caplog.set_level(logging.INFO)
+    assert cli.main(train_arguments(four_places, tmp_path / "run", "--accumulation_steps", "4")) == 0
+    messages = [record.getMessage() for record in caplog.records]
+    summary = next(message for message in messages if message.startswith("Training "))
+    assert "batches of 4 places x 4 images (16), 1 batch an epoch, accumulation 4: 1 optimiser step an epoch of 16 images each" in summary
+    epoch = next(message for message in messages if message.startswith("Epoch 1/1:"))
+    assert re.fullmatch(r"Epoch 1/1: 1 batch, lr [\d.]+e-05, loss total \d\.\d{3} \(global_ms [\d.e-]+, .*\)", epoch), epoch
+    assert epoch.count("epoch") == 0 and len(epoch) < 200
+
+
+def test_losses_are_plotted_one_panel_each():
+    rows = [{"epoch": e, "steps": 2, "lr": 6e-5, "loss_total": 2.0 / e, "loss_alignment": 8e-8 * e} for e in (1, 2, 3)]
+    figure = plot_losses(rows)
+    panels = [axis for axis in figure.axes if axis.get_visible() and axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["total", "alignment"]
+    assert [axis.get_legend() for axis in panels] == [None, None]
+    low, high = panels[1].get_ylim()
+    assert low < 8e-8 and 2.4e-7 < high < 1e-6  # its own scale, not squashed on the total's

@@ -72,6 +72,7 @@ LAST, BEST, LOG, PLOT = "last.pth", "best.pth", "losses.csv", "losses.png"
 VALIDATION_RECALLS = (1, 5, 10)
 BEST_BY = 5  # the checkpoint kept as best.pth has the highest R@5 (re-ranked unless --val_rerank_topk 0)
 RERANKED = "reranked_"  # prefix of the re-ranked recalls in the log
+LOSS_PANEL_COLUMNS = 3
 DINOV2_PREFIX = "backbone.model."
 RUN_FILES = (LAST, BEST, LOG, PLOT)  # what a run writes; --overwrite removes them first
 CHECKPOINT_PATTERN = "*.pth"  # any checkpoint in an output folder marks an earlier run
@@ -254,19 +255,28 @@ def _write_log(output_dir: Path, rows: list[dict], advice: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(output_dir / LOG, text.getvalue(), advice)
-    figure = Figure(figsize=(7, 4))
-    axis = figure.subplots()
+    atomic_write(output_dir / PLOT, lambda handle: plot_losses(rows).savefig(handle, format="png", dpi=100), advice)
+
+
+def plot_losses(rows: list[dict]) -> Figure:
+    """One panel per loss (each on its own scale: they differ by orders of magnitude), the mean
+    of each epoch against the epoch."""
+    names = [name for name in rows[0] if name.startswith("loss_")]
+    columns = min(len(names), LOSS_PANEL_COLUMNS)
+    panel_rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(3.2 * columns, 2.6 * panel_rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(panel_rows, columns, squeeze=False)).ravel()
     epochs = [row["epoch"] for row in rows]
-    for name in rows[0]:
-        if name.startswith("loss_"):
-            axis.plot(epochs, [row[name] for row in rows], marker="o", label=name.removeprefix("loss_"))
-    axis.set_xlabel("epoch")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_ylabel("mean loss")
-    axis.set_yscale("symlog", linthresh=1e-3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    atomic_write(output_dir / PLOT, lambda handle: figure.savefig(handle, format="png", dpi=100), advice)
+    for axis, name in zip(axes, names):
+        axis.plot(epochs, [row[name] for row in rows], marker="o")
+        axis.set_title(name.removeprefix("loss_"), fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    for axis in axes[len(names) :]:
+        axis.set_axis_off()
+    figure.suptitle("Mean training losses per epoch")
+    return figure
 
 
 def accumulation_divisors(num_batches: int, accumulation_steps: int) -> list[int]:
@@ -360,6 +370,37 @@ def check_resume_settings(config: TrainConfig, places: dict, checkpoint: dict, l
         )
 
 
+def describe_steps(config: TrainConfig, batches: int) -> str:
+    """Batches and optimiser steps of an epoch of ``batches`` batches, with the images each step
+    really averages over (a last accumulation group may be partial, or the only one)."""
+    images_per_batch = config.places_per_batch * config.images_per_place
+    groups = accumulation_divisors(batches, config.accumulation_steps)
+    steps = math.ceil(batches / config.accumulation_steps)
+    sizes = sorted({divisor * images_per_batch for divisor in groups}, reverse=True)
+    per_step = " or ".join(f"{size:,}" for size in sizes)
+    return (
+        f"batches of {config.places_per_batch} places x {config.images_per_place} images ({images_per_batch:,}), "
+        f"{batches} {_plural(batches, 'batch', 'batches')} an epoch, accumulation {config.accumulation_steps}: "
+        f"{steps} optimiser {_plural(steps, 'step', 'steps')} an epoch of {per_step} images each"
+    )
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return one if count == 1 else many
+
+
+def describe_epoch(row: dict, epochs: int) -> str:
+    """An epoch's log line: ``Epoch 3/8: 12 batches, lr 5.99e-05, loss total 2.746 (global_ms 2.61, ...), R@5 ...``."""
+    losses = {name.removeprefix("loss_"): value for name, value in row.items() if name.startswith("loss_")}
+    parts = ", ".join(f"{name} {value:.4g}" for name, value in losses.items() if name != "total")
+    recalls = ", ".join(f"{name} {value:.1f}" for name, value in row.items() if "R@" in name)
+    text = (
+        f"Epoch {row['epoch']}/{epochs}: {row['steps']} {_plural(row['steps'], 'batch', 'batches')}, "
+        f"lr {row['lr']:.3g}, loss total {losses['total']:.4g} ({parts})"
+    )
+    return f"{text}, {recalls}" if recalls else text
+
+
 def _log_summary(
     config: TrainConfig,
     places: Sequence[Sequence[Path]],
@@ -378,14 +419,11 @@ def _log_summary(
     backbone = config.backbone if isinstance(config.backbone, str) else "a custom ViT"
     precision = "mixed precision" if config.mixed_precision and device.type == "cuda" else "float32"
     where = f"{world_size} processes ({device} here)" if world_size > 1 else str(device)
-    effective = config.places_per_batch * config.images_per_place * config.accumulation_steps
     trainable = sum(p.numel() for p in trainable_parameters(model))
     logger.info(
-        "Training %s from %s: %d places, %d images; batches of %d places x %d images, %d batches per epoch, "
-        "accumulation %d (effective batch %d images); %d of %d parameters trainable; %d epochs on %s in %s",
-        backbone, start, len(places), sum(len(p) for p in places), config.places_per_batch, config.images_per_place,
-        batches, config.accumulation_steps, effective, trainable, sum(p.numel() for p in model.parameters()),
-        config.epochs, where, precision,
+        "Training %s from %s: %d places, %d images; %s; %s of %s parameters trainable; %d epochs on %s in %s",
+        backbone, start, len(places), sum(len(p) for p in places), describe_steps(config, batches), f"{trainable:,}",
+        f"{sum(p.numel() for p in model.parameters()):,}", config.epochs, where, precision,
     )  # fmt: skip
     logger.info(
         "Images: %s per place, place order %s, %s, %s, resize %s",
@@ -598,7 +636,7 @@ def train(
             if config.validation:
                 recalls = validation_recalls(model, *config.validation, extraction, config.validation_rerank_topk)
             row.update(recalls)
-            logger.info("Epoch %d: %s", epoch + 1, ", ".join(f"{name} {value}" for name, value in row.items()))
+            logger.info("%s", describe_epoch(row, config.epochs))
             score = recalls.get(best_by, -row["loss_total"])
             improved = score > best_score
             best_score, stale = max(best_score, score), 0 if improved else stale + 1
