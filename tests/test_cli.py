@@ -165,3 +165,23 @@ def test_save_only_wrong_preds_keeps_the_queries_wrong_at_rank_one(tiny_cli, lab
         assert 0 < len(wrong) < len(predictions)
         assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.txt")) == [f"{q:03d}.txt" for q in wrong]
         assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.png")) == [f"{q:03d}.png" for q in wrong]
+
+
+# An unlabelled run without figures, in a fresh process: which heavy libraries did it load?
+UNLABELLED_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import tiny_fol_vpr
+from fol_plugin import cli
+code = cli.main(sys.argv[2:])
+print(code, "sklearn" in sys.modules, "matplotlib" in sys.modules)
+"""
+
+
+def test_scikit_learn_and_matplotlib_load_only_where_used(labelled_set, tiny_weights, tmp_path):
+    args = tiny_cli_args(labelled_set, tmp_path / "run", tiny_weights, "--no_labels")[1:]
+    result = run_cli(["-c", UNLABELLED_RUN, str(Path(__file__).parent), *args])
+    assert result.stdout.split()[-3:] == ["0", "False", "False"], result.stderr[-2000:]
+    labelled = run_cli(["-c", UNLABELLED_RUN, str(Path(__file__).parent),
+                        *tiny_cli_args(labelled_set, tmp_path / "run2", tiny_weights, "--num_preds_to_save", "1")[1:]])
+    assert labelled.stdout.split()[-3:] == ["0", "True", "True"], labelled.stderr[-2000:]

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ..data import load_image
@@ -155,6 +154,8 @@ def save_prediction_grids(
         max_image_pixels: images of more pixels are refused
             (:func:`fol_plugin.data.images.check_image_pixels`).
     """
+    from matplotlib.figure import Figure  # imported by runs that draw only
+
     folder.mkdir(parents=True, exist_ok=True)
     shown = range(len(predictions)) if queries is None else queries
     for q in tqdm(shown, desc=f"Figures ({title})", unit="query"):

@@ -26,11 +26,10 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -65,6 +64,9 @@ from ..rerank import rerank
 from ..retrieval import exact_search
 from .losses import LossWeights, fol_loss
 from .sharding import gather_outputs, place_batches
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 logger = logging.getLogger(__name__)
 
@@ -258,9 +260,12 @@ def _write_log(output_dir: Path, rows: list[dict], advice: str) -> None:
     atomic_write(output_dir / PLOT, lambda handle: plot_losses(rows).savefig(handle, format="png", dpi=100), advice)
 
 
-def plot_losses(rows: list[dict]) -> Figure:
+def plot_losses(rows: list[dict]) -> matplotlib.figure.Figure:
     """One panel per loss (each on its own scale: they differ by orders of magnitude), the mean
     of each epoch against the epoch."""
+    from matplotlib.figure import Figure  # imported when a plot is drawn, not with the package
+    from matplotlib.ticker import MaxNLocator
+
     names = [name for name in rows[0] if name.startswith("loss_")]
     columns = min(len(names), LOSS_PANEL_COLUMNS)
     panel_rows = math.ceil(len(names) / columns)
