@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .files import save_torch
 from .models import VIT_CONFIGS, FoLModel, ViTConfig
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ WEIGHT_URLS: dict[str, str] = {
     "vitb": "https://huggingface.co/shunpeng/FoL/resolve/main/FoL_base.pth",
 }
 DOWNLOAD_TIMEOUT_S = 60.0
-STATE_DICT_KEYS = ("model_state_dict", "state_dict")
+ORIGINAL_STATE_DICT_KEY = "model_state_dict"  # the original repository's checkpoints
+STATE_DICT_KEYS = (ORIGINAL_STATE_DICT_KEY, "state_dict")
 DATA_PARALLEL_PREFIX = "module."
 FOL_KEY_PREFIXES = ("backbone.model.", "aggregator.", "upconv.", "upconv2.")
 EMBED_DIM_KEY = "backbone.model.cls_token"
@@ -307,3 +309,28 @@ def load_model(
         model = FoLModel(backbone, **model_kwargs)
     load_weights(model, state_dict, source, strict)
     return model.to(resolve_device(device)).eval()
+
+
+def save_weights(model: FoLModel, path: Path, advice: str = "rerun the same command") -> None:
+    """The model's weights alone in the original repository's format (its DataParallel keys under
+    ``model_state_dict``, which :func:`extract_state_dict` reads back): what :func:`load_model`
+    and the torch.hub entrypoints load. Written atomically (``advice``: what to do if the disk
+    fills up)."""
+    state_dict = {f"{DATA_PARALLEL_PREFIX}{key}": value for key, value in model.state_dict().items()}
+    save_torch(path, {ORIGINAL_STATE_DICT_KEY: state_dict}, advice)
+
+
+def load_dinov2_weights(model: FoLModel, path: str | Path) -> None:
+    """Load an official DINOv2 checkpoint (its ViT key layout, e.g. ``dinov2_vitb14_pretrain.pth``)
+    into the backbone; every backbone weight must be there with the right shape."""
+    state = read_checkpoint(Path(path), "cpu", option="--dinov2_weights")
+    state = state.get("model", state.get("teacher", state)) if isinstance(state, dict) else state
+    backbone = model.backbone.model.state_dict()
+    missing = sorted(set(backbone) - set(state))
+    wrong = sorted(k for k in backbone if k in state and tuple(state[k].shape) != tuple(backbone[k].shape))
+    if missing or wrong:
+        raise ValueError(
+            f"{path} is not a DINOv2 checkpoint for this backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+    model.backbone.model.load_state_dict({k: state[k] for k in backbone})

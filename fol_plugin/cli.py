@@ -331,7 +331,8 @@ def fine_tune(args: argparse.Namespace) -> None:
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
     from .features import check_image_size
-    from .train.loop import RECIPES, TrainConfig, train
+    from .train.config import RECIPES, TrainConfig
+    from .train.loop import train
 
     if args.dataset == "gsv_cities":
         places = gsv_cities_places(args.data_root, args.cities, args.images_per_place, seed=args.seed)

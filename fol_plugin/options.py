@@ -29,8 +29,8 @@ MAX_DEFAULT_WORKERS = 4
 DEFAULT_SEARCH_CHUNK = 65536  # database rows per faiss index
 DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run waits at a barrier
 
-# fol-vpr train (fol_plugin.train.loop.TrainConfig)
-TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.loop.RECIPES
+# fol-vpr train (fol_plugin.train.config.TrainConfig)
+TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.config.RECIPES
 TRAIN_BACKBONE = "vitl"
 # The original's training cities (its dataloaders/GSVCities.py), in its order.
 TRAIN_CITIES = (

@@ -5,8 +5,6 @@ scalar tensor. :func:`fol_loss` combines them with the paper's weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
@@ -14,6 +12,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimila
 
 from ..models.fol import TrainingOutputs
 from ..rerank.mutual import MATCH_THRESHOLD, mutual_matches
+from .config import LossWeights
 
 MS_ALPHA, MS_BETA, MS_BASE = 1.0, 50.0, 0.0
 MINER_EPSILON = 0.1
@@ -26,17 +25,6 @@ MAX_PAIRS_PER_IMAGE = 5
 PSEUDO_SCALE = 1e-2
 MASKED_SIMILARITY = -10.0  # the original's value for non-candidates (it enters the ratio test)
 LOCAL_CELLS_PER_PATCH_SIDE = 4  # patch (r, c) is centred on local-grid cell (4r, 4c)
-
-
-@dataclass
-class LossWeights:
-    """The paper's weights."""
-
-    global_ms: float = 1.0
-    alignment: float = 5e-3  # each of SAL's two terms
-    contrast: float = 1.0
-    local_triplet: float = 1.0
-    pseudo_correspondence: float = 1.0
 
 
 def multi_similarity_loss(descriptors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
