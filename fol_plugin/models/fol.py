@@ -24,7 +24,7 @@ class FoLFeatures:
 
 @dataclass
 class TrainingOutputs:
-    """What FoL's training losses need (FOL_SPEC section 6), for B images of N = h*w patches."""
+    """What FoL's training losses need (docs/METHOD.md section 6), for B images of N = h*w patches."""
 
     global_descriptors: torch.Tensor  # [B, 8448], L2-normalised
     confidence: torch.Tensor  # [B, N], softmax(clip(mean_k P)): Ma

@@ -1,6 +1,6 @@
 """FoL's local features: the dense up-sampled map, the selected regions and their geometry.
 
-Implements FOL_SPEC section 4. The dense map comes from two stride-2 transposed convolutions
+Implements docs/METHOD.md section 4. The dense map comes from two stride-2 transposed convolutions
 over the patch grid, so an h x w patch grid gives a (4h - 3) x (4w - 3) local grid.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FoL's training losses (FOL_SPEC section 6), computed from :class:`~fol_plugin.models.fol.TrainingOutputs`.
+"""FoL's training losses (docs/METHOD.md section 6), computed from :class:`~fol_plugin.models.fol.TrainingOutputs`.
 
 A batch holds P places x K images; ``labels`` [B] gives each image's place. Every loss returns a
 scalar tensor. :func:`fol_loss` combines them with the paper's weights.
@@ -119,7 +119,7 @@ def contrast_loss(
 def local_similarity(
     query: torch.Tensor, candidate: torch.Tensor, threshold: float = MATCH_THRESHOLD
 ) -> torch.Tensor | None:
-    """Mean cosine of FoL's counted mutual matches (FOL_SPEC section 5); None without a match
+    """Mean cosine of FoL's counted mutual matches (docs/METHOD.md section 5); None without a match
     (the original's mean over no match is NaN)."""
     query_index, candidate_index = mutual_matches(query.detach(), candidate.detach(), threshold)
     if len(query_index) == 0:
@@ -160,7 +160,7 @@ def pseudo_correspondences(
     tokens_i: torch.Tensor, tokens_j: torch.Tensor, assignment_i: torch.Tensor, assignment_j: torch.Tensor,
     guide_i: torch.Tensor, max_pairs: int = MAX_PAIRS_PER_IMAGE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Patch pairs (anchor in i, match in j) found without labels, as FOL_SPEC section 6.
+    """Patch pairs (anchor in i, match in j) found without labels, as docs/METHOD.md section 6.
 
     Anchors: patches with g > 0.1. Each anchor's cluster k = argmax_k P_i[k, anchor]; candidates:
     patches of j with P_j[k, patch] > 0.1; similarity: cosine of the L2-normalised backbone
