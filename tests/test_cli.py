@@ -24,7 +24,17 @@ from fol_plugin.data.images import network_size
 from fol_plugin.evaluation.config import load_sets
 from fol_plugin.models import FoLModel
 
-from .conftest import DATA, TINY_VIT, config_for, require, tiny_cli_args, write_blank_png
+from .conftest import (
+    DATA,
+    TINY_VIT,
+    cli_run,
+    config_for,
+    require,
+    tiny_cli_args,
+    tiny_eval_args,
+    user_error,
+    write_blank_png,
+)
 
 RUN_TIMEOUT_S = 300
 # The address space a run may take in the tests that could exhaust memory on a regression: a
@@ -106,13 +116,7 @@ def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, 
     assert sorted(path.name for path in temporary.iterdir()) == []
 
 
-@pytest.fixture
-def tiny_cli(monkeypatch):
-    """In-process ``fol-vpr``: ``--backbone vitb`` builds the tiny ViT."""
-    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
-
-
-def eval_args(database: Path, queries: Path, weights: Path, *extra: str) -> list[str]:
+def folder_eval_args(database: Path, queries: Path, weights: Path, *extra: str) -> list[str]:
     return ["eval", "--database_folder", str(database), "--queries_folder", str(queries), "--backbone", "vitb",
             "--weights", str(weights), "--num_workers", "0", "--rerank_topk", "4", *extra]  # fmt: skip
 
@@ -123,7 +127,7 @@ def test_one_image_size_value_resizes_each_image_by_its_shorter_side(tiny_cli, t
     caplog.set_level(logging.INFO)
     toy = require(DATA / "toy_dataset")
     output = tmp_path / "run"
-    args = eval_args(toy / "database", toy / "queries", tiny_weights, "--no_labels", "--image_size", "126",
+    args = folder_eval_args(toy / "database", toy / "queries", tiny_weights, "--no_labels", "--image_size", "126",
                      "--batch_size", "4", "--save_descriptors", "--output_dir", str(output))  # fmt: skip
     assert cli.main(args) == 0
     assert "--image_size 126: each image's shorter side to 126" in caplog.text
@@ -142,7 +146,7 @@ def test_one_image_size_value_resizes_each_image_by_its_shorter_side(tiny_cli, t
 
 def test_log_dir_names_the_output_folder_as_the_harness(tiny_cli, labelled_set, tiny_weights, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    args = eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126")
+    args = folder_eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126")
     assert cli.main([*args, "--log_dir", "fol"]) == 0
     [folder] = (tmp_path / "logs" / "fol").iterdir()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", folder.name) and (folder / "recalls.json").is_file()
@@ -154,7 +158,7 @@ def test_log_dir_names_the_output_folder_as_the_harness(tiny_cli, labelled_set, 
 
 def test_save_only_wrong_preds_keeps_the_queries_wrong_at_rank_one(tiny_cli, labelled_set, tiny_weights, tmp_path):
     output = tmp_path / "run"
-    args = eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126",
+    args = folder_eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126",
                      "--num_preds_to_save", "3", "--save_only_wrong_preds", "--output_dir", str(output))  # fmt: skip
     assert cli.main(args) == 0
     for stage in ("global", "reranked"):
@@ -185,3 +189,50 @@ def test_scikit_learn_and_matplotlib_load_only_where_used(labelled_set, tiny_wei
     labelled = run_cli(["-c", UNLABELLED_RUN, str(Path(__file__).parent),
                         *tiny_cli_args(labelled_set, tmp_path / "run2", tiny_weights, "--num_preds_to_save", "1")[1:]])
     assert labelled.stdout.split()[-3:] == ["0", "True", "True"], labelled.stderr[-2000:]
+
+
+def test_command_line_faults_are_one_line_messages(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog, capsys):
+    args = tiny_eval_args(labelled_set, tmp_path / "out", tiny_weights)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available here; use --device cpu" in user_error(caplog, *args, "--device", "cuda")
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in user_error(caplog, *tiny_eval_args(labelled_set, tmp_path / "file", tiny_weights))
+    assert "cannot create --output_dir /proc/fol" in user_error(caplog, *tiny_eval_args(labelled_set, Path("/proc/fol"), tiny_weights))
+    (tmp_path / "cache_json" / "cache").mkdir(parents=True)
+    (tmp_path / "cache_json" / "cache" / "run.json").write_text("{broken")
+    (tmp_path / "cache_json" / "cache" / "a.commits").write_bytes(b"x" * 16)
+    message = user_error(caplog, *tiny_eval_args(labelled_set, tmp_path / "cache_json", tiny_weights))
+    assert "cache_json/cache/run.json is damaged" in message and "rm -rf" in message
+    for bad in (["--image_size", "-14", "224"], ["--num_preds_to_save", "-2"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_code:
+            cli_run(*args, *bad)
+        assert exit_code.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "predictions, message",
+    [
+        (np.full((5, 3), np.nan), r"hold nan at query 0, rank 0: database indices must be whole numbers"),
+        (np.full((5, 3), 2.7), r"hold 2.7 at query 0, rank 0"),
+        (np.zeros((5, 0), np.int64), r"are \(5, 0\), expected \[5 queries, K >= 1 predictions\]"),
+        (np.array([[99, 0, 1]] * 5), r"hold database index 99 at query 0, rank 0, outside \[0, 17\)"),
+    ],
+)
+def test_bad_prediction_files_are_named(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog, predictions, message):
+    np.save(tmp_path / "given.npy", predictions)
+    line = user_error(
+        caplog, "rerank", "--database_folder", str(labelled_set / "database"), "--queries_folder",
+        str(labelled_set / "queries"), "--predictions", str(tmp_path / "given.npy"), "--backbone", "vitb",
+        "--weights", str(tiny_weights), "--image_size", "126", "126", "--output_dir", str(tmp_path / "out"),
+    )
+    assert re.search(message, line)
+
+
+def test_an_unreadable_image_read_in_a_worker_process_is_one_line(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog):
+    root = tmp_path / "broken"
+    shutil.copytree(labelled_set, root)
+    (root / "database" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    args = tiny_eval_args(root, tmp_path / "out", tiny_weights, "--no_labels")
+    args[args.index("--num_workers") + 1] = "1"
+    line = user_error(caplog, *args)
+    assert line.startswith("cannot decode image ") and "zz_broken.jpg" in line and "\n" not in line

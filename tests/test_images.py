@@ -6,10 +6,13 @@ import shutil
 from pathlib import Path
 
 import kornia
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import fol_plugin
 from fol_plugin.data import load_image, normalize, preprocess
 from fol_plugin.data.images import ImageTooLargeError, check_image_pixels, image_dimensions, network_size
 from fol_plugin.models.resizing import round_to_patch_multiple
@@ -115,3 +118,14 @@ def test_one_image_size_value_is_the_harness_resize_rounded_to_patches():
         expected = tuple(round_to_patch_multiple(side) for side in entry["resized"])
         assert network_size((entry["image_size"],), *entry["original"]) == expected, entry
     assert network_size((322, 434), 480, 640) == (322, 434)  # two values are taken as they are
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "LA", "I;16"])
+def test_image_modes_pillow_reads_are_converted_as_pillow_does(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    image = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)) if mode == "I;16" else rgb.convert(mode)
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    image.save(path)
+    expected = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255
+    loaded = fol_plugin.load_image(path)
+    assert loaded.shape == (3, 30, 40) and np.array_equal(loaded.permute(1, 2, 0).numpy(), expected)

@@ -181,3 +181,16 @@ def test_test_forward_pads_local_features_as_the_original(tiny_model, size, leng
 
 def test_original_padded_lengths():
     assert [original_padded_length(h) for h in (33, 40, 41, 70, 71, 80, 81, 141)] == [1089, 1600, 1000, 1000, 3500, 3500, 3600, 3600]
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.zeros(0, 3, 126, 126), "empty batch"),
+        (torch.zeros(1, 3, 126, 126, dtype=torch.uint8), r"float images.*not torch\.uint8.*preprocess"),
+        (torch.zeros(1, 3, 126, 126, dtype=torch.float16), r"float16 but the model's weights are torch\.float32"),
+    ],
+)
+def test_model_input_errors_name_the_fix(tiny_model, images, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        tiny_model(images)
