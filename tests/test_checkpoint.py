@@ -17,7 +17,6 @@ from fol_plugin.checkpoint import (
     cache_path,
     checkpoint_backbone,
     extract_state_dict,
-    load_model,
     read_checkpoint,
 )
 from fol_plugin.models import FoLModel

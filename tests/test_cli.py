@@ -22,7 +22,6 @@ from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import list_images
 from fol_plugin.data.images import network_size
 from fol_plugin.evaluation.config import load_sets
-from fol_plugin.models import FoLModel
 
 from .conftest import (
     DATA,

@@ -38,9 +38,8 @@ from ..errors import user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
-from ..evaluation.resources import MB
 from ..evaluation.workspace import cache_inputs
-from ..files import DamagedFileError, read_json, write_json
+from ..files import MB, DamagedFileError, read_json, write_json
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
 from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select

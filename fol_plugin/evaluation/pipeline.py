@@ -21,6 +21,7 @@ from ..checkpoint import load_model
 from ..distributed import SINGLE_PROCESS, Processes
 from ..features import LocalFeatureStore
 from ..features.extract import FeatureStore
+from ..files import MB
 from ..models import FoLModel
 from . import stages
 from .config import (
@@ -33,7 +34,6 @@ from .config import (
     warn_shallow_predictions,
 )
 from .outputs import keep_descriptors, write_run_outputs
-from .resources import MB
 from .workspace import num_queries, open_workspace
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from ..models import GLOBAL_DIM, FoLModel
 from ..rerank.engine import mutual_match_scores
 from ..retrieval import exact_search
 from .config import EvalConfig, num_predictions, prepare
-from .resources import GB, project_resources
+from ..files import GB
+from .resources import project_resources
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..features.store import ENTRY_BYTES
+from ..files import GB
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE
 from ..models.local_features import NUM_SELECTED_PATCHES
 
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 
 CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
 KEYPOINT_BYTES = 8  # (x, y) float32
-GB = 1e9  # decimal units everywhere: GB = 1e9 bytes, MB = 1e6 bytes
-MB = 1e6
 
 
 class InsufficientDiskError(RuntimeError):
