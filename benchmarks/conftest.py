@@ -89,6 +89,7 @@ def scratch(tmp_path_factory, request) -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables: the lines to read are the last ones
 def pytest_terminal_summary(terminalreporter) -> None:
     if _SUMMARY_LINES:
         terminalreporter.section("benchmark results")
