@@ -36,6 +36,7 @@ WRITE_ROWS = 10_000
 STORE_CELLS = 32
 RERANK_QUERIES, RERANK_CANDIDATES = 20, 100
 K = 10
+DATABASE_FILES = (("database.npy", np.float32), ("database16.npy", np.float16))
 
 SEARCH = """
 import json, sys, time, numpy as np
@@ -73,26 +74,31 @@ def database(scratch):
     folder.mkdir()
     generator = np.random.default_rng(0)
     places = SIZES[-1] // VIEWS_PER_PLACE
-    centroids = np.lib.format.open_memmap(folder / "centroids.npy", "w+", np.float32, (places, GLOBAL_DIM))
-    for start in range(0, places, WRITE_ROWS):
-        centroids[start : start + WRITE_ROWS] = generator.standard_normal(
-            (min(WRITE_ROWS, places - start), GLOBAL_DIM), np.float32
-        )
-    rows32 = np.lib.format.open_memmap(folder / "database.npy", "w+", np.float32, (SIZES[-1], GLOBAL_DIM))
-    rows16 = np.lib.format.open_memmap(folder / "database16.npy", "w+", np.float16, (SIZES[-1], GLOBAL_DIM))
-    for start in range(0, SIZES[-1], WRITE_ROWS):
-        place = (np.arange(start, start + WRITE_ROWS) // VIEWS_PER_PLACE) % places
-        views = centroids[place] + 0.7 * generator.standard_normal((WRITE_ROWS, GLOBAL_DIM), np.float32)
-        views /= np.linalg.norm(views, axis=1, keepdims=True)
-        rows32[start : start + WRITE_ROWS] = views
-        rows16[start : start + WRITE_ROWS] = views
-    rows32.flush(), rows16.flush()
+    centroids = generator.standard_normal((places, GLOBAL_DIM), np.float32)  # 1 GB in RAM
+    # Written chunk by chunk through files, not memory maps: a process's mapped pages count in
+    # its RSS, and 15 GB of them would take this machine's RAM.
+    rows32, rows16 = (open(_npy(folder / name, dtype), "ab") for name, dtype in DATABASE_FILES)
+    with rows32, rows16:
+        for start in range(0, SIZES[-1], WRITE_ROWS):
+            place = (np.arange(start, start + WRITE_ROWS) // VIEWS_PER_PLACE) % places
+            views = centroids[place] + 0.7 * generator.standard_normal((WRITE_ROWS, GLOBAL_DIM), np.float32)
+            views /= np.linalg.norm(views, axis=1, keepdims=True)
+            rows32.write(views.tobytes())
+            rows16.write(views.astype(np.float16).tobytes())
     chosen = generator.integers(0, places // 30, QUERIES)  # places present in every database size
     queries = centroids[chosen] + 0.7 * generator.standard_normal((QUERIES, GLOBAL_DIM), np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     np.save(folder / "queries.npy", queries)
-    del centroids, rows32, rows16
     return folder
+
+
+def _npy(path, dtype) -> object:
+    """``path`` holding the .npy header of a [SIZES[-1], GLOBAL_DIM] array, its rows to append."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": (SIZES[-1], GLOBAL_DIM)}  # fmt: skip
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+    return path
 
 
 @pytest.fixture(scope="module")
