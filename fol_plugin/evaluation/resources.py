@@ -16,7 +16,7 @@ from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE
 from ..models.local_features import NUM_SELECTED_PATCHES
 
 if TYPE_CHECKING:
-    from .pipeline import EvalConfig
+    from .config import EvalConfig
 
 CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
 KEYPOINT_BYTES = 8  # (x, y) float32
