@@ -6,7 +6,11 @@
     model = torch.hub.load("path/to/clone", "fol_vitb14", source="local", weights="FoL_base.pth")
 
 ``model(images)`` returns [B, 8448] L2-normalised descriptors; ``model.extract(images)`` also
-returns FoL's local features for re-ranking.
+returns FoL's local features for re-ranking. Code written for the original's hub runs unchanged:
+every entrypoint takes ``strict=`` (``strict=False``, the original's default, loads what matches
+and warns with the missing and unexpected keys; ours is ``strict=True``, which refuses partial
+weights), and ``model(images, test=True)`` returns the original's evaluation pair (global
+descriptors, zero-padded local descriptors [B, L, 128]).
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ def _build(
     progress: bool,
     map_location: str | torch.device,
     weights: str | os.PathLike | None,
+    strict: bool,
     **kwargs,
 ) -> FoLModel:
     if weights is None:
         weights = "auto" if pretrained else None
-    return load_model(backbone, weights=weights, device="cpu", progress=progress, map_location=map_location, **kwargs)
+    return load_model(
+        backbone, weights=weights, device="cpu", progress=progress, map_location=map_location, strict=strict, **kwargs
+    )
 
 
 def FoL(
@@ -40,6 +47,7 @@ def FoL(
     progress: bool = True,
     map_location: str | torch.device = "cpu",
     weights: str | os.PathLike | None = None,
+    strict: bool = True,
     **kwargs,
 ) -> FoLModel:
     """FoL with a "vitl" (FoL_large) or "vitb" (FoL_base) backbone.
@@ -50,9 +58,11 @@ def FoL(
         progress: show a download progress bar.
         map_location: where the checkpoint's tensors are read to; the model is returned on the CPU.
         weights: a local checkpoint file (or URL) to load instead of the published one.
+        strict: refuse a checkpoint that lacks some weights (default); False loads what matches
+            and warns, as the original's hub does.
         **kwargs: model options, e.g. ``num_trainable_blocks``.
     """
-    return _build(backbone, pretrained, progress, map_location, weights, **kwargs)
+    return _build(backbone, pretrained, progress, map_location, weights, strict, **kwargs)
 
 
 def fol_vitl14(
@@ -60,10 +70,11 @@ def fol_vitl14(
     progress: bool = True,
     map_location: str | torch.device = "cpu",
     weights: str | os.PathLike | None = None,
+    strict: bool = True,
     **kwargs,
 ) -> FoLModel:
-    """FoL with the DINOv2 ViT-L/14 backbone (FoL_large.pth)."""
-    return _build("vitl", pretrained, progress, map_location, weights, **kwargs)
+    """FoL with the DINOv2 ViT-L/14 backbone (FoL_large.pth); arguments as :func:`FoL`'s."""
+    return _build("vitl", pretrained, progress, map_location, weights, strict, **kwargs)
 
 
 def fol_vitb14(
@@ -71,10 +82,11 @@ def fol_vitb14(
     progress: bool = True,
     map_location: str | torch.device = "cpu",
     weights: str | os.PathLike | None = None,
+    strict: bool = True,
     **kwargs,
 ) -> FoLModel:
-    """FoL with the DINOv2 ViT-B/14 backbone (FoL_base.pth)."""
-    return _build("vitb", pretrained, progress, map_location, weights, **kwargs)
+    """FoL with the DINOv2 ViT-B/14 backbone (FoL_base.pth); arguments as :func:`FoL`'s."""
+    return _build("vitb", pretrained, progress, map_location, weights, strict, **kwargs)
 
 
 def get_trained_model(
@@ -82,9 +94,10 @@ def get_trained_model(
     weights: str | os.PathLike | None = None,
     progress: bool = True,
     map_location: str | torch.device = "cpu",
+    strict: bool = True,
 ) -> PatchSizeResizer:
     """Harness entrypoint: pretrained FoL that takes any image size (rounded to multiples of 14).
 
     For gmberton/VPR-methods-evaluation: ``--descriptors_dimension 8448``.
     """
-    return PatchSizeResizer(_build(backbone, True, progress, map_location, weights)).eval()
+    return PatchSizeResizer(_build(backbone, True, progress, map_location, weights, strict)).eval()

@@ -49,9 +49,10 @@ def _drop_page_cache() -> bool:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> tuple[Path, float]:
-    """A ~4 GB cache written as a run writes it (batches of 16); returns it and the write seconds."""
-    folder = tmp_path_factory.mktemp("cache")
+def cache(scratch) -> tuple[Path, float]:
+    """A ~4 GB cache written as a run writes it (batches of 16); returns it and the write seconds
+    (removed after the module)."""
+    folder = scratch
     block = torch.randn(CELLS + BATCH, 128, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with LocalFeatureStore(folder / "store", STORE_IMAGES, dtype="float32") as store:
@@ -71,7 +72,7 @@ def _verify(folder: Path) -> None:
     assert len(store) == STORE_IMAGES and array.complete
 
 
-def test_verification_cost_of_a_multi_gb_cache(benchmark, cache):
+def test_verification_cost_of_a_multi_gb_cache(benchmark, cache, report):
     folder, write_seconds = cache
     size = _read_bytes(folder)
     pairs = []
@@ -99,3 +100,8 @@ def test_verification_cost_of_a_multi_gb_cache(benchmark, cache):
         "verify_cold_s": None if cold is None else round(cold, 2),
         "verify_vs_write": round(verify_warm / write_seconds, 3),
     })
+    info = benchmark.extra_info
+    report(
+        f"verifying a {info['cache_GB']} GB cache takes {info['verify_warm_s']} s warm "
+        f"({info['verify_vs_plain_read_median']}x a plain read), {info['verify_cold_s']} s cold; writing it {info['write_s']} s"
+    )

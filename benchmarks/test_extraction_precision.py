@@ -88,7 +88,7 @@ def leave_one_out_predictions(descriptors: torch.Tensor, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_extraction(benchmark, model, images, precision):
+def test_reduced_precision_extraction(benchmark, model, images, precision, report):
     batch = images[:BATCH]
     seconds(model, batch, "fp32"), seconds(model, batch, precision)  # warm-up
     pairs = []
@@ -123,3 +123,8 @@ def test_reduced_precision_extraction(benchmark, model, images, precision):
     info["rerank_mean_abs_score_diff"] = round(float(differences.mean()), 2)
     info["rerank_mean_fp32_score"] = round(float(torch.cat(exact_scores).mean()), 1)
     info["rerank_same_best_candidate"] = f"{same_best}/{len(reference)}"
+    report(
+        f"{precision} extraction {info['speedup_vs_fp32_median']}x fp32's images/s (pairs {info['speedup_vs_fp32_range']}; "
+        f"{info[f'{precision}_images_per_s']} vs {info['fp32_images_per_s']}), global min cosine "
+        f"{info['global_min_cosine']:.6f}, re-rank scores equal {info['rerank_scores_equal']}"
+    )

@@ -44,7 +44,7 @@ def global_only_seconds(vitb, images) -> float:
     return time.perf_counter() - start
 
 
-def test_extraction_images_per_second(benchmark, vitb, images, global_only_seconds):
+def test_extraction_images_per_second(benchmark, vitb, images, global_only_seconds, report):
     """ViT-B at 322x322 on this CPU: global descriptors plus local features of a batch of 4."""
     with torch.inference_mode():
         features = benchmark.pedantic(vitb.extract, args=(images,), rounds=3, warmup_rounds=1)
@@ -52,10 +52,15 @@ def test_extraction_images_per_second(benchmark, vitb, images, global_only_secon
     benchmark.extra_info["images_per_s"] = round(BATCH / benchmark.stats.stats.mean, 2)
     benchmark.extra_info["global_only_images_per_s"] = round(BATCH / global_only_seconds, 2)
     benchmark.extra_info["time_vs_global_only"] = round(benchmark.stats.stats.mean / global_only_seconds, 3)
+    info = benchmark.extra_info
+    report(
+        f"ViT-B 322x322 extracts {info['images_per_s']} images/s with local features, {info['global_only_images_per_s']} "
+        f"global only ({info['time_vs_global_only']}x the time)"
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_store_bytes_per_image_and_reads(benchmark, tmp_path, dtype):
+def test_store_bytes_per_image_and_reads(benchmark, tmp_path, dtype, report):
     """Write 100 images of ~3,400 cells, then time reading one query's 100 candidates back."""
     generator = torch.Generator().manual_seed(0)
     store = LocalFeatureStore(tmp_path / dtype, num_ids=STORE_IMAGES, dtype=dtype)
@@ -74,3 +79,8 @@ def test_store_bytes_per_image_and_reads(benchmark, tmp_path, dtype):
         max((r - d).abs().max() for r, d in zip(read, descriptors))
     )
     assert np.isfinite(bytes_per_image)
+    info = benchmark.extra_info
+    report(
+        f"{dtype} store: {info['bytes_per_image'] / 1e6:.2f} MB per image ({info['size_vs_original']}x the original's "
+        f"padding), writes {info['write_MB_per_s']} MB/s, reads 100 candidates in {benchmark.stats.stats.median * 1e3:.1f} ms"
+    )

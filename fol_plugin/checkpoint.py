@@ -1,21 +1,23 @@
 """Loading FoL checkpoints: the published ones through the torch.hub cache, or local files.
 
-Loading is strict: a missing key or a wrong shape is an error, never random weights.
+Loading is strict by default: a missing key or a wrong shape is an error, never random weights.
+``strict=False`` (the original hub's default) loads what matches and warns with the rest.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import socket
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from .files import save_torch
 from .models import VIT_CONFIGS, FoLModel, ViTConfig
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,8 @@ WEIGHT_URLS: dict[str, str] = {
     "vitb": "https://huggingface.co/shunpeng/FoL/resolve/main/FoL_base.pth",
 }
 DOWNLOAD_TIMEOUT_S = 60.0
-STATE_DICT_KEYS = ("model_state_dict", "state_dict")
+ORIGINAL_STATE_DICT_KEY = "model_state_dict"  # the original repository's checkpoints
+STATE_DICT_KEYS = (ORIGINAL_STATE_DICT_KEY, "state_dict")
 DATA_PARALLEL_PREFIX = "module."
 FOL_KEY_PREFIXES = ("backbone.model.", "aggregator.", "upconv.", "upconv2.")
 EMBED_DIM_KEY = "backbone.model.cls_token"
@@ -50,7 +53,7 @@ def _list_keys(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
 
 
-@contextmanager
+@contextlib.contextmanager
 def _socket_timeout(seconds: float) -> Iterator[None]:
     """Bound every socket operation of a download, so an unreachable host fails instead of hanging."""
     previous = socket.getdefaulttimeout()
@@ -209,9 +212,10 @@ def checkpoint_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return next((name for name, config in VIT_CONFIGS.items() if config.embed_dim == tensor.shape[-1]), None)
 
 
-def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy ``state_dict`` into ``model``: missing keys and shape mismatches are errors, unexpected
-    keys a warning."""
+def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """Copy ``state_dict`` into ``model``: shape mismatches are errors, unexpected keys a warning,
+    missing keys an error unless ``strict`` is False (the original's loose loading: a warning
+    naming them, and those weights keep the model's initialisation)."""
     expected = model.state_dict()
     mismatched = [
         f"{key} {tuple(value.shape)} (model: {tuple(expected[key].shape)})"
@@ -225,12 +229,21 @@ def load_weights(model: FoLModel, state_dict: Mapping[str, torch.Tensor], source
             hint = f"; it looks like a {found} checkpoint: load it with --backbone {found} (backbone={found!r} from Python)"
         raise CheckpointError(f"{source} does not fit this FoL model: wrong shapes for {_list_keys(mismatched)}{hint}")
     missing = [key for key in expected if key not in state_dict]
+    if missing and strict:
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} of the model's weights: {_list_keys(missing)} (strict=False loads the rest "
+            "and leaves those at their initialisation, as the original's loose loading does)"
+        )
     if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} of the model's weights: {_list_keys(missing)}")
+        warnings.warn(
+            f"{source} lacks {len(missing)} of the model's weights, left at their random initialisation (strict=False): "
+            f"{_list_keys(missing)}", stacklevel=2,
+        )
     unexpected = [key for key in state_dict if key not in expected]
     if unexpected:
         warnings.warn(f"{source} has {len(unexpected)} keys the model does not use: {_list_keys(unexpected)}", stacklevel=2)
-    model.load_state_dict({key: state_dict[key].to(expected[key].dtype) for key in expected}, strict=True, assign=True)
+    present = {key: state_dict[key].to(expected[key].dtype) for key in expected if key in state_dict}
+    model.load_state_dict(present, strict=not missing, assign=True)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -262,6 +275,7 @@ def load_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     map_location: str | torch.device = "cpu",
+    strict: bool = True,
     **model_kwargs,
 ) -> FoLModel:
     """Build FoL and load its weights.
@@ -273,6 +287,9 @@ def load_model(
         device: where the model goes; None picks CUDA when available, else the CPU.
         progress: show a download progress bar.
         map_location: where the checkpoint's tensors are read to.
+        strict: refuse a checkpoint that lacks some of the model's weights (the default); False
+            loads what matches and warns with the missing and unexpected keys, as the original's
+            hub entrypoints do (shape mismatches are refused either way).
         **model_kwargs: passed to :class:`FoLModel` (e.g. ``num_trainable_blocks``).
 
     Returns:
@@ -286,7 +303,34 @@ def load_model(
     else:
         checkpoint = read_checkpoint(source, map_location)
     state_dict = extract_state_dict(checkpoint, source)
-    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+    # Strict: no random initialisation (every weight comes from the checkpoint); loose: the
+    # weights a checkpoint lacks keep theirs.
+    with torch.device("meta") if strict else contextlib.nullcontext():
         model = FoLModel(backbone, **model_kwargs)
-    load_weights(model, state_dict, source)
+    load_weights(model, state_dict, source, strict)
     return model.to(resolve_device(device)).eval()
+
+
+def save_weights(model: FoLModel, path: Path, advice: str = "rerun the same command") -> None:
+    """The model's weights alone in the original repository's format (its DataParallel keys under
+    ``model_state_dict``, which :func:`extract_state_dict` reads back): what :func:`load_model`
+    and the torch.hub entrypoints load. Written atomically (``advice``: what to do if the disk
+    fills up)."""
+    state_dict = {f"{DATA_PARALLEL_PREFIX}{key}": value for key, value in model.state_dict().items()}
+    save_torch(path, {ORIGINAL_STATE_DICT_KEY: state_dict}, advice)
+
+
+def load_dinov2_weights(model: FoLModel, path: str | Path) -> None:
+    """Load an official DINOv2 checkpoint (its ViT key layout, e.g. ``dinov2_vitb14_pretrain.pth``)
+    into the backbone; every backbone weight must be there with the right shape."""
+    state = read_checkpoint(Path(path), "cpu", option="--dinov2_weights")
+    state = state.get("model", state.get("teacher", state)) if isinstance(state, dict) else state
+    backbone = model.backbone.model.state_dict()
+    missing = sorted(set(backbone) - set(state))
+    wrong = sorted(k for k in backbone if k in state and tuple(state[k].shape) != tuple(backbone[k].shape))
+    if missing or wrong:
+        raise ValueError(
+            f"{path} is not a DINOv2 checkpoint for this backbone: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+    model.backbone.model.load_state_dict({k: state[k] for k in backbone})

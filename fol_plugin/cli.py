@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 # command imports what it runs.
 logger = logging.getLogger("fol_plugin")
 
+LOG_DIR_ROOT = "logs"  # --log_dir NAME: logs/NAME/<date-time>, VPR-methods-evaluation's output folder
+LOG_DIR_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 USER_ERROR_EXIT = 2
 DATASETS_FAILED_EXIT = 3  # fol-vpr benchmark: some datasets failed; the others ran and the tables are written
 INTERRUPTED_EXIT = 130
@@ -106,6 +109,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _ImageSize(argparse.Action):
+    """``--image_size H W`` or ``--image_size S`` (the shorter side)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[int], option: str | None = None) -> None:
+        if len(values) > 2:
+            raise argparse.ArgumentError(self, f"takes H W or one value (the shorter side), not {len(values)} values")
+        setattr(namespace, self.dest, values)
+
+
 def _add_model_arguments(
     group: argparse._ActionsContainer,
     backbone: str = "vitl",
@@ -116,8 +128,9 @@ def _add_model_arguments(
     group.add_argument("--backbone", choices=BACKBONES, default=backbone)
     group.add_argument("--weights", default=weights_default, help=weights_help)
     group.add_argument(
-        "--image_size", type=_positive_int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("H", "W"),
-        help="multiples of 14"
+        "--image_size", type=_positive_int, nargs="+", action=_ImageSize, default=list(DEFAULT_IMAGE_SIZE),
+        metavar="SIZE", help="H W, multiples of 14; or one value, as VPR-methods-evaluation: each image's shorter side "
+        "(aspect ratio kept, each side rounded to the nearest multiple of 14)",
     )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     group.add_argument(
@@ -154,7 +167,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser)
 
 
-def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_required: bool = True) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True) -> None:
     """The model, re-ranking, scale and output options of ``eval``, ``rerank`` and ``benchmark``."""
     model = parser.add_argument_group("model")
     _add_model_arguments(model)
@@ -211,11 +224,17 @@ def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True, output_
         help="accept <folder>_images_paths.txt entries that lead outside their folder",
     )
     output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", type=Path, help="results, and the cache a rerun resumes from")
     output.add_argument(
-        "--output_dir", type=Path, required=output_required, help="results, and the cache a rerun resumes from"
+        "--log_dir", metavar="NAME",
+        help="instead of --output_dir, as VPR-methods-evaluation: outputs in logs/NAME/<date-time> (a new folder each run)",
     )
     output.add_argument(
         "--num_preds_to_save", type=_non_negative_int, default=0, help="PNG grids and preds/*.txt with this many"
+    )
+    output.add_argument(
+        "--save_only_wrong_preds", action="store_true",
+        help="those grids and files only for queries whose first prediction is wrong (needs labels)",
     )
     output.add_argument("--save_descriptors", action="store_true", help="keep the global descriptors as .npy")
     output.add_argument("--keep_cache", action="store_true", help="keep <output_dir>/cache after success")
@@ -271,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument(
         "--table_only", type=Path, metavar="OUTPUT_DIR", help="rebuild the results tables of a finished benchmark and exit"
     )
-    _add_run_options(bench, plan=False, output_required=False)
+    _add_run_options(bench, plan=False)
     fit = command("train", "fine-tune FoL with the paper's losses")
     fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
     fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
@@ -390,7 +409,8 @@ def fine_tune(args: argparse.Namespace) -> None:
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
     from .features import check_image_size
-    from .train.loop import RECIPES, TrainConfig, train
+    from .train.config import RECIPES, TrainConfig
+    from .train.loop import train
 
     if args.dataset == "gsv_cities":
         places = gsv_cities_places(args.data_root, args.cities, args.images_per_place, seed=args.seed)
@@ -415,6 +435,8 @@ def fine_tune(args: argparse.Namespace) -> None:
         validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
         max_image_pixels=args.max_image_pixels,
     )
+    if len(config.image_size) != 2:
+        raise ValueError("fol-vpr train needs --image_size H W: a training batch holds images of one size")
     check_image_size(config.image_size)
     processes = _join(args, str(resolve_device(args.device)))
     summary = train(config, places, args.resume, processes, overwrite=args.overwrite)
@@ -478,6 +500,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         store_dtype=args.store_dtype,
         in_memory=args.in_memory,
         num_preds_to_save=args.num_preds_to_save,
+        save_only_wrong_preds=args.save_only_wrong_preds,
         save_descriptors=args.save_descriptors,
         keep_cache=args.keep_cache,
         search_chunk_size=args.search_chunk_size,
@@ -541,8 +564,11 @@ def evaluate(args: argparse.Namespace) -> None:
     from .evaluation.pipeline import run_eval, run_rerank
     from .evaluation.plan import plan_run
 
+    from .checkpoint import resolve_device
+
+    processes = _join(args, str(resolve_device(args.device)))
+    _output_dir_of_log_dir(args, processes, required=True)
     config = _config(args)
-    processes = _join(args, config.extraction.device)
     config.extraction.device = processes.device
     config.extraction.progress = processes.is_main
     if args.plan is not None:
@@ -588,11 +614,12 @@ def benchmark(args: argparse.Namespace) -> int:
         print((args.table_only / f"{RESULTS_STEM}.md").read_text() + f"Tables in {args.table_only}/{RESULTS_STEM}.*")
         return 0
     missing = [flag for flag, value in (("--datasets_folder", args.datasets_folder), ("--dataset_names",
-               args.dataset_names), ("--output_dir", args.output_dir)) if not value]  # fmt: skip
+               args.dataset_names), ("--output_dir", args.output_dir or args.log_dir)) if not value]  # fmt: skip
     if missing:
         raise ValueError(f"fol-vpr benchmark needs {', '.join(missing)} (or --table_only DIR, or --list_datasets)")
     options = _run_options(args)
     processes = _join(args, options["extraction"].device)
+    _output_dir_of_log_dir(args, processes, required=True)
     options["extraction"].device = processes.device
     options["extraction"].progress = processes.is_main
     config = BenchmarkConfig(
@@ -618,6 +645,26 @@ def benchmark(args: argparse.Namespace) -> int:
         logger.error("%s", failed)
         return DATASETS_FAILED_EXIT
     return 0
+
+
+def _output_dir_of_log_dir(args: argparse.Namespace, processes: Processes, required: bool) -> None:
+    """``--log_dir NAME``: ``--output_dir`` becomes ``logs/NAME/<date-time>`` as
+    VPR-methods-evaluation names its output folder, at rank 0's time on every process (a new
+    folder each run: ``--output_dir`` resumes)."""
+    if args.log_dir is None:
+        if required and args.output_dir is None:
+            raise ValueError(
+                "give --output_dir DIR (resumable), or --log_dir NAME for VPR-methods-evaluation's logs/NAME/<date-time>"
+            )
+        return
+    if args.output_dir is not None:
+        raise ValueError(f"give --output_dir {args.output_dir} or --log_dir {args.log_dir}, not both")
+    started = processes.gather(time.strftime(LOG_DIR_TIME_FORMAT))[0]
+    args.output_dir = Path(LOG_DIR_ROOT) / args.log_dir / started
+    logger.info(
+        "The outputs are being saved in %s (--log_dir: a new folder each run; to resume this run after an interruption, "
+        "rerun with --output_dir %s instead)", args.output_dir, args.output_dir,
+    )
 
 
 def _name_and_path(text: str) -> tuple[str, Path]:
@@ -653,12 +700,15 @@ def _join(args: argparse.Namespace, device: str) -> Processes:
 
 
 def _quiet_rank(rank: int, debug: bool) -> None:
-    """Logging of a process other than rank 0: marked with its rank; warnings and errors only
-    unless ``--debug``."""
+    """Logging of a process other than rank 0: marked with its rank; errors only unless
+    ``--debug`` (every process sees the same inputs, so rank 0 says each warning once)."""
+    import warnings
+
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
     if not debug:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
 
 
 def _record_for_torchrun(error: BaseException) -> None:

@@ -33,8 +33,8 @@ DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run wait
 REPORT_MAX_QUERIES = 1000  # per query set
 REPORT_MAX_SIZE_MB = 20.0
 
-# fol-vpr train (fol_plugin.train.loop.TrainConfig)
-TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.loop.RECIPES
+# fol-vpr train (fol_plugin.train.config.TrainConfig)
+TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.config.RECIPES
 TRAIN_BACKBONE = "vitl"
 # The original's training cities (its dataloaders/GSVCities.py), in its order.
 TRAIN_CITIES = (

@@ -7,23 +7,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from .data import load_image, preprocess
+from .data.images import network_size
 from .matching import LocalFeatures, match, verify
 from .matching.features import in_image_pixels
 from .models import FoLModel
-from .options import DEFAULT_MAX_IMAGE_PIXELS
+from .options import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_IMAGE_PIXELS
 
 PANEL_INCHES = 5.0
 REGION_ALPHA = 0.45
 REGION_COLOURS = "jet"
 KEYPOINT_SIZE = 2.0
 KEYPOINT_ALPHA = 0.9
-MATCH_COLOUR = "gold"
-INLIER_COLOUR = "lime"
-LINE_WIDTH = 0.6
+LINE_COLOURS = "hsv"  # a colour per drawn match, so neighbouring lines can be told apart
+GOLDEN_RATIO = 0.618034  # hue steps between consecutive lines
+LINE_WIDTH = 0.9
+MAX_LINES = 150  # match lines drawn per row at most
+FONT_SIZE = 10
 GAP = 10  # pixels between the two images of a match panel
 
 
@@ -41,7 +45,7 @@ class PairResult:
 def match_pair(
     model: FoLModel,
     paths: tuple[str | os.PathLike, str | os.PathLike],
-    image_size: tuple[int, int] = (322, 322),
+    image_size: tuple[int, int] | tuple[int] = DEFAULT_IMAGE_SIZE,
     resize_mode: str = "original",
     matcher: str = "fol",
     ransac_model: str = "homography",
@@ -54,61 +58,88 @@ def match_pair(
 
     Returns:
         the two original images [3, H_i, W_i] in [0, 1] (keypoints are in their pixels), the
-        selection scores [2, h, w], and the :class:`PairResult`.
+        the two selection scores [h_i, w_i], and the :class:`PairResult`.
     """
     images = [load_image(path, max_image_pixels) for path in paths]
     device = next(model.parameters()).device
-    inputs = torch.cat([preprocess(image, image_size, resize_mode) for image in images]).to(device)
-    features = model.extract(inputs)
+    sizes = [network_size(image_size, *image.shape[-2:]) for image in images]
+    inputs = [preprocess(image, size, resize_mode).to(device) for image, size in zip(images, sizes)]
+    if sizes[0] == sizes[1]:  # one batch of two
+        batch = model.extract(torch.cat(inputs))
+        keypoints, descriptors, regions = batch.keypoints, batch.local_descriptors, list(batch.region_scores.cpu())
+    else:  # one shorter side (--image_size S), other aspect ratios: one image at a time
+        single = [model.extract(image_input) for image_input in inputs]
+        keypoints = [features.keypoints[0] for features in single]
+        descriptors = [features.local_descriptors[0] for features in single]
+        regions = [features.region_scores[0].cpu() for features in single]
     local = [
-        in_image_pixels(keypoints, descriptors, tuple(image.shape[-2:]), image_size)
-        for image, keypoints, descriptors in zip(images, features.keypoints, features.local_descriptors)
+        in_image_pixels(points, vectors, tuple(image.shape[-2:]), size)
+        for points, vectors, image, size in zip(keypoints, descriptors, images, sizes)
     ]
     matches = match(local[0], local[1], matcher)
     geometric_model, inliers = verify(local[0], local[1], matches, ransac_model, seed=seed)
-    return images, features.region_scores.cpu(), PairResult(tuple(local), matches.indices, inliers, geometric_model)
+    return images, regions, PairResult(tuple(local), matches.indices, inliers, geometric_model)
 
 
 def draw_pair(
-    images: list[torch.Tensor], region_scores: torch.Tensor, result: PairResult, names: tuple[str, str], ransac_model: str
+    images: list[torch.Tensor],
+    region_scores: list[torch.Tensor],
+    result: PairResult,
+    names: tuple[str, str],
+    ransac_model: str,
 ) -> Figure:
-    """Three rows, each image at its own aspect ratio: the selection score of every patch (with a
-    colour bar) and the local features of the selected regions; all matches; the RANSAC inliers."""
+    """Three rows, each image at its own aspect ratio: the selection score of every patch (one
+    colour scale for both images, rescaled to [0, 1] over the pair) and the local features of the
+    selected regions; the matches; the RANSAC inliers. At most ``MAX_LINES`` lines a row, spread
+    evenly over the matches and each in its own colour; the title counts the rest."""
     pictures = [image.permute(1, 2, 0).numpy() for image in images]
     side_by_side = _side_by_side(pictures)
     top_height = max(picture.shape[0] / picture.shape[1] for picture in pictures) * PANEL_INCHES
     pair_height = 2 * PANEL_INCHES * side_by_side.shape[0] / side_by_side.shape[1]
-    figure = Figure(figsize=(2 * PANEL_INCHES, top_height + 2 * pair_height + 1.2))
+    figure = Figure(figsize=(2 * PANEL_INCHES + 1.0, top_height + 2 * pair_height + 2.0), layout="constrained")
     grid = figure.add_gridspec(3, 2, height_ratios=(top_height, pair_height, pair_height))
+    low = min(float(scores.min()) for scores in region_scores)
+    spread = max(float(scores.max()) for scores in region_scores) - low or 1.0
+    region_axes = []
     for column, (picture, scores, name) in enumerate(zip(pictures, region_scores, names)):
         axis = figure.add_subplot(grid[0, column])
         height, width = picture.shape[:2]
         axis.imshow(picture)
         heat = axis.imshow(
-            scores.numpy(), cmap=REGION_COLOURS, alpha=REGION_ALPHA, extent=(0, width, height, 0), interpolation="nearest"
-        )
+            (scores.numpy() - low) / spread, cmap=REGION_COLOURS, alpha=REGION_ALPHA, vmin=0.0, vmax=1.0,
+            extent=(0, width, height, 0), interpolation="nearest",
+        )  # fmt: skip
         keypoints = result.features[column].keypoints.numpy()
         axis.scatter(keypoints[:, 0], keypoints[:, 1], s=KEYPOINT_SIZE, c="white", alpha=KEYPOINT_ALPHA, linewidths=0)
-        axis.set_title(f"{name}: {len(keypoints)} local features in the selected regions", fontsize=9)
+        axis.set_title(f"{name}\n{len(keypoints):,} local features in the selected regions", fontsize=FONT_SIZE)
         axis.set_axis_off()
-        figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.02, label="selection score")
+        region_axes.append(axis)
+    bar = figure.colorbar(heat, ax=region_axes, fraction=0.03, pad=0.02, ticks=(0.0, 0.5, 1.0))
+    bar.set_label("selection score (0: the pair's lowest, 1: its highest)", fontsize=FONT_SIZE - 1)
     offset = np.array([pictures[0].shape[1] + GAP, 0])
     kept = result.inliers
     rows = (
-        (result.matches, MATCH_COLOUR, f"{len(result.matches)} matches"),
-        (result.matches[kept], INLIER_COLOUR, f"{int(kept.sum())} inliers after RANSAC ({ransac_model})"),
+        (result.matches, "matches"),
+        (result.matches[kept], f"inliers after RANSAC ({ransac_model})"),
     )
-    for row, (pairs, colour, title) in enumerate(rows, start=1):
+    for row, (pairs, what) in enumerate(rows, start=1):
         axis = figure.add_subplot(grid[row, :])
         axis.imshow(side_by_side)
-        start = result.features[0].keypoints[pairs[:, 0]].numpy()
-        end = result.features[1].keypoints[pairs[:, 1]].numpy() + offset
-        axis.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colour, linewidths=LINE_WIDTH))
-        axis.set_title(title, fontsize=10)
+        drawn = pairs[evenly_spread(len(pairs), MAX_LINES)]
+        start = result.features[0].keypoints[drawn[:, 0]].numpy()
+        end = result.features[1].keypoints[drawn[:, 1]].numpy() + offset
+        colours = colormaps[LINE_COLOURS](np.modf(np.arange(len(drawn)) * GOLDEN_RATIO)[0])  # neighbours differ
+        axis.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colours, linewidths=LINE_WIDTH))
+        shown = f", {len(drawn)} drawn" if len(drawn) < len(pairs) else ""
+        axis.set_title(f"{len(pairs):,} {what}{shown}", fontsize=FONT_SIZE + 1)
         axis.set_axis_off()
-    figure.suptitle(f"FoL: {len(result.matches)} matches, {int(kept.sum())} RANSAC inliers", fontsize=11)
-    figure.tight_layout()
+    figure.suptitle(f"FoL: {len(result.matches)} matches, {int(kept.sum())} RANSAC inliers", fontsize=FONT_SIZE + 2)
     return figure
+
+
+def evenly_spread(count: int, most: int) -> np.ndarray:
+    """Indices of at most ``most`` of ``count`` items, spread evenly (all of them when fewer)."""
+    return np.unique(np.linspace(0, count - 1, min(count, most)).round().astype(np.int64)) if count else np.zeros(0, np.int64)
 
 
 def _side_by_side(pictures: list[np.ndarray]) -> np.ndarray:

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fol_plugin.evaluation import EvalConfig
+from fol_plugin import checkpoint, cli
+from fol_plugin.evaluation import EvalConfig, run_eval
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel, ViTConfig
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -193,3 +196,71 @@ def parity_torch_home(parity_fixture, tmp_path_factory) -> Path:
     checkpoints.mkdir(parents=True)
     save_upstream_checkpoint(parity_fixture["state_dict"], checkpoints / "FoL_base.pth")
     return home
+
+
+OUTPUT_FILES = ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy")
+
+
+def same_outputs(run: Path, reference: Path, key: str = "queries") -> bool:
+    return all(np.array_equal(np.load(run / key / name), np.load(reference / key / name)) for name in OUTPUT_FILES)
+
+
+@pytest.fixture(scope="module")
+def reference_run(labelled_set, tiny_weights, tmp_path_factory) -> Path:
+    """An uninterrupted run of the labelled toy set: what every damaged or resumed run must give."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    run_eval(config_for(labelled_set, output, tiny_weights, keep_cache=False))
+    return output
+
+
+class ModelCalls:
+    """Counts the images that go through the model (forward and extract)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.images = 0
+        for name in ("forward", "extract"):
+            method = getattr(FoLModel, name)
+
+            def counting(model, images, method=method):
+                self.images += len(images)
+                return method(model, images)
+
+            monkeypatch.setattr(FoLModel, name, counting)
+
+
+def cli_run(*args: str) -> int:
+    return cli.main(list(args))
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """``--backbone vitb`` builds the tiny ViT, so the command line runs fast."""
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+
+
+def tiny_eval_args(root: Path, output: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        "eval", "--database_folder", str(root / "database"), "--queries_folder", str(root / "queries"),
+        "--backbone", "vitb", "--weights", str(weights), "--image_size", "126", "126", "--num_workers", "0",
+        "--rerank_topk", "8", "--output_dir", str(output), *extra,
+    ]
+
+
+def kept_run(labelled_set, tiny_weights, output: Path) -> Path:
+    run_eval(config_for(labelled_set, output, tiny_weights, keep_cache=True))
+    return output / "cache"
+
+
+def user_error(caplog, *args: str) -> str:
+    """Run the CLI, expect exit code 2 and one error line without a traceback; return the line."""
+    caplog.clear()
+    assert cli_run(*args) == 2
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and "Traceback" not in caplog.text
+    return errors[0].getMessage()
+
+
+def store_features(image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(image_id)
+    count = 5 + image_id % 50
+    return F.normalize(torch.randn(count, 128, generator=generator), dim=-1), torch.rand(count, 2, generator=generator)

@@ -1,4 +1,4 @@
-"""The original FoL evaluation, re-implemented from its description (FOL_SPEC section 5) as the
+"""The original FoL evaluation, re-implemented from its description (docs/METHOD.md section 5) as the
 reference our pipeline and engine are checked and timed against."""
 from __future__ import annotations
 

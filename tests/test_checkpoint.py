@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import hubconf
-from fol_plugin import CheckpointDownloadError, CheckpointError, load_model
-from fol_plugin.checkpoint import WEIGHT_URLS, cache_path, checkpoint_backbone, extract_state_dict
+from fol_plugin import CheckpointDownloadError, CheckpointError, checkpoint, load_model
+from fol_plugin.checkpoint import (
+    WEIGHT_URLS,
+    UnsafeCheckpointError,
+    cache_path,
+    checkpoint_backbone,
+    extract_state_dict,
+    read_checkpoint,
+)
+from fol_plugin.models import FoLModel
 
-from .conftest import TINY_VIT, closed_port_url, save_upstream_checkpoint
+from .conftest import TINY_VIT, cli_run, closed_port_url, save_upstream_checkpoint, tiny_eval_args
 
 
 @pytest.fixture
@@ -150,3 +160,92 @@ def test_hub_entrypoint_reports_unreachable_published_url(hub_home, monkeypatch)
     monkeypatch.setitem(WEIGHT_URLS, "vitb", url)
     with pytest.raises(CheckpointDownloadError, match="weights="):
         hubconf.fol_vitb14(pretrained=True)
+
+
+def test_loose_loading_takes_what_matches_and_warns(tmp_path, tiny_weights):
+    """strict=False, the original hub's loading: the missing weights are named and keep their
+    initialisation, every other weight is the checkpoint's."""
+    missing = tiny_weights.pop("upconv2.weight")
+    save_upstream_checkpoint(tiny_weights, tmp_path / "partial.pth")
+    with pytest.warns(UserWarning, match=r"lacks 1 of the model's weights, left at their random initialisation \(strict=False\): upconv2\.weight"):
+        model = load_model(TINY_VIT, weights=tmp_path / "partial.pth", device="cpu", strict=False)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in tiny_weights.items())
+    assert loaded["upconv2.weight"].shape == missing.shape and bool(loaded["upconv2.weight"].isfinite().all())
+    wider = TINY_VIT.__class__(embed_dim=48, depth=2, num_heads=2)
+    with pytest.raises(CheckpointError, match="wrong shapes"):  # loose loading still refuses other shapes
+        load_model(wider, weights=tmp_path / "partial.pth", strict=False)
+
+
+def test_every_hub_entrypoint_takes_strict(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FoLModel", lambda backbone, **kwargs: FoLModel(TINY_VIT, **kwargs))
+    del tiny_weights["upconv2.bias"]
+    path = save_upstream_checkpoint(tiny_weights, tmp_path / "partial.pth")
+    calls = {
+        "FoL": lambda **kw: hubconf.FoL(backbone="vitb", **kw),
+        "fol_vitl14": hubconf.fol_vitl14,
+        "fol_vitb14": hubconf.fol_vitb14,
+        "get_trained_model": lambda **kw: hubconf.get_trained_model(backbone="vitb", **kw),
+    }
+    for name, call in calls.items():
+        assert inspect.signature(getattr(hubconf, name)).parameters["strict"].default is True, name
+        with pytest.raises(CheckpointError, match="upconv2.bias"):
+            call(weights=str(path))
+        with pytest.warns(UserWarning, match="upconv2.bias"):
+            model = call(weights=str(path), strict=False)
+        images = torch.randn(1, 3, 126, 126)
+        with torch.inference_mode():
+            assert model(images).shape == (1, 8448), name
+
+
+class RunsCode:
+    """Unpickling this runs ``touch <marker>``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_checkpoint(path: Path, marker: Path, weights: dict) -> Path:
+    torch.save({"model_state_dict": weights, "extra": RunsCode(marker)}, path)
+    return path
+
+
+def test_a_checkpoint_that_runs_code_is_refused_everywhere(tmp_path, hub_home, tiny_model, tiny_cli, labelled_set, caplog):
+    marker = tmp_path / "code_ran"
+    weights = tiny_model.state_dict()
+    evil = malicious_checkpoint(tmp_path / "evil.pth", marker, weights)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth holds Python objects.*GLOBAL posix\.system.*weights_only=False"):
+        load_model(TINY_VIT, weights=evil)
+    malicious_checkpoint(hub_home / "FoL_base.pth", marker, weights)  # in the torch.hub cache
+    with pytest.raises(UnsafeCheckpointError):
+        load_model("vitb", weights="auto")
+    for option in ("--dinov2_weights", "--resume"):  # the training paths read through read_checkpoint
+        with pytest.raises(UnsafeCheckpointError):
+            read_checkpoint(evil, option=option)
+    assert cli_run(*tiny_eval_args(labelled_set, tmp_path / "out", evil)) == 2
+    assert "torch.load(weights_only=True) only" in caplog.text and "Traceback" not in caplog.text
+    assert not marker.exists()
+    # The conversion the message gives works, in the user's own trusted environment.
+    converted = Path(f"{evil}.safe.pth")
+    torch.save({"model_state_dict": torch.load(evil, weights_only=False)["model_state_dict"]}, converted)
+    marker.unlink()
+    assert load_model(TINY_VIT, weights=converted) is not None and not marker.exists()
+
+
+def test_checkpoints_we_write_load_with_the_safe_unpickler(tmp_path):
+    """Training checkpoints hold the optimizer, scheduler, log and config: all plain data."""
+    model = FoLModel(TINY_VIT)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, 10)
+    optimizer.step()
+    scheduler.step()
+    torch.save({
+        "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(), "epoch_num": 0, "recalls": {"R@5": 50.0},
+        "log": [{"epoch": 1, "loss_total": 1.5}], "best_score": -float("inf"), "rng_state": torch.get_rng_state(),
+        "config": {"output_dir": "runs/x", "image_size": [126, 126]},
+    }, tmp_path / "last.pth")
+    assert read_checkpoint(tmp_path / "last.pth", option="--resume")["epoch_num"] == 0

@@ -2,16 +2,38 @@
 on the command line, and the exit codes."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from fol_plugin.cli import USER_ERROR_EXIT
+import numpy as np
+import pytest
+import torch
 
-from .conftest import tiny_cli_args, write_blank_png
+from fol_plugin import checkpoint, cli
+from fol_plugin.cache.run_cache import LOCK_FILE
+from fol_plugin.cli import USER_ERROR_EXIT
+from fol_plugin.data import load_image, preprocess
+from fol_plugin.data.datasets import list_images
+from fol_plugin.data.images import network_size
+from fol_plugin.evaluation.config import load_sets
+
+from .conftest import (
+    DATA,
+    TINY_VIT,
+    cli_run,
+    config_for,
+    require,
+    tiny_cli_args,
+    tiny_eval_args,
+    user_error,
+    write_blank_png,
+)
 
 RUN_TIMEOUT_S = 300
 # The address space a run may take in the tests that could exhaust memory on a regression: a
@@ -83,6 +105,7 @@ def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, 
     done = run_cli(tiny_cli_args(labelled_set, tmp_path / "run", tiny_weights, "--num_workers", "2"), TMPDIR=str(temporary))
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(path.name for path in temporary.iterdir()) == []
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # the run's lock went with it
     root = tmp_path / "broken"
     shutil.copytree(labelled_set, root)
     (root / "queries" / "@999999.00@2.00@17@T@zz@.jpg").write_text("not an image")  # the last: workers sent batches
@@ -90,3 +113,125 @@ def test_runs_leave_nothing_in_the_temporary_folder(labelled_set, tiny_weights, 
     failed = run_cli(args, TMPDIR=str(temporary))
     assert failed.returncode == USER_ERROR_EXIT and "cannot decode image" in failed.stderr
     assert sorted(path.name for path in temporary.iterdir()) == []
+
+
+def folder_eval_args(database: Path, queries: Path, weights: Path, *extra: str) -> list[str]:
+    return ["eval", "--database_folder", str(database), "--queries_folder", str(queries), "--backbone", "vitb",
+            "--weights", str(weights), "--num_workers", "0", "--rerank_topk", "4", *extra]  # fmt: skip
+
+
+def test_one_image_size_value_resizes_each_image_by_its_shorter_side(tiny_cli, tiny_weights, tmp_path, caplog):
+    """``--image_size 126`` as VPR-methods-evaluation takes it, on photos of five aspect ratios in
+    batches of 4: each query's descriptor is the model's on that image at its own size."""
+    caplog.set_level(logging.INFO)
+    toy = require(DATA / "toy_dataset")
+    output = tmp_path / "run"
+    args = folder_eval_args(toy / "database", toy / "queries", tiny_weights, "--no_labels", "--image_size", "126",
+                     "--batch_size", "4", "--save_descriptors", "--output_dir", str(output))  # fmt: skip
+    assert cli.main(args) == 0
+    assert "--image_size 126: each image's shorter side to 126" in caplog.text
+    model = checkpoint.load_model(TINY_VIT, weights=tiny_weights, device="cpu")
+    saved = np.load(output / "queries" / "queries_descriptors.npy")
+    paths = list_images(toy / "queries")
+    sizes = set()
+    for path, descriptor in zip(paths, saved):
+        image = load_image(path)
+        size = network_size((126,), *image.shape[-2:])
+        sizes.add(size)
+        with torch.inference_mode():
+            np.testing.assert_allclose(descriptor, model(preprocess(image, size))[0].numpy(), atol=1e-5, rtol=0)
+    assert len(sizes) >= 3
+
+
+def test_log_dir_names_the_output_folder_as_the_harness(tiny_cli, labelled_set, tiny_weights, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    args = folder_eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126")
+    assert cli.main([*args, "--log_dir", "fol"]) == 0
+    [folder] = (tmp_path / "logs" / "fol").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", folder.name) and (folder / "recalls.json").is_file()
+    assert cli.main([*args, "--log_dir", "fol", "--output_dir", "x"]) == USER_ERROR_EXIT
+    assert "give --output_dir x or --log_dir fol, not both" in caplog.text
+    assert cli.main(args) == USER_ERROR_EXIT
+    assert "give --output_dir DIR (resumable), or --log_dir NAME" in caplog.text
+
+
+def test_save_only_wrong_preds_keeps_the_queries_wrong_at_rank_one(tiny_cli, labelled_set, tiny_weights, tmp_path):
+    output = tmp_path / "run"
+    args = folder_eval_args(labelled_set / "database", labelled_set / "queries", tiny_weights, "--image_size", "126", "126",
+                     "--num_preds_to_save", "3", "--save_only_wrong_preds", "--output_dir", str(output))  # fmt: skip
+    assert cli.main(args) == 0
+    for stage in ("global", "reranked"):
+        predictions = np.load(output / "queries" / f"predictions_{stage}.npy")
+        positives = config_for(labelled_set, tmp_path / "x", tiny_weights)
+        database, query_sets = load_sets(positives)
+        wrong = [q for q, row in enumerate(predictions) if row[0] not in query_sets[0].positives[q]]
+        assert 0 < len(wrong) < len(predictions)
+        assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.txt")) == [f"{q:03d}.txt" for q in wrong]
+        assert sorted(path.name for path in (output / "queries" / f"preds_{stage}").glob("*.png")) == [f"{q:03d}.png" for q in wrong]
+
+
+# An unlabelled run without figures, in a fresh process: which heavy libraries did it load?
+UNLABELLED_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import tiny_fol_vpr
+from fol_plugin import cli
+code = cli.main(sys.argv[2:])
+print(code, "sklearn" in sys.modules, "matplotlib" in sys.modules)
+"""
+
+
+def test_scikit_learn_and_matplotlib_load_only_where_used(labelled_set, tiny_weights, tmp_path):
+    args = tiny_cli_args(labelled_set, tmp_path / "run", tiny_weights, "--no_labels")[1:]
+    result = run_cli(["-c", UNLABELLED_RUN, str(Path(__file__).parent), *args])
+    assert result.stdout.split()[-3:] == ["0", "False", "False"], result.stderr[-2000:]
+    labelled = run_cli(["-c", UNLABELLED_RUN, str(Path(__file__).parent),
+                        *tiny_cli_args(labelled_set, tmp_path / "run2", tiny_weights, "--num_preds_to_save", "1")[1:]])
+    assert labelled.stdout.split()[-3:] == ["0", "True", "True"], labelled.stderr[-2000:]
+
+
+def test_command_line_faults_are_one_line_messages(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog, capsys):
+    args = tiny_eval_args(labelled_set, tmp_path / "out", tiny_weights)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available here; use --device cpu" in user_error(caplog, *args, "--device", "cuda")
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in user_error(caplog, *tiny_eval_args(labelled_set, tmp_path / "file", tiny_weights))
+    assert "cannot create --output_dir /proc/fol" in user_error(caplog, *tiny_eval_args(labelled_set, Path("/proc/fol"), tiny_weights))
+    (tmp_path / "cache_json" / "cache").mkdir(parents=True)
+    (tmp_path / "cache_json" / "cache" / "run.json").write_text("{broken")
+    (tmp_path / "cache_json" / "cache" / "a.commits").write_bytes(b"x" * 16)
+    message = user_error(caplog, *tiny_eval_args(labelled_set, tmp_path / "cache_json", tiny_weights))
+    assert "cache_json/cache/run.json is damaged" in message and "rm -rf" in message
+    for bad in (["--image_size", "-14", "224"], ["--num_preds_to_save", "-2"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_code:
+            cli_run(*args, *bad)
+        assert exit_code.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "predictions, message",
+    [
+        (np.full((5, 3), np.nan), r"hold nan at query 0, rank 0: database indices must be whole numbers"),
+        (np.full((5, 3), 2.7), r"hold 2.7 at query 0, rank 0"),
+        (np.zeros((5, 0), np.int64), r"are \(5, 0\), expected \[5 queries, K >= 1 predictions\]"),
+        (np.array([[99, 0, 1]] * 5), r"hold database index 99 at query 0, rank 0, outside \[0, 17\)"),
+    ],
+)
+def test_bad_prediction_files_are_named(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog, predictions, message):
+    np.save(tmp_path / "given.npy", predictions)
+    line = user_error(
+        caplog, "rerank", "--database_folder", str(labelled_set / "database"), "--queries_folder",
+        str(labelled_set / "queries"), "--predictions", str(tmp_path / "given.npy"), "--backbone", "vitb",
+        "--weights", str(tiny_weights), "--image_size", "126", "126", "--output_dir", str(tmp_path / "out"),
+    )
+    assert re.search(message, line)
+
+
+def test_an_unreadable_image_read_in_a_worker_process_is_one_line(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog):
+    root = tmp_path / "broken"
+    shutil.copytree(labelled_set, root)
+    (root / "database" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    args = tiny_eval_args(root, tmp_path / "out", tiny_weights, "--no_labels")
+    args[args.index("--num_workers") + 1] = "1"
+    line = user_error(caplog, *args)
+    assert line.startswith("cannot decode image ") and "zz_broken.jpg" in line and "\n" not in line

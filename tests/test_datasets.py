@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -45,3 +46,17 @@ def test_names_that_are_not_utf8_are_listed(tmp_path):
     (tmp_path / name).write_bytes(b"")
     (tmp_path / "plain.jpg").write_bytes(b"")
     assert sorted(list_images(tmp_path)) == sorted([str(tmp_path / name), str(tmp_path / "plain.jpg")])
+
+
+def test_image_search_follows_directory_symlinks_without_looping(labelled_set, tmp_path, caplog):
+    folder = tmp_path / "database"
+    folder.mkdir()
+    shutil.copyfile(sorted((labelled_set / "database").iterdir())[0], folder / "own.jpg")
+    (folder / "linked").symlink_to(labelled_set / "database", target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "._own.jpg").write_bytes(b"macOS metadata")  # hidden: glob skips it, so do we
+    caplog.set_level("WARNING")
+    found = list_images(folder)
+    assert len(found) == 18 and found[-1] == str(folder / "own.jpg")
+    assert all(path.startswith(str(folder / "linked")) for path in found[:17])
+    assert "symlink loop" in caplog.text

@@ -63,6 +63,7 @@ def test_two_processes_give_the_single_process_outputs_byte_for_byte(
     result = run([*TORCHRUN, *tiny_args(labelled_set, tmp_path / "run", tiny_weights)])
     assert result.returncode == 0, result.stderr
     assert outputs(tmp_path / "run") == single_process
+    assert result.stderr.count("Only 17 database images") == 1  # a warning once, from rank 0
     summary = json.loads((tmp_path / "run" / "recalls.json").read_text())
     assert summary["processes"] == 2 and summary["query_sets"]["queries"]["reranked"]["R@1"] == 60.0
     # Each process wrote its own commit log and store files.

@@ -241,3 +241,15 @@ def test_rerank_command_line_matches_the_python_api(labelled_set, tiny_weights, 
         for name in ("predictions_reranked.npy", "rerank_scores.npy"):
             ours = np.load(tmp_path / source.replace(".", "_") / "queries" / name)
             assert (ours == np.load(tmp_path / "api" / "queries" / name)).all()
+
+
+def test_fewer_given_predictions_than_the_depth_and_the_recalls_say_so(labelled_set, tiny_weights, tmp_path, caplog):
+    """``fol-vpr rerank`` of 3 predictions per query (another method saved with
+    ``--num_preds_to_save 3``): one warning line; ``recalls.json`` says the depth used."""
+    given = np.tile(np.arange(3), (5, 1))
+    config = config_for(labelled_set, tmp_path / "run", tiny_weights, rerank_topk=8)
+    summary = run_rerank(config, [given])
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "predictions per query" in r.getMessage()]
+    assert "hold 3 predictions per query: re-ranking the top 3, not --rerank_topk 8" in line
+    assert "R@5, R@10, R@20 count only those 3 (lower bounds: the database has 17 images)" in line
+    assert summary["query_sets"]["queries"]["rerank_topk_used"] == 3

@@ -20,7 +20,7 @@ from fol_plugin import checkpoint, cli
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import load_image_set
 from fol_plugin.evaluation import compute_recalls, run_eval
-from fol_plugin.evaluation.outputs import panel_labels, read_preds_files, scores_in_order
+from fol_plugin.evaluation.outputs import in_display_order, panel_labels, read_preds_files
 from fol_plugin.matching import extract_local_features, match, verify
 from fol_plugin.models import FoLModel
 from fol_plugin.options import default_num_workers
@@ -230,25 +230,34 @@ def test_readme_python_snippets_run_as_written(parity_torch_home, monkeypatch, c
 
 def test_prediction_grids_show_file_names_and_fol_scores():
     predictions = np.array([[7, 3, 9]])
-    scores = scores_in_order(predictions, np.array([[3, 7, 9, 1]]), np.array([[120.0, 340.0]]))
+    scores = in_display_order(predictions, np.array([[3, 7, 9, 1]]), np.array([[120.0, 340.0]]))
     assert np.array_equal(scores[0, :2], [340.0, 120.0]) and np.isnan(scores[0, 2])
-    labels = panel_labels("q/@0@0@q1@.jpg", ["db/a.jpg", "db/b.jpg", "db/" + "x" * 60 + ".jpg"], scores[0])
-    assert labels == ["query\n@0@0@q1@.jpg", "#1: a.jpg\nFoL score 340", "#2: b.jpg\nFoL score 120", labels[3]]
-    assert labels[3].startswith("#3: xxx") and "..." in labels[3] and "FoL score" not in labels[3]
+    distances = in_display_order(predictions, np.array([[3, 7, 9, 1]]), np.array([[0.5, 0.61, 0.7, 0.8]]))
+    labels = panel_labels(
+        "q/@551234.56@4178123.4@10@S@q1@.jpg", ["db/a.jpg", "db/b.jpg", "db/" + "x" * 60 + ".jpg"], scores[0],
+        distances[0], [True, False, None],
+    )
+    assert labels[:3] == [
+        "query\nUTM 551235 E, 4178123 N", "#1 correct\na.jpg\nFoL 340, L2² 0.610", "#2 wrong\nb.jpg\nFoL 120, L2² 0.500",
+    ]
+    assert labels[3].startswith("#3\nxxx") and "..." in labels[3] and labels[3].endswith("L2² 0.700")
 
 
 def test_visualize_keeps_aspect_ratios_and_has_colour_bars(tiny_model):
     pair = require(DATA / "match_pair")
     images, regions, result = match_pair(tiny_model, (pair / "query.jpg", pair / "database.jpg"), (126, 126))
     figure = draw_pair(images, regions, result, ("query.jpg", "database.jpg"), "homography")
-    region_axes = figure.axes[:4:2] if len(figure.axes) == 6 else None
-    assert len(figure.axes) == 6  # two region panels, their two colour bars, two match rows
+    assert len(figure.axes) == 5  # two region panels, their one shared colour bar, two match rows
+    heats = []
     for axis, image in zip([a for a in figure.axes if a.get_label() != "<colorbar>"][:2], images):
         height, width = image.shape[-2:]
-        shown = [artist for artist in axis.get_children() if isinstance(artist, AxesImage)][0]
+        shown, heat = [artist for artist in axis.get_children() if isinstance(artist, AxesImage)][:2]
         assert shown.get_array().shape[:2] == (height, width)  # the original image, not squashed
-    assert sum(axis.get_label() == "<colorbar>" for axis in figure.axes) == 2
-    assert region_axes is not None
+        heats.append(heat)
+    assert sum(axis.get_label() == "<colorbar>" for axis in figure.axes) == 1
+    assert [heat.get_clim() for heat in heats] == [(0.0, 1.0), (0.0, 1.0)]  # one scale for both images
+    assert min(float(heat.get_array().min()) for heat in heats) == 0.0
+    assert max(float(heat.get_array().max()) for heat in heats) == 1.0
 
 
 # 13. Nothing written beside the code.

@@ -1,15 +1,21 @@
 """Image decoding and FoL's evaluation pre-processing (kornia)."""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import kornia
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import fol_plugin
 from fol_plugin.data import load_image, normalize, preprocess
-from fol_plugin.data.images import ImageTooLargeError, check_image_pixels, image_dimensions
+from fol_plugin.data.images import ImageTooLargeError, check_image_pixels, image_dimensions, network_size
+from fol_plugin.models.resizing import round_to_patch_multiple
 
 from .conftest import DATA, require, write_blank_png
 
@@ -100,3 +106,26 @@ def test_a_file_that_is_no_image_names_itself(tmp_path):
     path.write_text("not an image")
     with pytest.raises(ValueError, match="cannot decode image .*notes.jpg"):
         load_image(path)
+
+
+def test_one_image_size_value_is_the_harness_resize_rounded_to_patches():
+    """``--image_size S``: the size VPR-methods-evaluation's own ``TestDataset`` gives each toy
+    photo (torchvision's ``Resize([S])``, recorded by ``fixtures/make_vme_resize_sizes.py``), each
+    side then rounded to the nearest multiple of 14; five aspect ratios, three values of S."""
+    reference = json.loads((Path(__file__).parent / "fixtures" / "vme_resize_sizes.json").read_text())
+    assert {tuple(entry["original"]) for entry in reference["sizes"]} >= {(480, 614), (768, 480), (512, 512)}
+    for entry in reference["sizes"]:
+        expected = tuple(round_to_patch_multiple(side) for side in entry["resized"])
+        assert network_size((entry["image_size"],), *entry["original"]) == expected, entry
+    assert network_size((322, 434), 480, 640) == (322, 434)  # two values are taken as they are
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "LA", "I;16"])
+def test_image_modes_pillow_reads_are_converted_as_pillow_does(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    image = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)) if mode == "I;16" else rgb.convert(mode)
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    image.save(path)
+    expected = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255
+    loaded = fol_plugin.load_image(path)
+    assert loaded.shape == (3, 30, 40) and np.array_equal(loaded.permute(1, 2, 0).numpy(), expected)

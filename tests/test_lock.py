@@ -88,3 +88,16 @@ def test_a_forked_child_cannot_release_its_parents_lock(tmp_path):
 )
 def test_the_recorded_command_runs_again_as_typed(argv, environ, expected):
     assert command_line(argv, environ) == expected
+
+
+def test_a_released_lock_leaves_no_file_and_the_next_holder_locks_a_new_one(tmp_path):
+    first = DirectoryLock(tmp_path, name=".fol-vpr.lock")
+    first.acquire()
+    waiting = open(tmp_path / ".fol-vpr.lock", "a+")  # opened by another run just before the release
+    first.release()
+    assert not (tmp_path / ".fol-vpr.lock").exists()
+    with DirectoryLock(tmp_path, name=".fol-vpr.lock"):  # not fooled by the removed file still open
+        assert (tmp_path / ".fol-vpr.lock").exists()
+        with pytest.raises(RunLockedError):
+            DirectoryLock(tmp_path, name=".fol-vpr.lock").acquire()
+    waiting.close()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fol_plugin import PatchSizeResizer
 from fol_plugin.models import FoLModel, nearest_valid_sizes
 from fol_plugin.models.aggregator import clip_top_values
+from fol_plugin.models.local_features import original_padded_length
 
 from .conftest import TINY_VIT
 
@@ -160,3 +161,36 @@ def test_cuda_matches_cpu(tiny_model):
     torch.testing.assert_close(cuda.global_descriptors.cpu(), cpu.global_descriptors, atol=1e-4, rtol=0)
     assert [len(d) for d in cuda.local_descriptors] == [len(d) for d in cpu.local_descriptors]
     assert cuda.keypoints[0].device.type == "cuda"
+
+
+@pytest.mark.parametrize(("size", "length"), [(126, 33**2), (168, 45**2)])
+def test_test_forward_pads_local_features_as_the_original(tiny_model, size, length):
+    """``model(x, test=True)``: the global descriptors of ``model(x)`` and the selected local
+    descriptors zero-padded to the original's length for the local grid's height (33 rows:
+    33 x 33), or to the longest where that is longer (45 rows: every one of the 144 patches is
+    selected, 2,025 cells, past the original's 1,000, where it raises)."""
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features, local = tiny_model(images, test=True)
+        extracted = tiny_model.extract(images)
+    assert torch.equal(features, tiny_model(images))
+    assert local.shape == (2, length, 128)
+    for padded, descriptors in zip(local, extracted.local_descriptors):
+        assert torch.equal(padded[: len(descriptors)], descriptors) and not padded[len(descriptors) :].any()
+
+
+def test_original_padded_lengths():
+    assert [original_padded_length(h) for h in (33, 40, 41, 70, 71, 80, 81, 141)] == [1089, 1600, 1000, 1000, 3500, 3500, 3600, 3600]
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.zeros(0, 3, 126, 126), "empty batch"),
+        (torch.zeros(1, 3, 126, 126, dtype=torch.uint8), r"float images.*not torch\.uint8.*preprocess"),
+        (torch.zeros(1, 3, 126, 126, dtype=torch.float16), r"float16 but the model's weights are torch\.float32"),
+    ],
+)
+def test_model_input_errors_name_the_fix(tiny_model, images, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        tiny_model(images)

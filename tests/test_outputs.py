@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fol_plugin.data.datasets import list_images
-from fol_plugin.evaluation import run_eval, run_rerank
+from fol_plugin.evaluation import run_eval
 from fol_plugin.evaluation.outputs import read_preds_files
 
 from .conftest import config_for

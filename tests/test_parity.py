@@ -71,3 +71,24 @@ def test_get_trained_model_passes_valid_sizes_through_and_resizes_others(parity_
     np.testing.assert_array_equal(same.numpy(), inner.numpy())
     assert odd.shape == (1, 8448)
     assert torch.allclose(odd.norm(dim=-1), torch.ones(1))
+
+
+def test_code_written_for_the_original_hub_runs_unchanged(parity_fixture, parity_torch_home, hub_features, no_network):
+    """chenshunpeng/FoL's hub call (``strict=False``) and its evaluation's ``model(x, test=True)``,
+    read as ``outputs[0], outputs[1]``: our global descriptors, and the local descriptors
+    zero-padded to the original's 3600 (322 x 322: an 89-row local grid), which score as the
+    original's re-ranking does."""
+    weights = parity_torch_home / "hub" / "checkpoints" / "FoL_base.pth"
+    model = torch.hub.load(str(REPO_ROOT), "FoL", source="local", backbone="vitb", weights=str(weights), strict=False)
+    images = imagenet_input(parity_fixture["expected"]["images_uint8"])
+    with torch.inference_mode():
+        outputs = model(images, test=True)
+        plain = model(images)
+    features, local = outputs[0], outputs[1]
+    assert len(outputs) == 2 and torch.equal(features, plain)
+    assert local.shape == (3, 3600, 128)
+    for padded, descriptors in zip(local, hub_features.local_descriptors):
+        assert torch.equal(padded[: len(descriptors)], descriptors)
+        assert not padded[len(descriptors) :].any()
+    scores = torch.stack([mutual_match_scores(query, list(local)) for query in local])
+    np.testing.assert_array_equal(scores.numpy(), parity_fixture["expected"]["rerank_scores"])

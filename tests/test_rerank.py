@@ -1,4 +1,4 @@
-"""The FoL re-ranking score against a literal reading of FOL_SPEC section 5."""
+"""The FoL re-ranking score against a literal reading of docs/METHOD.md section 5."""
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import logging
 import os
 import re
 import subprocess
@@ -24,17 +25,14 @@ from fol_plugin.features import ExtractionConfig
 from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, gsv_cities_places, gsv_image_name
 from fol_plugin.models import FoLModel
 from fol_plugin.train import loop
-from fol_plugin.train.loop import (
-    BEST,
-    LAST,
-    LOG,
-    PLOT,
-    TrainConfig,
-    accumulation_divisors,
-    load_dinov2_weights,
-    train,
-    validation_recalls,
-)
+from fol_plugin.checkpoint import load_dinov2_weights
+from fol_plugin.train import config as train_config
+from fol_plugin.train import sharding
+from fol_plugin.train.config import TrainConfig
+from fol_plugin.train.log import plot_losses
+from fol_plugin.train.loop import train, validation_recalls
+from fol_plugin.train.run_folder import BEST, LAST, LOG, PLOT
+from fol_plugin.train.sharding import accumulation_divisors
 
 from .conftest import REPO_ROOT, TINY_VIT, utm_name
 
@@ -321,7 +319,7 @@ def test_the_resume_log_names_the_last_finished_epoch(synthetic, tmp_path, caplo
     caplog.set_level("INFO")
     train(dataclasses.replace(config, epochs=2), places, resume=True)
     assert f"Resuming {tmp_path / 'run'} after epoch 1: epoch 2 of 2 next" in caplog.messages
-    assert any(message.startswith("Epoch 2: epoch 2,") for message in caplog.messages)
+    assert any(message.startswith("Epoch 2/2: ") for message in caplog.messages)
     train(dataclasses.replace(config, epochs=2), places, resume=True)
     assert caplog.messages[-1] == (
         f"Resuming {tmp_path / 'run'} after epoch 2: all 2 epochs are done; give a larger --epochs to train on"
@@ -358,9 +356,10 @@ def test_a_last_partial_accumulation_group_is_the_mean_of_its_own_batches(synthe
     rows = train(config, synthetic["places"])["epochs"]
     assert all(torch.allclose(after, start - 2.0, atol=1e-5) for after, start in zip(trained, before))
     summary = next(r.message for r in caplog.records if r.message.startswith("Training"))
-    assert "12 places, 48 images" in summary and "3 batches per epoch" in summary and "effective batch 32 images" in summary
-    epoch_line = next(r.message for r in caplog.records if r.message.startswith("Epoch 1:"))
-    assert f"loss_total {rows[0]['loss_total']!r}" in epoch_line  # every digit, not rounded
+    assert "12 places, 48 images" in summary and "3 batches an epoch" in summary
+    assert "accumulation 2: 2 optimiser steps an epoch of 32 or 16 images each" in summary  # the last group is partial
+    epoch_line = next(r.message for r in caplog.records if r.message.startswith("Epoch 1/1:"))
+    assert f"loss total {rows[0]['loss_total']:.4g}" in epoch_line  # rounded in the log; every digit in losses.csv
 
 
 def test_validation_reranks_and_keeps_the_best_reranked_recall(synthetic, tmp_path):
@@ -385,7 +384,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_reranked_recall(s
     monkeypatch.setattr(loop, "validation_recalls", scripted)
     monkeypatch.setattr(loop, "save_weights", lambda model, path, advice: saved_after.append(len(rows_seen)))
     rows_seen: list = []
-    monkeypatch.setattr(loop, "_write_log", lambda output_dir, rows, advice: rows_seen.append(len(rows)))
+    monkeypatch.setattr(loop, "write_log", lambda output_dir, rows, advice: rows_seen.append(len(rows)))
     config = tiny_config(
         tmp_path / "run", epochs=6, patience=3, validation=synthetic["validation"], validation_image_size=(SIZE + 14, SIZE + 14)
     )
@@ -402,7 +401,7 @@ def test_the_paper_recipe_reads_places_as_the_original(synthetic, tmp_path):
     config = TrainConfig(output_dir=tmp_path)
     assert (config.augment, config.normalize_images, config.random_images, config.shuffle_each_epoch) == (False,) * 4
     assert config.resize_mode == "bilinear_antialias" and config.backbone == "vitl"
-    assert set(loop.RECIPES["improved"]) == {"augment", "normalize_images", "random_images", "shuffle_each_epoch", "resize_mode"}
+    assert set(train_config.RECIPES["improved"]) == {"augment", "normalize_images", "random_images", "shuffle_each_epoch", "resize_mode"}
     places = [sorted(folder.iterdir()) for folder in sorted((synthetic["root"] / "train").iterdir())]
     paper = PlaceDataset(places[:2], (SIZE, SIZE), seed=0)
     improved = PlaceDataset(places[:2], (SIZE, SIZE), resize_mode="original", normalize_images=True, random_images=True, seed=0)
@@ -415,8 +414,8 @@ def test_the_paper_recipe_reads_places_as_the_original(synthetic, tmp_path):
         draws.add(tuple(improved.chosen(0)))
     assert len(draws) > 1
     # One place order every epoch, in consecutive batches, the last (smaller) batch kept.
-    assert loop.place_batches(10, 4, SINGLE_PROCESS, None, False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    shuffled = loop.place_batches(10, 4, SINGLE_PROCESS, 7, True)
+    assert sharding.place_batches(10, 4, SINGLE_PROCESS, None, False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shuffled = sharding.place_batches(10, 4, SINGLE_PROCESS, 7, True)
     assert [len(batch) for batch in shuffled] == [4, 4] and shuffled != [[0, 1, 2, 3], [4, 5, 6, 7]]  # improved
     images, _ = paper[0]
     raw = torch.cat([load_image(path)[None] for path in places[0][:4]])
@@ -486,13 +485,36 @@ def test_two_processes_train_as_one_on_the_same_global_batch_and_resume(syntheti
 
 
 def test_a_global_batch_splits_evenly_between_processes():
-    shares = [loop.place_batches(10, 4, Processes(rank, 2), None, False) for rank in range(2)]
+    shares = [sharding.place_batches(10, 4, Processes(rank, 2), None, False) for rank in range(2)]
     assert shares == [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]  # the last batch of 2 kept, split 1 + 1
     with pytest.raises(ValueError, match="--places_per_batch 5 must be a multiple of the 2 processes"):
-        loop.place_batches(10, 5, Processes(0, 2), None, False)
+        sharding.place_batches(10, 5, Processes(0, 2), None, False)
 
 
 def test_training_images_over_the_pixel_limit_are_refused(four_places, tmp_path, tiny_cli_model, caplog):
     """--max_image_pixels reaches the training images (checked from their headers)."""
     assert cli.main(train_arguments(four_places, tmp_path / "run", "--max_image_pixels", "100")) == cli.USER_ERROR_EXIT
     assert re.search(r"image .* is \d+x\d+ \([\d,]+ pixels\), more than --max_image_pixels 100", last_error(caplog))
+
+
+def test_the_log_says_the_real_batch_and_rounded_numbers(four_places, tmp_path, tiny_cli_model, caplog):
+    """Four places in batches of 4 with --accumulation_steps 4: one batch an epoch, so each
+    optimiser step averages 16 images, not 64; epoch lines carry rounded numbers once each."""
+    caplog.set_level(logging.INFO)
+    assert cli.main(train_arguments(four_places, tmp_path / "run", "--accumulation_steps", "4")) == 0
+    messages = [record.getMessage() for record in caplog.records]
+    summary = next(message for message in messages if message.startswith("Training "))
+    assert "batches of 4 places x 4 images (16), 1 batch an epoch, accumulation 4: 1 optimiser step an epoch of 16 images each" in summary
+    epoch = next(message for message in messages if message.startswith("Epoch 1/1:"))
+    assert re.fullmatch(r"Epoch 1/1: 1 batch, lr [\d.]+e-05, loss total \d\.\d{3} \(global_ms [\d.e-]+, .*\)", epoch), epoch
+    assert epoch.count("epoch") == 0 and len(epoch) < 200
+
+
+def test_losses_are_plotted_one_panel_each():
+    rows = [{"epoch": e, "steps": 2, "lr": 6e-5, "loss_total": 2.0 / e, "loss_alignment": 8e-8 * e} for e in (1, 2, 3)]
+    figure = plot_losses(rows)
+    panels = [axis for axis in figure.axes if axis.get_visible() and axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["total", "alignment"]
+    assert [axis.get_legend() for axis in panels] == [None, None]
+    low, high = panels[1].get_ylim()
+    assert low < 8e-8 and 2.4e-7 < high < 1e-6  # its own scale, not squashed on the total's

@@ -38,9 +38,8 @@ from ..errors import user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
-from ..evaluation.resources import MB
 from ..evaluation.workspace import cache_inputs
-from ..files import DamagedFileError, read_json, write_json
+from ..files import MB, DamagedFileError, read_json, write_json
 from ..options import DEFAULT_RECALL_VALUES
 from .published import PUBLISHED_RECALL_VALUES
 from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select
@@ -51,8 +50,8 @@ logger = logging.getLogger(__name__)
 # Settings that change how a run works but not its results: a finished dataset is reused across them.
 # (The image limits only refuse images; the images a run read are compared through its inputs.)
 NOT_RESULT_SETTINGS = (
-    "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_descriptors", "max_image_pixels",
-    "allow_outside_paths",
+    "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_only_wrong_preds", "save_descriptors",
+    "max_image_pixels", "allow_outside_paths",
 )
 PREDICTIONS_SUFFIX = ".npy"
 # Names a dataset's folder may not take: the benchmark's own files in --output_dir.

@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+from ..data.images import describe_image_size
 from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
 from ..files import read_json, write_json, write_text
@@ -126,7 +127,8 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                 "dataset": name,
                 "query_set": query_set,
                 "published_as": label,
-                "status": _status(entry, results),
+                "status": _status(entry, results, meta["rerank_topk"]),
+                "rerank_topk_used": results.get("rerank_topk_used"),
                 "num_database": entry.get("counts", {}).get("database"),
                 "num_queries": count,
                 **_recall_fields("global", results.get("global")),
@@ -146,13 +148,17 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                     ours, theirs = row[f"{stage}_R@{n}"], row[f"published_{stage}_R@{n}"]
                     row[f"diff_{stage}_R@{n}"] = None if ours is None or theirs is None else round(ours - theirs, 2)
             rows.append(row)
+    meta["rerank_topk_used"] = sorted({row["rerank_topk_used"] for row in rows if row["rerank_topk_used"] is not None})
     return meta, rows
 
 
-def _status(entry: dict, results: dict) -> str:
+def _status(entry: dict, results: dict, rerank_topk: int | None) -> str:
     if entry.get("status") != "done":
         return f"{FAILED}: {entry.get('error', 'unknown error')}"
     notes = []
+    used = results.get("rerank_topk_used")
+    if used is not None and rerank_topk is not None and used < rerank_topk:
+        notes.append(f"re-ranked the top {used} only (fewer candidates than --rerank_topk {rerank_topk})")
     if entry.get("mismatches"):
         notes.append("count mismatch")
     if not entry.get("labelled", True):
@@ -179,11 +185,21 @@ def _number(value: float | None, digits: int = 1, signed: bool = False) -> str:
 
 
 def _title(meta: dict) -> str:
-    size = "x".join(map(str, meta["image_size"]))
+    size = describe_image_size(meta["image_size"])
     return (
         f"{meta['method']}: {meta['backbone']}, {size}, resize {meta['resize_mode']}, {meta['extraction_precision']}, "
-        f"top-{meta['rerank_topk']} re-ranking ({meta['scorer']})"
+        f"{_depth(meta)} re-ranking ({meta['scorer']})"
     )
+
+
+def _depth(meta: dict) -> str:
+    """The re-ranking depth the rows used: ``top-100``, or what fewer candidates allowed."""
+    used = [value for value in meta.get("rerank_topk_used", []) if value != meta["rerank_topk"]]
+    if not used:
+        return f"top-{meta['rerank_topk']}"
+    depths = sorted({*meta["rerank_topk_used"]})
+    shown = f"top-{depths[0]}" if len(depths) == 1 else f"top-{depths[0]} to top-{depths[-1]}"
+    return f"{shown} (--rerank_topk {meta['rerank_topk']}; fewer candidates in some rows)"
 
 
 def protocol_differences(meta: dict) -> list[str]:

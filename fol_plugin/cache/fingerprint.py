@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import xxhash
+
+from ..files import DiskFullError, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,8 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
     digests[key] = {**identity, "digest": digest}
     try:
         digests_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=digests_path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(digests, handle)
-        os.replace(handle.name, digests_path)
-    except OSError as error:  # a read-only home only costs re-hashing next time
+        write_json(digests_path, digests)
+    except (OSError, DiskFullError) as error:  # a read-only home only costs re-hashing next time
         logger.warning("could not remember the digest of %s in %s: %s", path, digests_path, error)
     return digest
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ..files import DISK_FULL_ERRNOS, DiskFullError, disk_full_message  # fol_plugin.cache re-exports DiskFullError
+from ..files import DISK_FULL_ERRNOS, DiskFullError, atomic_write, disk_full_message  # cache re-exports DiskFullError
 
 CHECKSUM_MASK = (1 << 63) - 1  # checksums are kept in int64 records
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
@@ -98,10 +98,8 @@ class CommitLog:
 
     def rewrite(self, records: np.ndarray) -> None:
         """Replace the log by ``records`` [R, fields], atomically (drops damaged records; writers only)."""
-        temporary = self.path.with_suffix(".tmp")
-        temporary.unlink(missing_ok=True)
-        fsync_append(temporary, [np.asarray(records, np.int64).reshape(-1, self.fields)])
-        os.replace(temporary, self.path)
+        data = np.ascontiguousarray(records, np.int64).reshape(-1, self.fields).tobytes()
+        atomic_write(self.path, lambda handle: handle.write(data))
 
 
 def preallocate(path: Path, size: int) -> None:
@@ -111,8 +109,6 @@ def preallocate(path: Path, size: int) -> None:
         try:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as error:
-            if error.errno in DISK_FULL_ERRNOS:
-                raise
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
                 raise
 

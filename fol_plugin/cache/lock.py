@@ -4,6 +4,8 @@ The lock file also records who holds it (process id, host, start time, command),
 run can name the other one. The operating system releases the lock when the holder exits, even
 after ``kill -9``: a stale lock file never blocks anyone.
 
+The lock file is removed when the lock is released, so a finished run leaves none behind.
+
 An ``flock`` lock belongs to the open file, which a forked child (a DataLoader worker) shares
 with its parent: the lock would live on in workers that outlive a killed parent by seconds. A
 forked child therefore lets go of every lock file it inherits, at once (``os.register_at_fork``),
@@ -61,17 +63,21 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunLockedError` naming the process that holds it."""
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            raise RunLockedError(
-                f"{self.what} is in use by another process ({_describe(holder)}); wait for it to finish, or use "
-                "another folder"
-            ) from None
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise RunLockedError(
+                    f"{self.what} is in use by another process ({_describe(holder)}); wait for it to finish, or use "
+                    "another folder"
+                ) from None
+            if _same_file(handle, self.path):
+                break
+            handle.close()  # its holder removed it while we opened it: lock the new one
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({
@@ -83,8 +89,12 @@ class DirectoryLock:
         _HELD.add(self)
 
     def release(self) -> None:
+        """Remove the lock file, then let go of the lock (a process that opened the file
+        meanwhile finds it removed and opens a new one)."""
         _HELD.discard(self)
         if self._handle is not None:
+            if _same_file(self._handle, self.path):
+                self.path.unlink()
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
@@ -95,6 +105,14 @@ class DirectoryLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _same_file(handle: object, path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def command_line(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> str:

@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..files import MB, write_json
 from .integrity import folder_bytes, holds_commits
 from .lock import DirectoryLock, command_line
 
@@ -29,7 +30,6 @@ CACHE_FOLDER = "cache"
 RUN_FILE = "run.json"
 LOCK_FILE = ".fol-vpr.lock"
 CACHE_FORMAT = 3  # bump when cached files change layout
-MB = 1e6
 SHOWN_VALUE_CHARS = 40
 
 
@@ -99,9 +99,7 @@ class RunCache:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         record = {"fingerprint": fingerprint, "command": command_line(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        temporary = self.run_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record, indent=1))
-        os.replace(temporary, self.run_file)
+        write_json(self.run_file, record)
 
     def _stored_record(self) -> tuple[dict | None, str | None]:
         """(run.json's record, None), (None, None) when there is none, or (None, what is wrong with it)."""

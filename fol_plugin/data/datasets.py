@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 
 from ..options import DEFAULT_POSITIVE_DISTANCE
 
@@ -147,6 +146,8 @@ def find_positives(
     Returns:
         Q sorted int64 arrays.
     """
+    from sklearn.neighbors import NearestNeighbors  # imported by labelled runs only
+
     knn = NearestNeighbors().fit(database_utms)
     positives = knn.radius_neighbors(queries_utms, radius=radius, return_distance=False)
     return [np.sort(indices).astype(np.int64) for indices in positives]

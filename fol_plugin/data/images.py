@@ -5,7 +5,7 @@ import os
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from kornia.io import ImageLoadType
 from PIL import Image
 
 from ..files import GB
+from ..models.resizing import round_to_patch_multiple
 from ..options import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,6 +137,28 @@ def _load_with_pillow(path: Path, kornia_error: Exception) -> torch.Tensor:
             f"cannot decode image {path}: {kornia_error}; {error}; re-save it as JPEG or PNG or remove it"
         ) from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / RGB_MAX
+
+
+def network_size(image_size: Sequence[int], height: int, width: int) -> tuple[int, int]:
+    """The network input (H', W') of an ``height`` x ``width`` image.
+
+    Args:
+        image_size: (H, W), taken as it is; or one value S, as VPR-methods-evaluation's
+            ``--image_size S`` (torchvision's ``Resize(S)``): the shorter side becomes S, the
+            longer ``int(S * longer / shorter)``, then each side is rounded to the nearest
+            multiple of the patch size 14 (at least 14; ``round_to_patch_multiple``), which FoL
+            needs.
+    """
+    if len(image_size) == 2:
+        return int(image_size[0]), int(image_size[1])
+    (short,) = image_size
+    scaled = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    return round_to_patch_multiple(scaled[0]), round_to_patch_multiple(scaled[1])
+
+
+def describe_image_size(image_size: Sequence[int]) -> str:
+    """``322x322``, or ``shorter side 322`` for one value (see :func:`network_size`)."""
+    return "x".join(map(str, image_size)) if len(image_size) == 2 else f"shorter side {image_size[0]}"
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Evaluation: the two-stage pipeline, recalls and what a run writes."""
-from .pipeline import EvalConfig, run_eval, run_rerank
+from .config import EvalConfig
+from .pipeline import run_eval, run_rerank
 from .recalls import DEFAULT_RECALL_VALUES, compute_recalls
 from .resources import InsufficientDiskError
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..cache.run_cache import CACHE_FOLDER, LOCK_FILE
 from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
+from ..data.images import image_dimensions, network_size
 from ..features import ExtractionConfig, check_image_size
 from ..matching import ScorerConfig
 from ..options import DEFAULT_RERANK_FRACTION, GLOBAL_DTYPES
@@ -48,6 +49,8 @@ class EvalConfig:
         store_dtype: local-feature store precision ("float32" reproduces the original's scores).
         in_memory: hold all database local features in RAM, as the original's default mode.
         num_preds_to_save: per query, predictions drawn in PNG grids and listed in preds/*.txt.
+        save_only_wrong_preds: those grids and files only for the queries whose first prediction
+            is wrong (VPR-methods-evaluation's flag; every query without labels).
         save_descriptors: keep the global descriptors as .npy files in the output folder.
         keep_cache: keep ``<output_dir>/cache`` after a successful run.
         search_chunk_size: database rows per faiss index.
@@ -71,6 +74,7 @@ class EvalConfig:
     store_dtype: str = "float32"
     in_memory: bool = False
     num_preds_to_save: int = 0
+    save_only_wrong_preds: bool = False
     save_descriptors: bool = False
     keep_cache: bool = False
     search_chunk_size: int = DEFAULT_SEARCH_CHUNK
@@ -108,6 +112,11 @@ def load_sets(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
         query_sets.append(QuerySet(images=images, key=key, positives=positives))
     if config.num_preds_to_save:
         _check_line_breaks([database, *(query_set.images for query_set in query_sets)])
+    if config.save_only_wrong_preds and not (config.num_preds_to_save and config.labelled):
+        logger.warning(
+            "--save_only_wrong_preds needs --num_preds_to_save and labels to tell wrong queries: %s",
+            "every query's predictions are saved" if config.num_preds_to_save else "nothing is saved",
+        )
     logger.info("Database: %d images; queries: %s", len(database), {s.key: len(s.images) for s in query_sets})
     return database, query_sets
 
@@ -141,11 +150,31 @@ def num_predictions(config: EvalConfig, num_database: int) -> int:
     """Predictions kept per query: enough for the recalls, the re-ranking and the saved figures."""
     wanted = max(max(config.recall_values), config.rerank_topk, config.num_preds_to_save)
     if wanted > num_database:
+        depth = ""
+        if config.rerank_topk > num_database:
+            depth = f"; re-ranking the top {num_database}, not --rerank_topk {config.rerank_topk}"
         logger.warning(
             "Only %d database images: keeping %d predictions per query, not %d (R@N above %d counts all of them, as "
-            "VPR-methods-evaluation does)", num_database, num_database, wanted, num_database,
+            "VPR-methods-evaluation does)%s", num_database, num_database, wanted, num_database, depth,
         )
     return min(wanted, num_database)
+
+
+def warn_shallow_predictions(config: EvalConfig, source: str, available: int, num_database: int) -> None:
+    """One warning line when ``available`` predictions per query (given to ``fol-vpr rerank``)
+    are fewer than ``--rerank_topk`` or than the largest recall value needs."""
+    problems = []
+    if config.rerank_topk > available:
+        problems.append(f"re-ranking the top {available}, not --rerank_topk {config.rerank_topk}")
+    beyond = [n for n in config.recall_values if n > available]
+    if beyond and available < num_database:
+        recalls = ", ".join(f"R@{n}" for n in beyond)
+        problems.append(f"{recalls} count only those {available} (lower bounds: the database has {num_database} images)")
+    if problems:
+        logger.warning(
+            "%s hold %d predictions per query: %s; give more predictions (VPR-methods-evaluation: --num_preds_to_save %d)",
+            source, available, "; ".join(problems), max(config.rerank_topk, *config.recall_values),
+        )  # fmt: skip
 
 
 def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
@@ -166,7 +195,21 @@ def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
         raise ValueError(f"--global_dtype {config.global_dtype!r}; choose one of {GLOBAL_DTYPES}")
     if config.extraction.precision == "fp16" and config.extraction.device.startswith("cpu"):
         logger.warning("--extraction_precision fp16 is about 4x slower than fp32 on the CPU (no fp16 units); use bf16 there")
-    return load_sets(config)
+    database, query_sets = load_sets(config)
+    if len(config.extraction.image_size) == 1:
+        _log_size_rule(config.extraction.image_size, database.paths[0])
+    return database, query_sets
+
+
+def _log_size_rule(image_size: tuple[int], example: str) -> None:
+    """What one ``--image_size`` value does, shown on the database's first image."""
+    width, height = image_dimensions(example)
+    new_height, new_width = network_size(image_size, height, width)
+    logger.info(
+        "--image_size %d: each image's shorter side to %d and the other side by its aspect ratio, both rounded to the "
+        "nearest multiple of 14, as FoL needs (%s: %dx%d -> %dx%d); images of one size are batched together",
+        image_size[0], image_size[0], Path(example).name, width, height, new_width, new_height,
+    )  # fmt: skip
 
 
 def check_predictions(predictions: np.ndarray, num_queries: int, num_database: int, source: str) -> np.ndarray:

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ..data import load_image
@@ -29,7 +28,10 @@ logger = logging.getLogger(__name__)
 CORRECT_COLOUR = "tab:green"
 WRONG_COLOUR = "tab:red"
 PANEL_INCHES = 3.0
-TITLE_CHARS = 32
+TITLE_CHARS = 28
+TITLE_FONT_SIZE = 11
+FRAME_WIDTH = 5
+GRID_DPI = 100
 PREDS_HEADERS = ("Query path:", "Predictions paths:", "Positives paths:")
 
 
@@ -77,12 +79,14 @@ def write_preds_files(
     database_paths: Sequence[str],
     predictions: np.ndarray,
     positives: Sequence[np.ndarray] | None,
+    queries: Sequence[int] | None = None,
 ) -> None:
-    """``folder/{q:03d}.txt`` per query in VPR-methods-evaluation's format (query path, predicted
-    paths, and with labels positive paths), readable by :func:`read_preds_files` and that
-    harness's tools."""
+    """``folder/{q:03d}.txt`` per query (of ``queries``; all by default) in
+    VPR-methods-evaluation's format (query path, predicted paths, and with labels positive
+    paths), readable by :func:`read_preds_files` and that harness's tools."""
     folder.mkdir(parents=True, exist_ok=True)
-    for q, row in enumerate(predictions):
+    for q in range(len(predictions)) if queries is None else queries:
+        row = predictions[q]
         sections = [PREDS_HEADERS[0], query_paths[q] + "\n", PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n"]
         if positives is not None:
             sections += [PREDS_HEADERS[2], "\n".join(database_paths[i] for i in positives[q]) + "\n"]
@@ -137,65 +141,123 @@ def save_prediction_grids(
     database_paths: Sequence[str],
     predictions: np.ndarray,
     positives: Sequence[np.ndarray] | None,
-    num_preds: int,
     title: str,
     scores: np.ndarray | None = None,
+    distances: np.ndarray | None = None,
+    queries: Sequence[int] | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> None:
-    """``folder/{q:03d}.png``: the query then its first ``num_preds`` predictions, each titled
-    with its rank, file name and FoL score (``scores`` [Q, num_preds], NaN where there is none),
-    framed green (positive) or red (not) when labelled; images of more than ``max_image_pixels``
-    are refused (:func:`fol_plugin.data.images.check_image_pixels`)."""
+    """``folder/{q:03d}.png``: the query then its predictions [Q, n], each titled by
+    :func:`panel_labels` (``scores`` and ``distances`` [Q, n], NaN where there is none), framed
+    green (positive) or red (not) when labelled.
+
+    Args:
+        queries: the queries to draw (all by default).
+        max_image_pixels: images of more pixels are refused
+            (:func:`fol_plugin.data.images.check_image_pixels`).
+    """
+    from matplotlib.figure import Figure  # imported by runs that draw only
+
     folder.mkdir(parents=True, exist_ok=True)
-    for q in tqdm(range(len(predictions)), desc=f"Figures ({title})", unit="query"):
-        row = predictions[q, :num_preds]
-        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 0.6))
-        axes = figure.subplots(1, len(row) + 1)
-        labels = panel_labels(query_paths[q], [database_paths[i] for i in row], None if scores is None else scores[q])
-        panels = [(query_paths[q], labels[0], None)]
-        for i, label in zip(row, labels[1:]):
-            panels.append((database_paths[i], label, None if positives is None else bool(np.isin(i, positives[q]))))
-        for axis, (path, label, correct) in zip(np.atleast_1d(axes), panels):
+    shown = range(len(predictions)) if queries is None else queries
+    for q in tqdm(shown, desc=f"Figures ({title})", unit="query"):
+        row = predictions[q]
+        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 1.2), layout="constrained")
+        axes = np.atleast_1d(figure.subplots(1, len(row) + 1))
+        correct = [None if positives is None else bool(np.isin(i, positives[q])) for i in row]
+        labels = panel_labels(
+            query_paths[q], [database_paths[i] for i in row], None if scores is None else scores[q],
+            None if distances is None else distances[q], correct,
+        )  # fmt: skip
+        for axis, path, label, frame in zip(axes, [query_paths[q], *(database_paths[i] for i in row)], labels, [None, *correct]):
             axis.imshow(load_image(path, max_image_pixels).permute(1, 2, 0).numpy())
-            axis.set_title(label, fontsize=8)
+            axis.set_title(label, fontsize=TITLE_FONT_SIZE, loc="left")
             axis.set_xticks([])
             axis.set_yticks([])
-            if correct is not None:
+            if frame is not None:
                 for spine in axis.spines.values():
-                    spine.set_edgecolor(CORRECT_COLOUR if correct else WRONG_COLOUR)
-                    spine.set_linewidth(4)
-        figure.suptitle(f"{title}: query {q}")
-        figure.tight_layout()
-        figure.savefig(folder / f"{q:03d}.png", dpi=80)
+                    spine.set_edgecolor(CORRECT_COLOUR if frame else WRONG_COLOUR)
+                    spine.set_linewidth(FRAME_WIDTH)
+        figure.suptitle(f"{title}: query {q}", fontsize=TITLE_FONT_SIZE + 2, x=0.0, ha="left")
+        figure.savefig(folder / f"{q:03d}.png", dpi=GRID_DPI)
 
 
-def panel_labels(query_path: str, prediction_paths: Sequence[str], scores: np.ndarray | None) -> list[str]:
-    """Titles of a grid's panels: the query's file name, then each prediction's rank, file name
-    and FoL score (``scores`` [n], NaN where it has none)."""
-    labels = [f"query\n{_short_name(query_path)}"]
+def panel_labels(
+    query_path: str,
+    prediction_paths: Sequence[str],
+    scores: np.ndarray | None,
+    distances: np.ndarray | None = None,
+    correct: Sequence[bool | None] | None = None,
+) -> list[str]:
+    """Titles of a grid's panels: "query" and its place, then each prediction's rank, whether it
+    is a positive, its place, FoL score and global distance (squared L2, as the search returns
+    it) (``scores``, ``distances`` [n], NaN where there is none). A place is the UTM coordinates of a VPR-datasets-downloader name
+    (``@east@north@...``), else the file name, shortened."""
+    labels = [f"query\n{short_name(query_path)}"]
     for rank, path in enumerate(prediction_paths):
-        label = f"#{rank + 1}: {_short_name(path)}"
+        verdict = "" if correct is None or correct[rank] is None else (" correct" if correct[rank] else " wrong")
+        lines = [f"#{rank + 1}{verdict}", short_name(path)]
+        numbers = []
         if scores is not None and np.isfinite(scores[rank]):
-            label += f"\nFoL score {scores[rank]:.0f}"
-        labels.append(label)
+            numbers.append(f"FoL {scores[rank]:.0f}")
+        if distances is not None and np.isfinite(distances[rank]):
+            numbers.append(f"L2² {distances[rank]:.3f}")
+        if numbers:
+            lines.append(", ".join(numbers))
+        labels.append("\n".join(lines))
     return labels
 
 
-def _short_name(path: str) -> str:
-    """A file name short enough for a panel title (the middle elided; bytes that are not UTF-8
+def short_name(path: str) -> str:
+    """How a panel names an image: ``UTM 551234 E, 4178123 N`` for a VPR-datasets-downloader
+    name, else its file name, the middle elided past ``TITLE_CHARS`` (bytes that are not UTF-8
     shown as U+FFFD)."""
     name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
+    fields = name.split("@")
+    try:
+        return f"UTM {float(fields[1]):.0f} E, {float(fields[2]):.0f} N"
+    except (IndexError, ValueError):
+        pass
     return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]
 
 
-def scores_in_order(predictions: np.ndarray, global_predictions: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The FoL score of each entry of ``predictions`` [Q, n]: scores [Q, k] are in the global
-    order; NaN past the re-ranked candidates."""
+def in_display_order(predictions: np.ndarray, global_predictions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The value (FoL score, global distance) of each entry of ``predictions`` [Q, n], from
+    ``values`` [Q, k] in the global order of ``global_predictions``; NaN past the first k."""
     shown = np.full(predictions.shape, np.nan)
     for q in range(len(predictions)):
-        score_of = dict(zip(global_predictions[q, : scores.shape[1]].tolist(), scores[q].tolist()))
-        shown[q] = [score_of.get(int(i), np.nan) for i in predictions[q]]
+        value_of = dict(zip(global_predictions[q, : values.shape[1]].tolist(), values[q].tolist()))
+        shown[q] = [value_of.get(int(i), np.nan) for i in predictions[q]]
     return shown
+
+
+def wrong_queries(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> list[int]:
+    """The queries whose first prediction [Q, n] is not a positive (``--save_only_wrong_preds``)."""
+    return [q for q, row in enumerate(predictions) if not np.isin(row[0], positives[q])]
+
+
+def _save_predictions_to_look_at(config: EvalConfig, folder: Path, database: ImageSet, query_set: QuerySet) -> None:
+    """``--num_preds_to_save``: per stage, ``preds_<stage>/NNN.txt`` and ``NNN.png`` (only the
+    queries whose first prediction is wrong with ``--save_only_wrong_preds``)."""
+    stages = [("global", query_set.global_predictions)]
+    if query_set.reranked is not None:
+        stages.append(("reranked", query_set.reranked))
+    for stage, predictions in stages:
+        shown = predictions[:, : config.num_preds_to_save]
+        queries = None
+        if config.save_only_wrong_preds and query_set.positives is not None:
+            queries = wrong_queries(shown, query_set.positives)
+            logger.info("%s %s: %d of %d queries wrong at rank 1: saving those", query_set.key, stage, len(queries), len(shown))
+        write_preds_files(folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives, queries)
+        scores = distances = None
+        if query_set.scores is not None:
+            scores = in_display_order(shown, query_set.global_predictions, query_set.scores)
+        if query_set.global_distances is not None:
+            distances = in_display_order(shown, query_set.global_predictions, query_set.global_distances)
+        save_prediction_grids(
+            folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
+            f"{query_set.key} {stage}", scores, distances, queries, config.extraction.max_image_pixels,
+        )
 
 
 def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
@@ -223,19 +285,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
             query_set.positives,
         )
         if config.num_preds_to_save:
-            stages = [("global", query_set.global_predictions)]
-            if query_set.reranked is not None:
-                stages.append(("reranked", query_set.reranked))
-            for stage, predictions in stages:
-                shown = predictions[:, : config.num_preds_to_save]
-                write_preds_files(folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives)
-                scores = None
-                if query_set.scores is not None:
-                    scores = scores_in_order(shown, query_set.global_predictions, query_set.scores)
-                save_prediction_grids(
-                    folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
-                    config.num_preds_to_save, f"{query_set.key} {stage}", scores, config.extraction.max_image_pixels,
-                )
+            _save_predictions_to_look_at(config, folder, database, query_set)
         summary["query_sets"][query_set.key] = {
             "num_queries": len(query_set.images),
             "rerank_topk_used": 0 if query_set.scores is None else int(query_set.scores.shape[1]),

@@ -21,12 +21,20 @@ from ..checkpoint import load_model
 from ..distributed import SINGLE_PROCESS, Processes
 from ..features import LocalFeatureStore
 from ..features.extract import FeatureStore
+from ..files import MB
 from ..models import FoLModel
 from . import stages
 from .confidence import global_confidence, num_reranked, select_queries
-from .config import DATABASE_DESCRIPTORS_FILE, EvalConfig, QuerySet, check_predictions, num_predictions, prepare
+from .config import (
+    DATABASE_DESCRIPTORS_FILE,
+    EvalConfig,
+    QuerySet,
+    check_predictions,
+    num_predictions,
+    prepare,
+    warn_shallow_predictions,
+)
 from .outputs import keep_descriptors, write_run_outputs
-from .resources import MB
 from .workspace import open_workspace
 
 logger = logging.getLogger(__name__)
@@ -216,9 +224,10 @@ def run_rerank(
     if len(predictions) != len(query_sets):
         raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
     for index, (query_set, given) in enumerate(zip(query_sets, predictions)):
-        query_set.global_predictions = check_predictions(
-            given, len(query_set.images), len(database), f"the predictions for {query_set.images.folder}"
-        )
+        source = f"the predictions for {query_set.images.folder}"
+        query_set.global_predictions = check_predictions(given, len(query_set.images), len(database), source)
+        if processes.is_main:
+            warn_shallow_predictions(config, source, query_set.global_predictions.shape[1], len(database))
         if distances is not None:
             if np.shape(distances[index]) != query_set.global_predictions.shape:
                 raise ValueError(

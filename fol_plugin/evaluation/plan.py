@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model, weights_file
-from ..features.extract import extraction_autocast, image_loader
+from ..data.images import describe_image_size
+from ..features.extract import extraction_autocast, image_batches
 from ..models import GLOBAL_DIM, FoLModel
 from ..rerank.engine import mutual_match_scores
 from ..retrieval import exact_search
 from .config import EvalConfig, num_predictions, prepare
-from .resources import GB, project_resources
+from ..files import GB
+from .resources import project_resources
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +52,17 @@ def calibrate(config: EvalConfig, model: FoLModel, paths: list[str]) -> Costs:
     chosen = [paths[i % len(paths)] for i in range(needed)]
     local = []
     with torch.inference_mode(), extraction_autocast(config.extraction):
-        batches = iter(image_loader(chosen, range(needed), config.extraction))
+        batches = image_batches(chosen, range(needed), config.extraction)
         features = model.extract(next(batches)[0].to(device))  # warm-up
         local.extend(features.local_descriptors)
         _synchronize(device)
-        began = time.perf_counter()
+        began, timed = time.perf_counter(), 0
         for images, _ in batches:
             features = model.extract(images.to(device))
             local.extend(features.local_descriptors)
+            timed += len(images)
         _synchronize(device)
-        image = (time.perf_counter() - began) / (needed - config.extraction.batch_size)
+        image = (time.perf_counter() - began) / max(timed, 1)
     candidates = [local[(1 + i) % len(local)] for i in range(CALIBRATION_CANDIDATES)]
     mutual_match_scores(local[0], candidates[:2])  # warm-up
     began = time.perf_counter()
@@ -138,7 +141,7 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
     extraction = config.extraction
     lines = [
         f"Plan for {num_database} database images, {num_queries} queries, {projection['processes']} process(es) on "
-        f"{extraction.device} ({config.backbone}, {extraction.image_size[0]}x{extraction.image_size[1]}, "
+        f"{extraction.device} ({config.backbone}, {describe_image_size(extraction.image_size)}, "
         f"{extraction.precision} extraction, re-ranking top {projection['top_k']})",
         f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score, "
         f"{costs.distance * 1e9:.2f} ns per global distance",

@@ -11,24 +11,26 @@ import numpy as np
 import torch
 
 from ..features.store import ENTRY_BYTES
+from ..files import GB
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE
 from ..models.local_features import NUM_SELECTED_PATCHES
 
 if TYPE_CHECKING:
-    from .pipeline import EvalConfig
+    from .config import EvalConfig
 
 CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
 KEYPOINT_BYTES = 8  # (x, y) float32
-GB = 1e9  # decimal units everywhere: GB = 1e9 bytes, MB = 1e6 bytes
-MB = 1e6
 
 
 class InsufficientDiskError(RuntimeError):
     """The output folder's disk cannot hold a run."""
 
 
-def cells_per_image(image_size: tuple[int, int]) -> int:
-    """Upper bound on the local features of one image at ``image_size``."""
+def cells_per_image(image_size: tuple[int, int] | tuple[int]) -> int:
+    """Upper bound on the local features of one image at ``image_size`` (one value, the shorter
+    side: any aspect ratio, so the bound of 225 selected patches)."""
+    if len(image_size) != 2:
+        return CELLS_PER_PATCH * NUM_SELECTED_PATCHES
     patches = (image_size[0] // PATCH_SIZE) * (image_size[1] // PATCH_SIZE)
     return CELLS_PER_PATCH * min(NUM_SELECTED_PATCHES, patches)
 

@@ -21,7 +21,8 @@ from ..checkpoint import weights_file
 from ..data.datasets import ImageSet
 from ..distributed import Processes
 from .config import EvalConfig, QuerySet
-from .resources import GB, MB, check_disk, project_resources
+from ..files import GB, MB
+from .resources import check_disk, project_resources
 
 logger = logging.getLogger(__name__)
 

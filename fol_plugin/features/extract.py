@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data import load_image, preprocess
+from ..data.images import network_size
 from ..data.loader import worker_loader
 from ..models import FoLModel, check_images
 from ..options import (
@@ -36,7 +37,10 @@ class ExtractionConfig:
     """How images become network inputs, and how they are batched.
 
     Attributes:
-        image_size: (H, W) every image is resized to; multiples of 14.
+        image_size: (H, W) every image is resized to, multiples of 14; or (S,): each image's
+            shorter side to S, its aspect ratio kept, each side rounded to a multiple of 14
+            (:func:`fol_plugin.data.images.network_size`), as VPR-methods-evaluation's
+            ``--image_size S``; images of one size are batched together.
         resize_mode: one of RESIZE_MODES (:func:`fol_plugin.data.preprocess`).
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images.
@@ -48,7 +52,7 @@ class ExtractionConfig:
             decoding, :func:`fol_plugin.data.images.check_image_pixels`); None: no limit.
     """
 
-    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    image_size: tuple[int, int] | tuple[int] = DEFAULT_IMAGE_SIZE
     resize_mode: str = "original"
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = field(default_factory=default_num_workers)
@@ -74,21 +78,44 @@ class ImageListDataset(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = int(self.indices[position])
         image = load_image(self.paths[index], self.config.max_image_pixels)
-        return preprocess(image, self.config.image_size, self.config.resize_mode)[0], index
+        size = network_size(self.config.image_size, *image.shape[-2:])
+        return preprocess(image, size, self.config.resize_mode)[0], index
 
 
-def check_image_size(image_size: tuple[int, int]) -> None:
-    """Fail before any work when FoL cannot take ``image_size``, naming the sizes it can take."""
-    check_images(torch.empty(1, 3, *image_size, device="meta"))
+def check_image_size(image_size: tuple[int, int] | tuple[int]) -> None:
+    """Fail before any work when FoL cannot take ``image_size`` (with one value: its smallest
+    input, a square of that side rounded), naming the sizes it can take."""
+    if len(image_size) not in (1, 2):
+        raise ValueError(f"--image_size {' '.join(map(str, image_size))}: give H W, or one value for the shorter side")
+    check_images(torch.empty(1, 3, *network_size(image_size, *image_size * (3 - len(image_size))), device="meta"))
 
 
-def image_loader(paths: Sequence[str], indices: Sequence[int], config: ExtractionConfig) -> DataLoader:
-    return worker_loader(
+def _same_size_runs(items: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A loaded batch as runs of consecutive images of one size: [n, 3, H, W] and their indices [n]."""
+    runs: list[tuple[list[torch.Tensor], list[int]]] = []
+    for image, index in items:
+        if runs and runs[-1][0][-1].shape == image.shape:
+            runs[-1][0].append(image)
+            runs[-1][1].append(index)
+        else:
+            runs.append(([image], [index]))
+    return [(torch.stack(images), torch.tensor(indices, dtype=torch.int64)) for images, indices in runs]
+
+
+def image_batches(
+    paths: Sequence[str], indices: Sequence[int], config: ExtractionConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Network inputs of ``paths[indices]`` in order, in batches of at most ``batch_size`` images
+    of one size (a batch is cut where the size changes): ([n, 3, H, W], [n] image indices)."""
+    loader = worker_loader(
         ImageListDataset(paths, indices, config),
         config.num_workers,
         batch_size=config.batch_size,
+        collate_fn=_same_size_runs,
         pin_memory=torch.device(config.device).type == "cuda",
     )
+    for runs in loader:
+        yield from runs
 
 
 @contextmanager
@@ -120,7 +147,7 @@ def extract_global(
         logger.info("%s: %d of %d images already computed", desc, len(descriptors.rows) - left, len(descriptors.rows))
     with tqdm(total=left, desc=desc, unit="image", disable=not config.progress or not left) as bar, extraction_autocast(config):
         for rows in todo:
-            for images, indices in image_loader(paths, rows, config):
+            for images, indices in image_batches(paths, rows, config):
                 images = images.to(config.device)
                 if local_features is None:
                     global_descriptors = model(images)
@@ -161,10 +188,9 @@ def extract_local(
     logger.debug("%s: %d of %d images already stored", desc, len(image_ids) - len(missing), len(image_ids))
     if len(missing) == 0:
         return
-    with extraction_autocast(config):
-        for images, indices in tqdm(
-            image_loader(paths, missing, config), desc=desc, unit="batch", disable=not config.progress
-        ):
+    with extraction_autocast(config), tqdm(total=len(missing), desc=desc, unit="image", disable=not config.progress) as bar:
+        for images, indices in image_batches(paths, missing, config):
             features = model.extract(images.to(config.device))
             local_features.add(indices.tolist(), features.local_descriptors, features.keypoints)
             logger.debug("%s: computed images %s", desc, indices.tolist())
+            bar.update(len(indices))

@@ -1,6 +1,6 @@
 """FoL aggregator: SALAD-style optimal transport guided by the backbone's region cue.
 
-Implements FOL_SPEC section 3: the global descriptor and the patch-level selection score.
+Implements docs/METHOD.md section 3: the global descriptor and the patch-level selection score.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """DINOv2 ViT/14 backbone, written to load the FoL checkpoints' ``backbone.model.*`` weights.
 
 Besides the final tokens, the backbone returns FoL's region cue: the attention of the class
-token to every patch in the last block, summed over heads (FOL_SPEC section 2).
+token to every patch in the last block, summed over heads (docs/METHOD.md section 2).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .aggregator import GLOBAL_DIM, MIN_PATCHES, AggregatorOutput, FoLAggregator, clip_top_values
 from .backbone import PATCH_SIZE, VIT_CONFIGS, BackboneOutput, DINOv2Backbone, ViTConfig
-from .local_features import LOCAL_DIM, UPCONV_DIM, gather_selected, make_upconv, select_patches
+from .local_features import LOCAL_DIM, UPCONV_DIM, gather_selected, make_upconv, pad_like_original, select_patches
 
 
 @dataclass
@@ -24,7 +24,7 @@ class FoLFeatures:
 
 @dataclass
 class TrainingOutputs:
-    """What FoL's training losses need (FOL_SPEC section 6), for B images of N = h*w patches."""
+    """What FoL's training losses need (docs/METHOD.md section 6), for B images of N = h*w patches."""
 
     global_descriptors: torch.Tensor  # [B, 8448], L2-normalised
     confidence: torch.Tensor  # [B, N], softmax(clip(mean_k P)): Ma
@@ -136,9 +136,20 @@ class FoLModel(nn.Module):
         with torch.autocast(feature_map.device.type, enabled=False):
             return self.upconv2(F.relu(self.upconv(feature_map.to(self.upconv.weight.dtype))))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Global descriptors: [B, 3, H, W] ImageNet-normalised -> [B, 8448] float32, L2-normalised."""
-        return self.encode(images)[1].global_descriptor.float()
+    def forward(self, images: torch.Tensor, test: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Global descriptors: [B, 3, H, W] ImageNet-normalised -> [B, 8448] float32, L2-normalised.
+
+        Args:
+            test: the compatibility form of chenshunpeng/FoL's ``model(x, test=True)``, as its
+                evaluation reads it (``outputs[0], outputs[1]``): the pair (global descriptors
+                [B, 8448], equal to ``model(x)``; local descriptors [B, L, 128] zero-padded as the
+                original pads them, :func:`~fol_plugin.models.local_features.pad_like_original`).
+                New code should call :meth:`extract`, whose local features are not padded.
+        """
+        if not test:
+            return self.encode(images)[1].global_descriptor.float()
+        features = self.extract(images)
+        return features.global_descriptors, pad_like_original(features.local_descriptors, check_images(images))
 
     def forward_train(self, images: torch.Tensor) -> TrainingOutputs:
         """The training forward: everything the losses of :mod:`fol_plugin.train.losses` use.

@@ -1,6 +1,6 @@
 """FoL's local features: the dense up-sampled map, the selected regions and their geometry.
 
-Implements FOL_SPEC section 4. The dense map comes from two stride-2 transposed convolutions
+Implements docs/METHOD.md section 4. The dense map comes from two stride-2 transposed convolutions
 over the patch grid, so an h x w patch grid gives a (4h - 3) x (4w - 3) local grid.
 """
 from __future__ import annotations
@@ -14,6 +14,9 @@ from .backbone import PATCH_SIZE
 LOCAL_DIM = 128
 UPCONV_DIM = 256
 NUM_SELECTED_PATCHES = 225
+# chenshunpeng/FoL (network_FoL.py) pads a batch's local descriptors to a length picked from the
+# local grid's height: (height above which, length), else height**2.
+ORIGINAL_PADDED_LENGTHS = ((80, 3600), (70, 3500), (40, 1000))
 LOCAL_STRIDE = PATCH_SIZE / 4  # input pixels between two local-grid cells
 LOCAL_OFFSET = PATCH_SIZE / 2  # input pixel of cell 0: the centre of patch 0
 
@@ -26,6 +29,31 @@ def make_upconv(in_channels: int, out_channels: int) -> nn.ConvTranspose2d:
 def local_grid_size(h: int, w: int) -> tuple[int, int]:
     """Local-grid size for an h x w patch grid: (4h - 3, 4w - 3)."""
     return 4 * h - 3, 4 * w - 3
+
+
+def original_padded_length(grid_height: int) -> int:
+    """The length the original pads local descriptors to, for a local grid of ``grid_height`` rows."""
+    return next((length for above, length in ORIGINAL_PADDED_LENGTHS if grid_height > above), grid_height**2)
+
+
+def pad_like_original(descriptors: list[torch.Tensor], patch_grid: tuple[int, int]) -> torch.Tensor:
+    """The local descriptors of a batch as the original's ``forward(x, test=True)`` returns them.
+
+    Args:
+        descriptors: B tensors [N_i, 128] (raster order, L2-normalised).
+        patch_grid: (h, w) patches of the batch's images.
+
+    Returns:
+        [B, L, 128], each image's descriptors then zero rows, L =
+        :func:`original_padded_length` of the local grid height, or the longest N_i where that is
+        longer (where the original raises instead).
+    """
+    grid_height, _ = local_grid_size(*patch_grid)
+    length = max(original_padded_length(grid_height), *(len(d) for d in descriptors))
+    padded = descriptors[0].new_zeros(len(descriptors), length, LOCAL_DIM)
+    for row, image_descriptors in zip(padded, descriptors):
+        row[: len(image_descriptors)] = image_descriptors
+    return padded
 
 
 def select_patches(selection_score: torch.Tensor, h: int, w: int) -> torch.Tensor:

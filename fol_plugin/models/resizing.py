@@ -35,9 +35,9 @@ class PatchSizeResizer(nn.Module):
             return images
         return kornia.geometry.transform.resize(images, size, interpolation="bilinear", align_corners=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] ImageNet-normalised, any H, W -> [B, 8448]."""
-        return self.model(self.resize(images))
+    def forward(self, images: torch.Tensor, test: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] ImageNet-normalised, any H, W -> [B, 8448] (``test``: as :meth:`FoLModel.forward`)."""
+        return self.model(self.resize(images), test=test)
 
     def extract(self, images: torch.Tensor) -> FoLFeatures:
         """As :meth:`FoLModel.extract`, with keypoints in the pixels of the images given."""

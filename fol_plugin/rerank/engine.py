@@ -134,7 +134,7 @@ def mutual_match_scores(
     candidates: Sequence[torch.Tensor],
     threshold: float = MATCH_THRESHOLD,
 ) -> torch.Tensor:
-    """FoL re-ranking scores of one query against several candidates (FOL_SPEC section 5).
+    """FoL re-ranking scores of one query against several candidates (docs/METHOD.md section 5).
 
     On the CPU the bf16-then-float32 engine above computes them; elsewhere (CUDA) the plain
     float32 algorithm does, on blocks of candidates at once.

@@ -1,6 +1,6 @@
 """FoL's re-ranking score: thresholded mutual nearest neighbours between local descriptors.
 
-Implements FOL_SPEC section 5 exactly, as the original computes it: arg-max both ways over the
+Implements docs/METHOD.md section 5 exactly, as the original computes it: arg-max both ways over the
 float32 similarity matrix, and the threshold applied to the matched pair's own dot product.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fine-tuning FoL: the paper's losses (the training forward is ``FoLModel.forward_train``)."""
+from .config import LossWeights
 from .losses import (
-    LossWeights,
     contrast_loss,
     fol_loss,
     local_similarity,

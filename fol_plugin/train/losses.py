@@ -1,11 +1,9 @@
-"""FoL's training losses (FOL_SPEC section 6), computed from :class:`~fol_plugin.models.fol.TrainingOutputs`.
+"""FoL's training losses (docs/METHOD.md section 6), computed from :class:`~fol_plugin.models.fol.TrainingOutputs`.
 
 A batch holds P places x K images; ``labels`` [B] gives each image's place. Every loss returns a
 scalar tensor. :func:`fol_loss` combines them with the paper's weights.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimila
 
 from ..models.fol import TrainingOutputs
 from ..rerank.mutual import MATCH_THRESHOLD, mutual_matches
+from .config import LossWeights
 
 MS_ALPHA, MS_BETA, MS_BASE = 1.0, 50.0, 0.0
 MINER_EPSILON = 0.1
@@ -26,17 +25,6 @@ MAX_PAIRS_PER_IMAGE = 5
 PSEUDO_SCALE = 1e-2
 MASKED_SIMILARITY = -10.0  # the original's value for non-candidates (it enters the ratio test)
 LOCAL_CELLS_PER_PATCH_SIDE = 4  # patch (r, c) is centred on local-grid cell (4r, 4c)
-
-
-@dataclass
-class LossWeights:
-    """The paper's weights."""
-
-    global_ms: float = 1.0
-    alignment: float = 5e-3  # each of SAL's two terms
-    contrast: float = 1.0
-    local_triplet: float = 1.0
-    pseudo_correspondence: float = 1.0
 
 
 def multi_similarity_loss(descriptors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,7 +119,7 @@ def contrast_loss(
 def local_similarity(
     query: torch.Tensor, candidate: torch.Tensor, threshold: float = MATCH_THRESHOLD
 ) -> torch.Tensor | None:
-    """Mean cosine of FoL's counted mutual matches (FOL_SPEC section 5); None without a match
+    """Mean cosine of FoL's counted mutual matches (docs/METHOD.md section 5); None without a match
     (the original's mean over no match is NaN)."""
     query_index, candidate_index = mutual_matches(query.detach(), candidate.detach(), threshold)
     if len(query_index) == 0:
@@ -172,7 +160,7 @@ def pseudo_correspondences(
     tokens_i: torch.Tensor, tokens_j: torch.Tensor, assignment_i: torch.Tensor, assignment_j: torch.Tensor,
     guide_i: torch.Tensor, max_pairs: int = MAX_PAIRS_PER_IMAGE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Patch pairs (anchor in i, match in j) found without labels, as FOL_SPEC section 6.
+    """Patch pairs (anchor in i, match in j) found without labels, as docs/METHOD.md section 6.
 
     Anchors: patches with g > 0.1. Each anchor's cluster k = argmax_k P_i[k, anchor]; candidates:
     patches of j with P_j[k, patch] > 0.1; similarity: cosine of the L2-normalised backbone

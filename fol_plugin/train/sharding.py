@@ -6,7 +6,8 @@ processes' :class:`~fol_plugin.models.fol.TrainingOutputs` with their gradients
 (:func:`gather_outputs`), so that the losses mine the whole global batch, as the original's
 DataParallel does. Every process then computes the same loss; the gather's backward sums the
 processes' identical gradients (W times each share's), and DistributedDataParallel's average over
-the W processes gives back the single-process gradient.
+the W processes gives back the single-process gradient. Also the accumulation groups of an
+epoch's batches (:func:`accumulation_divisors`).
 """
 
 from __future__ import annotations
@@ -90,3 +91,13 @@ def gather_outputs(
         else:
             fields[field.name] = value
     return TrainingOutputs(**fields), _gather(labels, counts)
+
+
+def accumulation_divisors(num_batches: int, accumulation_steps: int) -> list[int]:
+    """Per batch, the size of its accumulation group: the loss of each batch is divided by it,
+    so a last, partial group is the mean of its own batches (not a fraction of a full group)."""
+    divisors = []
+    for start in range(0, num_batches, accumulation_steps):
+        size = min(accumulation_steps, num_batches - start)
+        divisors += [size] * size
+    return divisors
