@@ -22,7 +22,6 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from ..cache import RunCache
 from ..cache.run_cache import LOCK_FILE
 from ..checkpoint import weights_file
+from ..config import BenchmarkConfig
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
 from ..errors import user_message
@@ -58,32 +58,9 @@ PREDICTIONS_SUFFIX = ".npy"
 RESERVED_NAMES = {BENCHMARK_FILE, LOCK_FILE, *RESULTS_FILES}
 
 
-@dataclass
-class BenchmarkConfig:
-    """What ``fol-vpr benchmark`` runs.
-
-    Attributes:
-        datasets_folder: the root of the datasets (the original's ``--eval_datasets_folder``).
-        dataset_names: registry names (datasets, or single query sets such as ``SF_XL_night``).
-        output_dir: one sub-folder per dataset, ``benchmark.json`` and the results tables.
-        options: :class:`~fol_plugin.evaluation.config.EvalConfig` fields shared by every dataset
-            (backbone, weights, extraction, rerank_topk, ...); the folders, labels and positive
-            radius come from the registry, and R@1/5/10 are always among the recall values.
-        predictions_dir: another method's predictions per query set (see :func:`find_predictions`):
-            benchmark "that method + FoL re-ranking" instead of FoL end to end.
-        allow_mismatch: run datasets whose image counts differ from the registry's (rows are marked).
-        dataset_paths: dataset name -> its root, instead of the registry's layout.
-        registry: the known datasets.
-    """
-
-    datasets_folder: Path
-    dataset_names: list[str]
-    output_dir: Path
-    options: dict = field(default_factory=dict)
-    predictions_dir: Path | None = None
-    allow_mismatch: bool = False
-    dataset_paths: dict[str, Path] = field(default_factory=dict)
-    registry: Mapping[str, DatasetSpec] = field(default_factory=lambda: REGISTRY)
+def _registry(config: BenchmarkConfig) -> Mapping[str, DatasetSpec]:
+    """The datasets ``config`` names refer to: its own registry, or the known ones."""
+    return REGISTRY if config.registry is None else config.registry
 
 
 def check_datasets(config: BenchmarkConfig) -> list[Located]:
@@ -93,7 +70,7 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
         ValueError: a dataset name that is not a plain folder name; else listing every missing
             folder, and every count mismatch unless ``allow_mismatch``.
     """
-    selection = select(config.dataset_names, config.registry, config.datasets_folder)
+    selection = select(config.dataset_names, _registry(config), config.datasets_folder)
     unsafe = [problem for spec, _ in selection if (problem := _name_problem(spec.name))]
     if unsafe:
         raise ValueError("\n".join(unsafe))
@@ -120,7 +97,7 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     for line in mismatches:
         logger.warning("%s: running anyway (--allow_mismatch); its rows are marked", line)
     for item in located:
-        if item.spec.name not in config.registry:
+        if item.spec.name not in _registry(config):
             logger.warning("%s is not a known dataset: running it from %s, its counts unchecked", item.spec.name, item.root)
     return located
 
