@@ -430,7 +430,8 @@ def test_a_second_benchmark_on_one_output_dir_is_refused_before_it_writes(datase
             "wait for it to finish, or use another folder",
         ):
             run_benchmark(config)
-    assert [path.name for path in output.iterdir()] == [LOCK_FILE]
+        assert [path.name for path in output.iterdir()] == [LOCK_FILE]  # the refused run wrote nothing
+    assert list(output.iterdir()) == []  # and the holder's lock file goes with its lock
 
 
 def test_a_benchmark_with_a_failed_dataset_exits_non_zero_after_the_others_and_the_tables(
