@@ -28,7 +28,7 @@ from .config import (
     TrainInputs,
     VisualizeConfig,
 )
-from .errors import user_message
+from .errors import USER_ERROR_TYPES, user_message
 
 if TYPE_CHECKING:
     import numpy as np
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
     try:
         code = COMMANDS[args.command](args)
-    except _user_errors() as error:
+    except USER_ERROR_TYPES as error:
         if args.debug:
             logger.exception("%s", error)
         else:
@@ -459,17 +459,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
         return INTERRUPTED_EXIT
     return code or 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback
-    (``--debug`` shows it). Imported when an error is caught, not at start-up."""
-    from .cache import CacheMismatchError, OutputFolderError, RunLockedError
-    from .checkpoint import CheckpointError
-    from .evaluation.resources import InsufficientDiskError
-    from .files import DiskFullError
-
-    return (
-        ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
-        CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
-    )

@@ -34,7 +34,7 @@ from ..checkpoint import weights_file
 from ..config import BenchmarkConfig
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
-from ..errors import user_message
+from ..errors import is_user_error, user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
@@ -251,7 +251,7 @@ def _one_line(error: BaseException) -> str:
     prints (without the traceback a DataLoader worker's error carries), with its type when it
     is a bug."""
     message = " ".join(user_message(error).split())
-    return f"{type(error).__name__}: {message}" if _is_bug(error) else message
+    return f"{type(error).__name__}: {message}" if not is_user_error(error) else message
 
 
 def _run_dataset(
@@ -282,17 +282,12 @@ def _run_dataset(
         if processes.distributed:  # the other processes cannot skip in step: end the run (torchrun reports it)
             raise
         message = _one_line(error)
-        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, message, exc_info=_is_bug(error))
+        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, message, exc_info=not is_user_error(error))
         return {**entry, "status": FAILED, "error": message}
     return {
         **entry, "status": "done", "wall_s": round(time.perf_counter() - start, 1), "peak_memory_mb": memory.rss_mb,
         "peak_gpu_memory_mb": memory.gpu_mb, "peak_memory_since_start": memory.since_start,
     }
-
-
-def _is_bug(error: BaseException) -> bool:
-    """Errors that are not about the user's data or settings get their traceback logged."""
-    return not isinstance(error, (ValueError, OSError, RuntimeError))
 
 
 def _describe(config: BenchmarkConfig) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import Processes
+from ..errors import UserError
 from ..files import MB, json_safe
 from ..config import FLAG, RECIPES, TrainConfig
 from .sharding import place_batches
@@ -43,7 +44,7 @@ RUN_SETTINGS = (
 PLACES_FLAGS = "--dataset, --data_root, --cities"
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """``--resume`` with settings that differ from those of the run it would continue."""
 
 
