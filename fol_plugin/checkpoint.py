@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .errors import UserError
 from .files import save_torch
 from .models import VIT_CONFIGS, FoLModel, ViTConfig
 
@@ -35,7 +36,7 @@ EMBED_DIM_KEY = "backbone.model.cls_token"
 MAX_LISTED_KEYS = 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be read, or does not fit the model."""
 
 

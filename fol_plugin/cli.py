@@ -1,63 +1,43 @@
 """``fol-vpr`` (also ``python -m fol_plugin``): evaluate FoL, or re-rank another method with FoL.
 
-Flag names follow gmberton/VPR-methods-evaluation where they overlap.
+Every flag is a field of a configuration in :mod:`fol_plugin.config`, with its default and help
+there: the subcommands are built from those fields (:func:`add_flags`) and the configurations
+from the parsed flags (:func:`build`). Flag names follow gmberton/VPR-methods-evaluation where
+they overlap.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import user_message
-from .options import (
-    BACKBONES,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DIST_TIMEOUT_MIN,
-    DEFAULT_IMAGE_SIZE,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_POSITIVE_DISTANCE,
-    DEFAULT_RECALL_VALUES,
-    DEFAULT_RERANK_FRACTION,
-    DEFAULT_SEARCH_CHUNK,
-    DEFAULT_TOP_K,
-    EXTRACTION_PRECISIONS,
-    GEOMETRIC_MODELS,
-    GLOBAL_DTYPES,
-    IMAGES_PER_PLACE,
-    MATCHERS,
-    REPORT_MAX_QUERIES,
-    REPORT_MAX_SIZE_MB,
-    RESIZE_MODES,
-    SCORERS,
-    STORE_DTYPES,
-    TRAIN_ACCUMULATION_STEPS,
-    TRAIN_BACKBONE,
-    TRAIN_CITIES,
-    TRAIN_EPOCHS,
-    TRAIN_LR,
-    TRAIN_PATIENCE,
-    TRAIN_PLACES_PER_BATCH,
-    TRAIN_RECIPES,
-    TRAIN_SEED,
-    TRAIN_TRAINABLE_BLOCKS,
-    TRAIN_WEIGHT_DECAY,
-    default_num_workers,
+from .config import (
+    FLAG,
+    BenchmarkConfig,
+    BenchmarkInputs,
+    EvalConfig,
+    ReportOptions,
+    RerankInputs,
+    RunControl,
+    TrainConfig,
+    TrainInputs,
+    VisualizeConfig,
 )
+from .errors import USER_ERROR_TYPES, user_message
 
 if TYPE_CHECKING:
     import numpy as np
 
     from .distributed import Processes
-    from .evaluation.config import EvalConfig
-    from .report import ReportOptions
 
-# Only argparse and .options are imported up front, so `fol-vpr --help` answers at once; each
-# command imports what it runs.
+# Only argparse and the configurations are imported up front, so `fol-vpr --help` answers at
+# once; each command imports what it runs.
 logger = logging.getLogger("fol_plugin")
 
 LOG_DIR_ROOT = "logs"  # --log_dir NAME: logs/NAME/<date-time>, VPR-methods-evaluation's output folder
@@ -65,6 +45,10 @@ LOG_DIR_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 USER_ERROR_EXIT = 2
 DATASETS_FAILED_EXIT = 3  # fol-vpr benchmark: some datasets failed; the others ran and the tables are written
 INTERRUPTED_EXIT = 130
+# Keys of a field's flag metadata that are ours, not argparse's.
+OWN_KEYS = ("flag", "group", "convert", "invert", "cli_default")
+# The EvalConfig fields a benchmark takes from its registry, not from flags.
+DATASET_FIELDS = ("database_folder", "queries_folders", "output_dir", "labelled", "positive_dist_threshold")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -74,173 +58,79 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Give options without a help text one, so that ``--help`` shows their defaults too."""
-    for action in parser._actions:
-        if action.help is None and action.option_strings and action.default is not None:
-            action.help = "(default: %(default)s)"
+def _flag_default(field: dataclasses.Field) -> Any:
+    """What argparse starts a field's flag from: its default (tuples as lists, as typed)."""
+    spec = field.metadata[FLAG]
+    if "cli_default" in spec:
+        return spec["cli_default"]
+    if spec.get("invert") or spec.get("action") == "store_true":
+        return False
+    if field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    elif field.default is not dataclasses.MISSING:
+        value = field.default
+    else:
+        return None
+    return list(value) if isinstance(value, tuple) else value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
+def _nested(field: dataclasses.Field) -> type | None:
+    """The configuration a field holds, when it holds one (built from its own flags)."""
+    factory = field.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
-    return value
+def add_flags(parser: argparse.ArgumentParser, config_type: type, skip: Iterable[str] = ()) -> None:
+    """The flags of ``config_type``'s fields (and of the configurations it holds) on ``parser``,
+    in the argument groups their fields name."""
+    skip = set(skip)
+    groups = {group.title: group for group in parser._action_groups}
+    for field in dataclasses.fields(config_type):
+        if field.name in skip:
+            continue
+        if FLAG not in field.metadata:
+            if _nested(field):
+                add_flags(parser, _nested(field), skip)
+            continue
+        spec = field.metadata[FLAG]
+        keywords = {key: value for key, value in spec.items() if key not in OWN_KEYS}
+        if spec.get("invert"):
+            keywords["action"] = "store_true"
+        name = spec["flag"] or field.name
+        dest = name if spec.get("invert") else field.name
+        title = spec["group"]
+        if title is not None and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        (groups[title] if title else parser).add_argument(f"--{name}", dest=dest, default=_flag_default(field), **keywords)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+def flag_values(config_type: type, args: argparse.Namespace, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """``config_type``'s field values from parsed flags (the fields without a flag here keep
+    their defaults; held configurations are built from their own flags)."""
+    values = {}
+    for field in dataclasses.fields(config_type):
+        if field.name in skip:
+            continue
+        if FLAG not in field.metadata:
+            if _nested(field):
+                values[field.name] = build(_nested(field), args)
+            continue
+        spec = field.metadata[FLAG]
+        dest = (spec["flag"] or field.name) if spec.get("invert") else field.name
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if spec.get("invert"):
+            value = not value
+        elif value is not None and spec.get("convert"):
+            value = spec["convert"](value)
+        values[field.name] = value
+    return values
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
-    return value
-
-
-class _ImageSize(argparse.Action):
-    """``--image_size H W`` or ``--image_size S`` (the shorter side)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[int], option: str | None = None) -> None:
-        if len(values) > 2:
-            raise argparse.ArgumentError(self, f"takes H W or one value (the shorter side), not {len(values)} values")
-        setattr(namespace, self.dest, values)
-
-
-def _add_model_arguments(
-    group: argparse._ActionsContainer,
-    backbone: str = "vitl",
-    weights_help: str = "'auto' (published checkpoint), a .pth path or a URL",
-    weights_default: str | None = "auto",
-) -> None:
-    """The model and where it runs, shared by every command (a parser or an argument group)."""
-    group.add_argument("--backbone", choices=BACKBONES, default=backbone)
-    group.add_argument("--weights", default=weights_default, help=weights_help)
-    group.add_argument(
-        "--image_size", type=_positive_int, nargs="+", action=_ImageSize, default=list(DEFAULT_IMAGE_SIZE),
-        metavar="SIZE", help="H W, multiples of 14; or one value, as VPR-methods-evaluation: each image's shorter side "
-        "(aspect ratio kept, each side rounded to the nearest multiple of 14)",
-    )
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    group.add_argument(
-        "--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="PIXELS",
-        help="refuse images that declare more pixels (read from the header, before decoding)",
-    )
-
-
-def _add_resize_mode(group: argparse._ActionsContainer) -> None:
-    group.add_argument(
-        "--resize_mode", choices=RESIZE_MODES, default="original",
-        help="'original': FoL's own evaluation (bilinear, no antialiasing); 'bilinear_antialias': "
-        "VPR-methods-evaluation's (torchvision >= 0.17 Resize); 'antialias': kornia's",
-    )
-
-
-def _add_dist_timeout(group: argparse._ActionsContainer) -> None:
-    group.add_argument(
-        "--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_MIN, metavar="MINUTES",
-        help="under torchrun, how long a process waits for the slowest one",
-    )
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument("--database_folder", type=Path, required=True, help="folder of database images")
-    data.add_argument(
-        "--queries_folder", type=Path, action="append", required=True, dest="queries_folders",
-        help="folder of query images; repeat for several query sets against one database",
-    )
-    data.add_argument("--no_labels", action="store_true", help="images have no @east@north@ names: skip recalls")
-    data.add_argument("--positive_dist_threshold", type=float, default=DEFAULT_POSITIVE_DISTANCE, help="metres")
-    data.add_argument("--recall_values", type=_positive_int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
-    _add_run_options(parser)
-
-
-def _add_run_options(parser: argparse.ArgumentParser, plan: bool = True) -> None:
-    """The model, re-ranking, scale and output options of ``eval``, ``rerank`` and ``benchmark``."""
-    model = parser.add_argument_group("model")
-    _add_model_arguments(model)
-    _add_resize_mode(model)
-    model.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
-    model.add_argument(
-        "--num_workers", type=_non_negative_int, default=default_num_workers(),
-        help="image-decoding processes: this machine's cores, at most 4",
-    )
-    model.add_argument(
-        "--extraction_precision", choices=EXTRACTION_PRECISIONS, default="fp32",
-        help="'fp32' gives the published checkpoints' numbers; 'bf16'/'fp16' run the ViT under autocast (faster, "
-        "see docs/PRECISION.md)",
-    )
-    rerank = parser.add_argument_group("re-ranking")
-    rerank.add_argument(
-        "--rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K, help="candidates re-ranked per query; 0: none"
-    )
-    rerank.add_argument(
-        "--rerank_scorer", choices=SCORERS, default="fol", metavar="SCORER",
-        help="'fol' (FoL's score), '<matcher>' (match count) or '<matcher>+ransac' (inliers); matchers: "
-        + ", ".join(MATCHERS),
-    )
-    rerank.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
-    rerank.add_argument(
-        "--rerank_fraction", type=_fraction, default=DEFAULT_RERANK_FRACTION, metavar="F",
-        help="re-rank only the share F of queries whose global top-1 is least confident (largest distance); the "
-        "others keep their global order (README: Adaptive re-ranking)",
-    )
-    rerank.add_argument(
-        "--store_dtype", choices=STORE_DTYPES, default="float32",
-        help="local features on disk; float16 halves the disk but scores may differ from the original's",
-    )
-    rerank.add_argument("--in_memory", action="store_true", help="keep all database local features in RAM")
-    scale = parser.add_argument_group("large datasets (see README: Large datasets, many GPUs, clusters)")
-    scale.add_argument(
-        "--global_dtype", choices=GLOBAL_DTYPES, default="float32",
-        help="database descriptors on disk; float16 halves them (searched in float32)",
-    )
-    scale.add_argument(
-        "--search_chunk_size", type=_positive_int, default=DEFAULT_SEARCH_CHUNK,
-        help="database rows searched at a time (RAM holds one chunk)",
-    )
-    if plan:
-        scale.add_argument(
-            "--plan", type=_positive_int, nargs="?", const=0, default=None, metavar="PROCESSES",
-            help="print the projected disk, RAM and time per stage, calibrated on a few batches, and exit; "
-            "optionally for PROCESSES processes (default: this run's)",
-        )
-    _add_dist_timeout(scale)
-    inputs = parser.add_argument_group("inputs")
-    inputs.add_argument(
-        "--allow_outside_paths", action="store_true",
-        help="accept <folder>_images_paths.txt entries that lead outside their folder",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", type=Path, help="results, and the cache a rerun resumes from")
-    output.add_argument(
-        "--log_dir", metavar="NAME",
-        help="instead of --output_dir, as VPR-methods-evaluation: outputs in logs/NAME/<date-time> (a new folder each run)",
-    )
-    output.add_argument(
-        "--num_preds_to_save", type=_non_negative_int, default=0, help="PNG grids and preds/*.txt with this many"
-    )
-    output.add_argument(
-        "--save_only_wrong_preds", action="store_true",
-        help="those grids and files only for queries whose first prediction is wrong (needs labels)",
-    )
-    output.add_argument("--save_descriptors", action="store_true", help="keep the global descriptors as .npy")
-    output.add_argument("--keep_cache", action="store_true", help="keep <output_dir>/cache after success")
-    output.add_argument(
-        "--report", action="store_true", help="write <output_dir>/report.html at the end (as fol-vpr report does)"
-    )
+def build(config_type: type, args: argparse.Namespace, **given: Any) -> Any:
+    """A ``config_type`` from parsed flags, ``given`` fields replacing theirs."""
+    return config_type(**{**flag_values(config_type, args, skip=given), **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,153 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("-v", "--debug", action="store_true", help="debug logging, and tracebacks with errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[shared], formatter_class=_DefaultsFormatter)
+    def command(name: str, help: str, *configs: type | tuple[type, Iterable[str]]) -> argparse.ArgumentParser:
+        subparser = commands.add_parser(name, help=help, parents=[shared], formatter_class=_DefaultsFormatter)
+        for config in configs:
+            config_type, skip = config if isinstance(config, tuple) else (config, ())
+            add_flags(subparser, config_type, skip)
+        return subparser
 
-    _add_common(command("eval", "FoL global retrieval, then FoL re-ranking, with recalls"))
-    rerank = command("rerank", "re-rank another method's predictions with FoL")
-    _add_common(rerank)
-    given = rerank.add_argument_group("predictions to re-rank (one per --queries_folder, in order)")
-    given.add_argument(
-        "--predictions", action="append", default=[],
-        help="a preds/ folder of VPR-methods-evaluation (*.txt) or a [Q, K] .npy of database indices",
+    command("eval", "FoL global retrieval, then FoL re-ranking, with recalls", EvalConfig, RunControl)
+    command("rerank", "re-rank another method's predictions with FoL", EvalConfig, RunControl, RerankInputs)
+    command(
+        "benchmark", "the paper's evaluation over named datasets, with a results table", BenchmarkConfig,
+        BenchmarkInputs, (EvalConfig, DATASET_FIELDS), (RunControl, ("plan",)),
+    )  # fmt: skip
+    command(
+        "train", "fine-tune FoL with the paper's losses", TrainInputs, TrainConfig, (RunControl, ("plan", "log_dir", "report"))
     )
-    given.add_argument("--database_descriptors", type=Path, help="[N, D] .npy of another method (instead of --predictions)")
-    given.add_argument("--queries_descriptors", type=Path, action="append", default=[], help="[Q, D] .npy per query set")
-    bench = command("benchmark", "the paper's evaluation over named datasets, with a results table")
-    datasets = bench.add_argument_group("datasets (see README: The paper's benchmark in one command)")
-    datasets.add_argument("--datasets_folder", type=Path, help="the root of the datasets (the original's --eval_datasets_folder)")
-    datasets.add_argument(
-        "--dataset_names", nargs="+", metavar="NAME",
-        help="datasets (pitts30k, SF_XL, SVOX, ...) or single query sets (SF_XL_night, ...); --list_datasets names them",
+    report_command = command("report", "a finished eval, rerank or benchmark folder as one self-contained HTML file", ReportOptions)
+    report_command.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the --output_dir of a finished eval, rerank or benchmark"
     )
-    datasets.add_argument(
-        "--dataset_path", action="append", default=[], metavar="NAME=FOLDER",
-        help="a dataset's root, instead of its place under --datasets_folder",
-    )
-    datasets.add_argument(
-        "--allow_mismatch", action="store_true", help="run datasets whose image counts differ from the expected; rows are marked"
-    )
-    datasets.add_argument(
-        "--predictions_dir", type=Path,
-        help="re-rank another method: per query set, <dir>/<name>.npy or a VPR-methods-evaluation run at <dir>/<name>",
-    )
-    datasets.add_argument("--recall_values", type=_positive_int, nargs="+", default=list(DEFAULT_RECALL_VALUES))
-    datasets.add_argument("--list_datasets", action="store_true", help="print the known datasets, their layout and counts")
-    datasets.add_argument(
-        "--table_only", type=Path, metavar="OUTPUT_DIR", help="rebuild the results tables of a finished benchmark and exit"
-    )
-    _add_run_options(bench, plan=False)
-    fit = command("train", "fine-tune FoL with the paper's losses")
-    fit.add_argument("--dataset", choices=("gsv_cities", "folders"), default="gsv_cities")
-    fit.add_argument("--data_root", type=Path, required=True, help="GSV-Cities root, or a folder of place folders")
-    fit.add_argument(
-        "--recipe", choices=TRAIN_RECIPES, default="paper",
-        help="'paper': the original's training data pipeline; 'improved': random images per place, a new order "
-        "each epoch, ImageNet normalisation, RandAugment (README: differences from the original)",
-    )
-    fit.add_argument("--cities", nargs="+", default=list(TRAIN_CITIES), help="GSV-Cities cities (the original's 23)")
-    _add_model_arguments(
-        fit, TRAIN_BACKBONE, "FoL weights to start from: 'auto', a .pth path, a URL, or 'none' (random) "
-        "(default: 'auto', or 'none' with --dinov2_weights)", weights_default=None,
-    )
-    fit.add_argument("--dinov2_weights", default=None, help="official DINOv2 checkpoint file for the ViT (the paper's start)")
-    fit.add_argument("--num_trainable_blocks", type=int, default=TRAIN_TRAINABLE_BLOCKS)
-    fit.add_argument("--places_per_batch", type=int, default=TRAIN_PLACES_PER_BATCH)
-    fit.add_argument("--images_per_place", type=int, default=IMAGES_PER_PLACE)
-    fit.add_argument("--epochs", type=int, default=TRAIN_EPOCHS)
-    fit.add_argument("--lr", type=float, default=TRAIN_LR)
-    fit.add_argument("--weight_decay", type=float, default=TRAIN_WEIGHT_DECAY)
-    fit.add_argument("--accumulation_steps", type=int, default=TRAIN_ACCUMULATION_STEPS)
-    fit.add_argument("--no_augment", action="store_true", help="no RandAugment in the improved recipe")
-    fit.add_argument("--seed", type=int, default=TRAIN_SEED)
-    fit.add_argument("--num_workers", type=_non_negative_int, default=default_num_workers())
-    fit.add_argument("--val_database_folder", type=Path, help="labelled validation database (recalls each epoch)")
-    fit.add_argument("--val_queries_folder", type=Path)
-    fit.add_argument(
-        "--val_rerank_topk", type=_non_negative_int, default=DEFAULT_TOP_K,
-        help="validation re-ranks this many candidates and keeps the best re-ranked R@5, as the original; 0: global R@5",
-    )
-    fit.add_argument("--val_image_size", type=_positive_int, nargs=2, metavar=("H", "W"), help="(default: --image_size)")
-    fit.add_argument(
-        "--patience", type=_non_negative_int, default=TRAIN_PATIENCE,
-        help="stop after this many epochs without a better validation R@5; 0: never",
-    )
-    fit.add_argument("--output_dir", type=Path, required=True)
-    fit.add_argument(
-        "--resume", action="store_true",
-        help="continue from <output_dir>/last.pth, with the run's settings (--epochs, --device, --num_workers and "
-        "the validation flags may change)",
-    )
-    fit.add_argument(
-        "--overwrite", action="store_true",
-        help="start a new run in an --output_dir that holds an earlier one (its last.pth, best.pth, losses.csv and "
-        "losses.png are removed first)",
-    )
-    _add_dist_timeout(fit)
-    _add_report_command(command("report", "a finished eval, rerank or benchmark folder as one self-contained HTML file"))
-    show = command("visualize", "FoL's regions and matches on two images, as one PNG")
-    show.add_argument("--query", type=Path, required=True)
-    show.add_argument("--database", type=Path, required=True)
-    show.add_argument("--output", type=Path, default=Path("fol_matches.png"))
-    _add_model_arguments(show)
-    _add_resize_mode(show)
-    show.add_argument("--matcher", choices=MATCHERS, default="fol")
-    show.add_argument("--ransac_model", choices=GEOMETRIC_MODELS, default="homography")
-    for subparser in commands.choices.values():
-        _show_defaults(subparser)
+    command("visualize", "FoL's regions and matches on two images, as one PNG", VisualizeConfig)
     return parser
-
-
-def _add_report_command(parser: argparse.ArgumentParser) -> None:
-    """``fol-vpr report RUN_DIR``: its options (README: See and judge the re-ranking)."""
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --output_dir of a finished eval, rerank or benchmark")
-    parser.add_argument(
-        "--max_queries", type=_positive_int, default=REPORT_MAX_QUERIES,
-        help="queries shown per query set at most, changed ones first",
-    )
-    parser.add_argument(
-        "--max_size_mb", type=_positive_float, default=REPORT_MAX_SIZE_MB,
-        help="the file's size at most (MB = 10^6 bytes); queries beyond are left out",
-    )
-    parser.add_argument(
-        "--matches", type=_non_negative_int, default=0, metavar="N",
-        help="FoL's match figure (query vs re-ranked top-1) for N queries per query set, changed ones first; loads "
-        "the run's model",
-    )
-    parser.add_argument("--weights", default=None, help="checkpoint for --matches (default: the run's, from recalls.json)")
-    parser.add_argument("--device", default=None, help="where --matches runs the model (default: cuda when available)")
-    parser.add_argument(
-        "--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="PIXELS",
-        help="images that declare more pixels are not read",
-    )
-
-
-def report(args: argparse.Namespace) -> None:
-    """``fol-vpr report``: write ``RUN_DIR/report.html`` and print where, and its size."""
-    from .report import ReportOptions
-
-    options = ReportOptions(
-        max_queries=args.max_queries, max_size_mb=args.max_size_mb, matches=args.matches, weights=args.weights,
-        device=args.device, max_image_pixels=args.max_image_pixels,
-    )
-    _write_report(args.run_dir, options)
-
-
-def _report_at_end(args: argparse.Namespace, output_dir: Path) -> None:
-    """``--report``: the run's report, with the run's image limit."""
-    if args.report:
-        from .report import ReportOptions
-
-        _write_report(output_dir, ReportOptions(max_image_pixels=args.max_image_pixels))
-
-
-def _write_report(run_dir: Path, options: ReportOptions) -> None:
-    from .files import MB
-    from .report import write_report
-
-    path = write_report(run_dir, options)
-    print(f"Report: {path} ({path.stat().st_size / MB:.1f} MB)")
 
 
 def fine_tune(args: argparse.Namespace) -> None:
@@ -408,8 +173,8 @@ def fine_tune(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_device
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
+    from .config import RECIPES
     from .features import check_image_size
-    from .train.config import RECIPES, TrainConfig
     from .train.loop import train
 
     if args.dataset == "gsv_cities":
@@ -425,15 +190,8 @@ def fine_tune(args: argparse.Namespace) -> None:
         validation = (load_image_set(args.val_database_folder), load_image_set(args.val_queries_folder))
     weights = args.weights or (None if args.dinov2_weights else "auto")
     recipe = {**RECIPES[args.recipe], **({"augment": False} if args.no_augment else {})}
-    config = TrainConfig(
-        output_dir=args.output_dir, backbone=args.backbone, weights=None if weights == "none" else weights,
-        dinov2_weights=args.dinov2_weights, num_trainable_blocks=args.num_trainable_blocks,
-        image_size=tuple(args.image_size), places_per_batch=args.places_per_batch, images_per_place=args.images_per_place,
-        **recipe, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-        accumulation_steps=args.accumulation_steps, seed=args.seed, device=args.device, num_workers=args.num_workers,
-        validation=validation, validation_rerank_topk=args.val_rerank_topk,
-        validation_image_size=tuple(args.val_image_size) if args.val_image_size else None, patience=args.patience,
-        max_image_pixels=args.max_image_pixels,
+    config = build(
+        TrainConfig, args, weights=None if weights == "none" else weights, validation=validation, **recipe
     )
     if len(config.image_size) != 2:
         raise ValueError("fol-vpr train needs --image_size H W: a training batch holds images of one size")
@@ -467,46 +225,21 @@ def visualize(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> EvalConfig:
-    from .evaluation.config import EvalConfig
+    """The evaluation of ``fol-vpr eval`` / ``rerank`` from its flags, on the device they name."""
+    from .checkpoint import resolve_device
 
-    return EvalConfig(
-        database_folder=args.database_folder,
-        queries_folders=args.queries_folders,
-        output_dir=args.output_dir,
-        positive_dist_threshold=args.positive_dist_threshold,
-        labelled=not args.no_labels,
-        **_run_options(args),
-    )
+    config = build(EvalConfig, args)
+    config.extraction.device = str(resolve_device(args.device))
+    return config
 
 
 def _run_options(args: argparse.Namespace) -> dict:
-    """The :class:`~fol_plugin.evaluation.config.EvalConfig` fields of :func:`_add_run_options`."""
+    """The :class:`~fol_plugin.config.EvalConfig` fields a benchmark's datasets share, from its flags."""
     from .checkpoint import resolve_device
-    from .features import ExtractionConfig
-    from .matching import ScorerConfig
 
-    return dict(
-        backbone=args.backbone,
-        weights=args.weights,
-        extraction=ExtractionConfig(
-            image_size=tuple(args.image_size), resize_mode=args.resize_mode, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=str(resolve_device(args.device)),
-            precision=args.extraction_precision, max_image_pixels=args.max_image_pixels,
-        ),
-        recall_values=tuple(args.recall_values),
-        rerank_topk=args.rerank_topk,
-        rerank_fraction=args.rerank_fraction,
-        scorer=ScorerConfig(args.rerank_scorer, args.ransac_model),
-        store_dtype=args.store_dtype,
-        in_memory=args.in_memory,
-        num_preds_to_save=args.num_preds_to_save,
-        save_only_wrong_preds=args.save_only_wrong_preds,
-        save_descriptors=args.save_descriptors,
-        keep_cache=args.keep_cache,
-        search_chunk_size=args.search_chunk_size,
-        global_dtype=args.global_dtype,
-        allow_outside_paths=args.allow_outside_paths,
-    )
+    options = flag_values(EvalConfig, args, skip=DATASET_FIELDS)
+    options["extraction"].device = str(resolve_device(args.device))
+    return options
 
 
 def load_given_predictions(args: argparse.Namespace, k: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -603,7 +336,7 @@ def benchmark(args: argparse.Namespace) -> int:
         0, or ``DATASETS_FAILED_EXIT`` after the tables are written when a dataset failed (with an
         error line naming the failed datasets).
     """
-    from .benchmark import REGISTRY, BenchmarkConfig, failure_summary, run_benchmark, write_tables
+    from .benchmark import REGISTRY, failure_summary, run_benchmark, write_tables
     from .benchmark.tables import RESULTS_STEM
 
     if args.list_datasets:
@@ -622,11 +355,7 @@ def benchmark(args: argparse.Namespace) -> int:
     _output_dir_of_log_dir(args, processes, required=True)
     options["extraction"].device = processes.device
     options["extraction"].progress = processes.is_main
-    config = BenchmarkConfig(
-        datasets_folder=args.datasets_folder, dataset_names=args.dataset_names, output_dir=args.output_dir,
-        options=options, predictions_dir=args.predictions_dir, allow_mismatch=args.allow_mismatch,
-        dataset_paths=dict(_name_and_path(text) for text in args.dataset_path),
-    )
+    config = build(BenchmarkConfig, args, options=options)
     try:
         rows = run_benchmark(config, processes)
     except KeyboardInterrupt:
@@ -647,6 +376,25 @@ def benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> None:
+    """``fol-vpr report``: write ``RUN_DIR/report.html`` and print where, and its size."""
+    _write_report(args.run_dir, build(ReportOptions, args))
+
+
+def _report_at_end(args: argparse.Namespace, output_dir: Path) -> None:
+    """``--report``: the run's report, with the run's image limit."""
+    if args.report:
+        _write_report(output_dir, ReportOptions(max_image_pixels=args.max_image_pixels))
+
+
+def _write_report(run_dir: Path, options: ReportOptions) -> None:
+    from .files import MB
+    from .report import write_report
+
+    path = write_report(run_dir, options)
+    print(f"Report: {path} ({path.stat().st_size / MB:.1f} MB)")
+
+
 def _output_dir_of_log_dir(args: argparse.Namespace, processes: Processes, required: bool) -> None:
     """``--log_dir NAME``: ``--output_dir`` becomes ``logs/NAME/<date-time>`` as
     VPR-methods-evaluation names its output folder, at rank 0's time on every process (a new
@@ -665,13 +413,6 @@ def _output_dir_of_log_dir(args: argparse.Namespace, processes: Processes, requi
         "The outputs are being saved in %s (--log_dir: a new folder each run; to resume this run after an interruption, "
         "rerun with --output_dir %s instead)", args.output_dir, args.output_dir,
     )
-
-
-def _name_and_path(text: str) -> tuple[str, Path]:
-    name, separator, folder = text.partition("=")
-    if not separator or not name or not folder:
-        raise ValueError(f"--dataset_path {text!r}: expected NAME=FOLDER, e.g. SF_XL=/data/sf_xl/processed/test")
-    return name, Path(folder)
 
 
 def _registry_listing(registry: dict) -> str:
@@ -724,7 +465,7 @@ def _record_for_torchrun(error: BaseException) -> None:
 # Each command returns None or 0 (success), or its exit code.
 COMMANDS = {
     "eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize, "report": report,
-}
+}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -736,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
     try:
         code = COMMANDS[args.command](args)
-    except _user_errors() as error:
+    except USER_ERROR_TYPES as error:
         if args.debug:
             logger.exception("%s", error)
         else:
@@ -751,17 +492,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("Interrupted: rerun with --resume to continue after the last finished epoch")
         return INTERRUPTED_EXIT
     return code or 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: one line naming the value and the fix, exit code 2, no traceback
-    (``--debug`` shows it). Imported when an error is caught, not at start-up."""
-    from .cache import CacheMismatchError, OutputFolderError, RunLockedError
-    from .checkpoint import CheckpointError
-    from .evaluation.resources import InsufficientDiskError
-    from .files import DiskFullError
-
-    return (
-        ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, InsufficientDiskError,
-        CacheMismatchError, RunLockedError, DiskFullError, OutputFolderError,
-    )

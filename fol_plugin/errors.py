@@ -1,7 +1,22 @@
-"""What a user sees of an error: one line naming the value and the fix, without the traceback
-that torch's DataLoader wraps around an error raised in one of its workers. Used by the command
-line and by the benchmark's table rows; no heavy imports."""
+"""Errors meant for the user, and what a user sees of them: one line naming the value and the
+fix, without the traceback that torch's DataLoader wraps around an error raised in one of its
+workers. The command line and the benchmark's table rows use these; no heavy imports."""
 from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix (a setting, an input, the disk): one line naming the value and
+    the fix, no traceback. Every error class of fol-plugin meant for the user derives from it."""
+
+
+# What a user can fix: our errors, and the built-in ones raised for bad settings and inputs
+# (``ValueError`` with the value and the fix, a missing or unwritable file). Anything else is a bug
+# and keeps its traceback in the log (a CUDA failure, a RuntimeError of torch).
+USER_ERROR_TYPES = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERROR_TYPES)
 
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader wraps an error raised in a worker
 

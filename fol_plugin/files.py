@@ -16,17 +16,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import UserError
+
 GB = 1e9  # decimal units everywhere: GB = 1e9 bytes, MB = 1e6 bytes
 MB = 1e6
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TEMPORARY_SUFFIX = ".tmp"
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
     """The disk filled up while a run was writing."""
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(UserError, ValueError):
     """A record file of a run (JSON) cannot be read."""
 
 

@@ -1,10 +1,12 @@
-"""The names and defaults that the command line shows, in a module free of heavy imports, so that
-``fol-vpr --help`` answers at once. The modules that use them import them from here: each is
-named once."""
+"""The names, choices and constants that configurations and the models share, in a module free
+of heavy imports (the configurations themselves: :mod:`fol_plugin.config`). Each is named once."""
 from __future__ import annotations
 
 import os
 
+PATCH_SIZE = 14  # DINOv2 ViT/14
+LOCAL_STRIDE = PATCH_SIZE / 4  # input pixels between two local-grid cells (two stride-2 up-samplings)
+POS_EMBED_GRID = 37  # the checkpoints store 37 x 37 patch position embeddings (518 px)
 BACKBONES = ("vitb", "vitl")
 DEFAULT_IMAGE_SIZE = (322, 322)
 RESIZE_MODES = ("original", "bilinear_antialias", "antialias")  # see fol_plugin.data.images.preprocess
@@ -33,24 +35,13 @@ DEFAULT_DIST_TIMEOUT_MIN = 120.0  # how long a process of a distributed run wait
 REPORT_MAX_QUERIES = 1000  # per query set
 REPORT_MAX_SIZE_MB = 20.0
 
-# fol-vpr train (fol_plugin.train.config.TrainConfig)
-TRAIN_RECIPES = ("paper", "improved")  # see fol_plugin.train.config.RECIPES
-TRAIN_BACKBONE = "vitl"
-# The original's training cities (its dataloaders/GSVCities.py), in its order.
+# fol-vpr train (fol_plugin.config.TrainConfig). The original's training cities (its dataloaders/GSVCities.py), in its order.
 TRAIN_CITIES = (
     "Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona", "Chicago", "Madrid", "Miami",
     "Phoenix", "TRT", "Boston", "Lisbon", "Medellin", "Minneapolis", "PRG", "WashingtonDC", "Brussels", "London",
     "Melbourne", "Osaka", "PRS",
 )  # fmt: skip
-TRAIN_TRAINABLE_BLOCKS = 4
-TRAIN_PLACES_PER_BATCH = 60
-IMAGES_PER_PLACE = 4
-TRAIN_EPOCHS = 8
-TRAIN_LR = 6e-5
-TRAIN_WEIGHT_DECAY = 9.5e-9
-TRAIN_ACCUMULATION_STEPS = 1
-TRAIN_SEED = 0
-TRAIN_PATIENCE = 10  # the original stops after 10 validations without a better re-ranked R@5
+IMAGES_PER_PLACE = 4  # K images of each training place, as GSV-Cities
 
 
 def default_num_workers() -> int:

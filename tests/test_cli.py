@@ -2,6 +2,9 @@
 on the command line, and the exit codes."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -16,12 +19,15 @@ import pytest
 import torch
 
 from fol_plugin import checkpoint, cli
+from fol_plugin import config as config_module
+from fol_plugin.config import FLAG
 from fol_plugin.cache.run_cache import LOCK_FILE
 from fol_plugin.cli import USER_ERROR_EXIT
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import list_images
 from fol_plugin.data.images import network_size
 from fol_plugin.evaluation.config import load_sets
+from fol_plugin.options import default_num_workers
 
 from .conftest import (
     DATA,
@@ -235,3 +241,33 @@ def test_an_unreadable_image_read_in_a_worker_process_is_one_line(labelled_set, 
     args[args.index("--num_workers") + 1] = "1"
     line = user_error(caplog, *args)
     assert line.startswith("cannot decode image ") and "zz_broken.jpg" in line and "\n" not in line
+
+
+def test_every_flag_and_default_of_the_hand_written_parser_is_still_there():
+    """The parser is generated from fol_plugin.config's fields: each command still has every flag
+    the hand-written one had (``fixtures/cli_flags.json``), with the same default."""
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "cli_flags.json").read_text())["flags"]
+    subparsers = next(action for action in cli.build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    for command, flags in recorded.items():
+        actions = {max(a.option_strings, key=len): a for a in subparsers.choices[command]._actions if a.option_strings}
+        for flag, default in flags.items():
+            assert flag in actions, (command, flag)
+            now = actions[flag].default
+            if flag == "--num_workers":
+                assert now == default_num_workers(), command
+            else:
+                assert json.loads(json.dumps(now, default=str)) == default, (command, flag, now, default)
+
+
+def test_every_flag_is_a_field_of_a_configuration():
+    """One source per option: each flag of each command (but --debug) is made from one field of
+    fol_plugin.config, which holds its default and help; no field's flag is declared twice."""
+    declared = []
+    for value in vars(config_module).values():
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == config_module.__name__:
+            declared += [f"--{f.metadata[FLAG]['flag'] or f.name}" for f in dataclasses.fields(value) if FLAG in f.metadata]
+    subparsers = next(action for action in cli.build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    for command, parser in subparsers.choices.items():
+        flags = {max(a.option_strings, key=len) for a in parser._actions if a.option_strings} - {"--help", "--debug"}
+        assert flags <= set(declared), (command, flags - set(declared))
+        assert all(action.help for action in parser._actions if action.option_strings), command  # every flag says what it does

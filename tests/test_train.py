@@ -26,9 +26,9 @@ from fol_plugin.data.places import PlaceDataset, collate_places, folder_places, 
 from fol_plugin.models import FoLModel
 from fol_plugin.train import loop
 from fol_plugin.checkpoint import load_dinov2_weights
-from fol_plugin.train import config as train_config
+from fol_plugin import config as train_config
 from fol_plugin.train import sharding
-from fol_plugin.train.config import TrainConfig
+from fol_plugin.config import TrainConfig
 from fol_plugin.train.log import plot_losses
 from fol_plugin.train.loop import train, validation_recalls
 from fol_plugin.train.run_folder import BEST, LAST, LOG, PLOT

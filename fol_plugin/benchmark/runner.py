@@ -22,7 +22,6 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,10 @@ from tqdm import tqdm
 from ..cache import RunCache
 from ..cache.run_cache import LOCK_FILE
 from ..checkpoint import weights_file
+from ..config import BenchmarkConfig
 from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
-from ..errors import user_message
+from ..errors import is_user_error, user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
 from ..evaluation.outputs import json_config, read_preds_files
 from ..evaluation.pipeline import run_eval, run_rerank
@@ -58,32 +58,9 @@ PREDICTIONS_SUFFIX = ".npy"
 RESERVED_NAMES = {BENCHMARK_FILE, LOCK_FILE, *RESULTS_FILES}
 
 
-@dataclass
-class BenchmarkConfig:
-    """What ``fol-vpr benchmark`` runs.
-
-    Attributes:
-        datasets_folder: the root of the datasets (the original's ``--eval_datasets_folder``).
-        dataset_names: registry names (datasets, or single query sets such as ``SF_XL_night``).
-        output_dir: one sub-folder per dataset, ``benchmark.json`` and the results tables.
-        options: :class:`~fol_plugin.evaluation.config.EvalConfig` fields shared by every dataset
-            (backbone, weights, extraction, rerank_topk, ...); the folders, labels and positive
-            radius come from the registry, and R@1/5/10 are always among the recall values.
-        predictions_dir: another method's predictions per query set (see :func:`find_predictions`):
-            benchmark "that method + FoL re-ranking" instead of FoL end to end.
-        allow_mismatch: run datasets whose image counts differ from the registry's (rows are marked).
-        dataset_paths: dataset name -> its root, instead of the registry's layout.
-        registry: the known datasets.
-    """
-
-    datasets_folder: Path
-    dataset_names: list[str]
-    output_dir: Path
-    options: dict = field(default_factory=dict)
-    predictions_dir: Path | None = None
-    allow_mismatch: bool = False
-    dataset_paths: dict[str, Path] = field(default_factory=dict)
-    registry: Mapping[str, DatasetSpec] = field(default_factory=lambda: REGISTRY)
+def _registry(config: BenchmarkConfig) -> Mapping[str, DatasetSpec]:
+    """The datasets ``config`` names refer to: its own registry, or the known ones."""
+    return REGISTRY if config.registry is None else config.registry
 
 
 def check_datasets(config: BenchmarkConfig) -> list[Located]:
@@ -100,7 +77,7 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
             "confident, which needs global distances, and --predictions_dir gives predictions without them: drop "
             "--rerank_fraction, or benchmark FoL end to end"
         )
-    selection = select(config.dataset_names, config.registry, config.datasets_folder)
+    selection = select(config.dataset_names, _registry(config), config.datasets_folder)
     unsafe = [problem for spec, _ in selection if (problem := _name_problem(spec.name))]
     if unsafe:
         raise ValueError("\n".join(unsafe))
@@ -127,7 +104,7 @@ def check_datasets(config: BenchmarkConfig) -> list[Located]:
     for line in mismatches:
         logger.warning("%s: running anyway (--allow_mismatch); its rows are marked", line)
     for item in located:
-        if item.spec.name not in config.registry:
+        if item.spec.name not in _registry(config):
             logger.warning("%s is not a known dataset: running it from %s, its counts unchecked", item.spec.name, item.root)
     return located
 
@@ -281,7 +258,7 @@ def _one_line(error: BaseException) -> str:
     prints (without the traceback a DataLoader worker's error carries), with its type when it
     is a bug."""
     message = " ".join(user_message(error).split())
-    return f"{type(error).__name__}: {message}" if _is_bug(error) else message
+    return f"{type(error).__name__}: {message}" if not is_user_error(error) else message
 
 
 def _run_dataset(
@@ -312,17 +289,12 @@ def _run_dataset(
         if processes.distributed:  # the other processes cannot skip in step: end the run (torchrun reports it)
             raise
         message = _one_line(error)
-        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, message, exc_info=_is_bug(error))
+        logger.error("%s failed: %s; going on with the next dataset", item.spec.name, message, exc_info=not is_user_error(error))
         return {**entry, "status": FAILED, "error": message}
     return {
         **entry, "status": "done", "wall_s": round(time.perf_counter() - start, 1), "peak_memory_mb": memory.rss_mb,
         "peak_gpu_memory_mb": memory.gpu_mb, "peak_memory_since_start": memory.since_start,
     }
-
-
-def _is_bug(error: BaseException) -> bool:
-    """Errors that are not about the user's data or settings get their traceback logged."""
-    return not isinstance(error, (ValueError, OSError, RuntimeError))
 
 
 def _describe(config: BenchmarkConfig) -> dict:

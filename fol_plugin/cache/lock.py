@@ -23,8 +23,10 @@ import time
 import weakref
 from pathlib import Path
 
+from ..errors import UserError
 
-class RunLockedError(RuntimeError):
+
+class RunLockedError(UserError, RuntimeError):
     """Another process holds the lock."""
 
 

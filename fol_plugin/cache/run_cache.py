@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from ..files import MB, write_json
 from .integrity import folder_bytes, holds_commits
 from .lock import DirectoryLock, command_line
@@ -33,11 +34,11 @@ CACHE_FORMAT = 3  # bump when cached files change layout
 SHOWN_VALUE_CHARS = 40
 
 
-class CacheMismatchError(RuntimeError):
+class CacheMismatchError(UserError, RuntimeError):
     """The cache holds computed work of another configuration."""
 
 
-class OutputFolderError(RuntimeError):
+class OutputFolderError(UserError, RuntimeError):
     """The output folder cannot be used."""
 
 

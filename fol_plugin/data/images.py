@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kornia.io import ImageLoadType
 from PIL import Image
 
+from ..errors import UserError
 from ..files import GB
 from ..models.resizing import round_to_patch_multiple
 from ..options import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
@@ -31,7 +32,7 @@ _PNG_IHDR = struct.Struct(">8sI4sII")  # signature, chunk length, b"IHDR", width
 DECODED_BYTES_PER_PIXEL = 3 * 4  # [3, H, W] float32
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(UserError, ValueError):
     """An image declares more pixels than the decoded-pixel limit admits."""
 
 

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..cache.run_cache import CACHE_FOLDER, LOCK_FILE
-from ..data.datasets import DEFAULT_POSITIVE_DISTANCE, ImageSet, find_positives, load_image_set
+from ..data.datasets import ImageSet, find_positives, load_image_set
 from ..data.images import image_dimensions, network_size
-from ..features import ExtractionConfig, check_image_size
-from ..matching import ScorerConfig
-from ..options import DEFAULT_RERANK_FRACTION, GLOBAL_DTYPES
-from ..rerank import DEFAULT_TOP_K
-from ..retrieval import DEFAULT_SEARCH_CHUNK
-from .recalls import DEFAULT_RECALL_VALUES
+from ..config import EvalConfig
+from ..features import check_image_size
+from ..options import GLOBAL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -26,60 +23,6 @@ DATABASE_DESCRIPTORS_FILE = "database_descriptors.npy"
 # Names a query set's output folder may not take: they are the run's own files and folders.
 RESERVED_NAMES = {CACHE_FOLDER, LOCK_FILE, RECALLS_FILE, DATABASE_DESCRIPTORS_FILE}
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
-
-
-@dataclass
-class EvalConfig:
-    """Everything ``fol-vpr eval`` and ``fol-vpr rerank`` need (flag names of VPR-methods-evaluation).
-
-    Attributes:
-        database_folder: the database images.
-        queries_folders: one or more query sets searched against the same database.
-        output_dir: where results (and the resumable cache) go.
-        backbone: "vitl" or "vitb".
-        weights: "auto" (published checkpoint), a path or URL.
-        extraction: image size, resize mode, batching and device.
-        recall_values: the N of each recall@N.
-        positive_dist_threshold: metres within which a database image is correct.
-        labelled: read UTM labels from file names and compute recalls.
-        rerank_topk: candidates re-ranked per query; 0 for global retrieval only.
-        rerank_fraction: the share of queries re-ranked, those of lowest global confidence
-            (:mod:`.confidence`); the others keep their global order. 1: all.
-        scorer: the re-ranking score: FoL's (default), or matches / RANSAC inliers of a matcher.
-        store_dtype: local-feature store precision ("float32" reproduces the original's scores).
-        in_memory: hold all database local features in RAM, as the original's default mode.
-        num_preds_to_save: per query, predictions drawn in PNG grids and listed in preds/*.txt.
-        save_only_wrong_preds: those grids and files only for the queries whose first prediction
-            is wrong (VPR-methods-evaluation's flag; every query without labels).
-        save_descriptors: keep the global descriptors as .npy files in the output folder.
-        keep_cache: keep ``<output_dir>/cache`` after a successful run.
-        search_chunk_size: database rows per faiss index.
-        global_dtype: the database descriptors on disk, "float32" or "float16" (half the
-            disk; searched in float32 chunks).
-        allow_outside_paths: accept ``<folder>_images_paths.txt`` entries outside their folder.
-    """
-
-    database_folder: Path
-    queries_folders: list[Path]
-    output_dir: Path
-    backbone: str = "vitl"
-    weights: str | None = "auto"
-    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    recall_values: tuple[int, ...] = DEFAULT_RECALL_VALUES
-    positive_dist_threshold: float = DEFAULT_POSITIVE_DISTANCE
-    labelled: bool = True
-    rerank_topk: int = DEFAULT_TOP_K
-    rerank_fraction: float = DEFAULT_RERANK_FRACTION
-    scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    store_dtype: str = "float32"
-    in_memory: bool = False
-    num_preds_to_save: int = 0
-    save_only_wrong_preds: bool = False
-    save_descriptors: bool = False
-    keep_cache: bool = False
-    search_chunk_size: int = DEFAULT_SEARCH_CHUNK
-    global_dtype: str = "float32"
-    allow_outside_paths: bool = False
 
 
 @dataclass

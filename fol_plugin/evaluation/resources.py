@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..features.store import ENTRY_BYTES
 from ..files import GB
 from ..models import GLOBAL_DIM, LOCAL_DIM, PATCH_SIZE
@@ -22,7 +23,7 @@ CELLS_PER_PATCH = 16  # the local head's 4x4 cells per selected patch
 KEYPOINT_BYTES = 8  # (x, y) float32
 
 
-class InsufficientDiskError(RuntimeError):
+class InsufficientDiskError(UserError, RuntimeError):
     """The output folder's disk cannot hold a run."""
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,13 +15,7 @@ from ..data import load_image, preprocess
 from ..data.images import network_size
 from ..data.loader import worker_loader
 from ..models import FoLModel, check_images
-from ..options import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_IMAGE_SIZE,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    EXTRACTION_PRECISIONS,
-    default_num_workers,
-)
+from ..config import ExtractionConfig
 from .arrays import ResumableArray
 from .store import InMemoryFeatures, LocalFeatureStore
 
@@ -30,40 +23,6 @@ logger = logging.getLogger(__name__)
 
 FeatureStore = LocalFeatureStore | InMemoryFeatures  # local features by image id, on disk or in RAM
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class ExtractionConfig:
-    """How images become network inputs, and how they are batched.
-
-    Attributes:
-        image_size: (H, W) every image is resized to, multiples of 14; or (S,): each image's
-            shorter side to S, its aspect ratio kept, each side rounded to a multiple of 14
-            (:func:`fol_plugin.data.images.network_size`), as VPR-methods-evaluation's
-            ``--image_size S``; images of one size are batched together.
-        resize_mode: one of RESIZE_MODES (:func:`fol_plugin.data.preprocess`).
-        batch_size: images per forward pass.
-        num_workers: DataLoader worker processes decoding images.
-        device: where the model runs.
-        precision: "fp32" (the published checkpoints' numbers), or "bf16" / "fp16": the ViT
-            under autocast, the aggregator and local head in float32 (see docs/PRECISION.md).
-        progress: show progress bars.
-        max_image_pixels: the most pixels an image may declare (checked from its header before
-            decoding, :func:`fol_plugin.data.images.check_image_pixels`); None: no limit.
-    """
-
-    image_size: tuple[int, int] | tuple[int] = DEFAULT_IMAGE_SIZE
-    resize_mode: str = "original"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    num_workers: int = field(default_factory=default_num_workers)
-    device: str = "cpu"
-    precision: str = "fp32"
-    progress: bool = True
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-
-    def __post_init__(self) -> None:
-        if self.precision not in EXTRACTION_PRECISIONS:
-            raise ValueError(f"--extraction_precision {self.precision!r}; choose one of {EXTRACTION_PRECISIONS}")
 
 
 class ImageListDataset(Dataset):

@@ -2,7 +2,8 @@
 from .features import LAF_SCALE, LocalFeatures, extract_local_features, to_lafs
 from .geometry import GEOMETRIC_MODELS, verify
 from .matchers import MATCHERS, Matches, match
-from .scorers import SCORERS, ScorerConfig, make_pair_scorer
+from ..options import SCORERS
+from .scorers import ScorerConfig, make_pair_scorer
 
 __all__ = [
     "GEOMETRIC_MODELS",

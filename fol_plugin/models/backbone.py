@@ -11,26 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PATCH_SIZE = 14
-POS_EMBED_GRID = 37  # the checkpoints store 37 x 37 patch position embeddings (518 px)
+from ..config import ViTConfig
+from ..options import PATCH_SIZE
+
 POS_INTERPOLATE_OFFSET = 0.1  # DINOv2's offset for the bicubic position-embedding resize
 LAYER_NORM_EPS = 1e-6
 DEFAULT_TRAINABLE_BLOCKS = 4  # FoL fine-tunes the last 4 blocks
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Sizes of a DINOv2 ViT/14. The presets are the published ones; tests shrink them."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    pos_embed_grid: int = POS_EMBED_GRID
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
 
 
 VIT_CONFIGS: dict[str, ViTConfig] = {

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import PATCH_SIZE
+from ..options import LOCAL_STRIDE, PATCH_SIZE
 
 LOCAL_DIM = 128
 UPCONV_DIM = 256
@@ -17,7 +17,6 @@ NUM_SELECTED_PATCHES = 225
 # chenshunpeng/FoL (network_FoL.py) pads a batch's local descriptors to a length picked from the
 # local grid's height: (height above which, length), else height**2.
 ORIGINAL_PADDED_LENGTHS = ((80, 3600), (70, 3500), (40, 1000))
-LOCAL_STRIDE = PATCH_SIZE / 4  # input pixels between two local-grid cells
 LOCAL_OFFSET = PATCH_SIZE / 2  # input pixel of cell 0: the centre of patch 0
 
 

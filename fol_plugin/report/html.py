@@ -19,13 +19,12 @@ import html
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..evaluation.confidence import CONFIDENCE_FILE, STAGES, ap_text, stage_ap
 from ..files import MB, write_text
-from ..options import DEFAULT_MAX_IMAGE_PIXELS, REPORT_MAX_QUERIES, REPORT_MAX_SIZE_MB
+from ..config import ReportOptions
 from .data import STATUSES, BenchmarkData, Prediction, Query, QuerySetData, RunData, read_folder
 from .media import MISSING_CLASS, Thumbnails, match_figure
 from .svg import Series, line_chart
@@ -71,28 +70,6 @@ document.body.setAttribute('data-filter',f);
 document.querySelectorAll('.filter a').forEach(function(a){a.classList.toggle('on',a.getAttribute('data-f')===f);});}
 window.addEventListener('hashchange',applyFilter);applyFilter();
 """
-
-
-@dataclass
-class ReportOptions:
-    """What ``fol-vpr report`` shows.
-
-    Attributes:
-        max_queries: queries shown per query set at most (changed ones first).
-        max_size_mb: the file's size at most, in MB (10^6 bytes); queries beyond are left out.
-        matches: per query set, FoL's match figure of this many queries (changed ones first)
-            against their re-ranked top-1; needs the run's model.
-        weights: the checkpoint for the match figures instead of the run's recorded one.
-        device: where the model runs for the match figures (default: CUDA when available).
-        max_image_pixels: images that declare more pixels are not read (grey boxes).
-    """
-
-    max_queries: int = REPORT_MAX_QUERIES
-    max_size_mb: float = REPORT_MAX_SIZE_MB
-    matches: int = 0
-    weights: str | None = None
-    device: str | None = None
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def write_report(run_dir: str | os.PathLike, options: ReportOptions | None = None) -> Path:

@@ -1,5 +1,5 @@
 """Fine-tuning FoL: the paper's losses (the training forward is ``FoLModel.forward_train``)."""
-from .config import LossWeights
+from ..config import LossWeights
 from .losses import (
     contrast_loss,
     fol_loss,

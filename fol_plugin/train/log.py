@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_write, write_text
-from .config import TrainConfig
+from ..config import TrainConfig
 from .run_folder import LOG, PLOT
 from .sharding import accumulation_divisors
 

@@ -6,7 +6,7 @@ precision; then validation recalls (:func:`validation_recalls`), and the epoch's
 output folder (:mod:`.run_folder`: ``best.pth`` by R@5, the loss log and plot, ``last.pth`` for
 ``--resume``), each written atomically after a check that the disk has room for it.
 
-The rooms of training: :mod:`.config` (what a run is), :mod:`.run_folder` (its output folder and
+The rooms of training: :class:`fol_plugin.config.TrainConfig` (what a run is), :mod:`.run_folder` (its output folder and
 resume checks), :mod:`.log` (what it tells), :mod:`.stopping` (best epoch, early stopping),
 :mod:`.sharding` (batches over processes), :mod:`.losses`; this module runs the epochs.
 """
@@ -35,7 +35,7 @@ from ..features import ExtractionConfig
 from ..files import ensure_room, json_safe, save_torch
 from ..models import FoLModel
 from ..models.fol import TrainingOutputs
-from .config import TrainConfig
+from ..config import TrainConfig
 from .log import describe_epoch, log_summary, write_log
 from .losses import fol_loss
 from .run_folder import BEST, check_resume_settings, check_run, checkpoint_writes, disk_full_advice, places_record
@@ -214,7 +214,7 @@ def train(
 
     Args:
         resume: continue from ``output_dir/last.pth``, with the run's settings
-            (:data:`~fol_plugin.train.config.RUN_SETTINGS`) and places; without it, an earlier
+            (:data:`~fol_plugin.train.run_folder.RUN_SETTINGS`) and places; without it, an earlier
             run's files in ``output_dir`` are an error.
         processes: this process's place in a ``torchrun`` run (one process by default): each
             takes its share of every global batch, the losses see the whole batch, and rank 0

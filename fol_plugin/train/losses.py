@@ -12,7 +12,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimila
 
 from ..models.fol import TrainingOutputs
 from ..rerank.mutual import MATCH_THRESHOLD, mutual_matches
-from .config import LossWeights
+from ..config import LossWeights
 
 MS_ALPHA, MS_BETA, MS_BASE = 1.0, 50.0, 0.0
 MINER_EPSILON = 0.1

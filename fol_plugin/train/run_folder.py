@@ -5,11 +5,12 @@ A run writes ``best.pth`` (the weights of its best epoch, in the original format
 ``losses.csv`` and plot ``losses.png``, then ``last.pth`` (weights, optimiser, schedule, log, the
 settings and the places), each atomically. ``last.pth`` comes last: once it is there, its epoch is
 finished. A new run refuses a folder holding an earlier run's files unless told to overwrite
-them; ``--resume`` refuses settings (:data:`~fol_plugin.train.config.RUN_SETTINGS`) or places that
+them; ``--resume`` refuses settings (:data:`RUN_SETTINGS`) or places that
 differ from the run's.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..distributed import Processes
+from ..errors import UserError
 from ..files import MB, json_safe
-from .config import PLACES_FLAGS, RUN_SETTINGS, TrainConfig
+from ..config import FLAG, RECIPES, TrainConfig
 from .sharding import place_batches
 
 LAST, BEST, LOG, PLOT = "last.pth", "best.pth", "losses.csv", "losses.png"
@@ -29,9 +31,20 @@ CHECKPOINT_PATTERN = "*.pth"  # any checkpoint in an output folder marks an earl
 ADAMW_MOMENTS = 2  # AdamW keeps two moments per trainable weight in last.pth
 CHECKPOINT_MARGIN_BYTES = 16 * MB  # beside the tensors: pickle headers, the config, the log, the RNG state
 LOG_FILE_BYTES = 1 * MB  # losses.csv and losses.png are each smaller
+# The settings of a run that --resume must find unchanged (TrainConfig fields). The others may
+# change: --epochs (more to go on), --device, --num_workers, the validation (its folders,
+# --val_image_size, --val_rerank_topk, --patience) and the folder's place (output_dir). The
+# training places are compared too (see :func:`places_record`).
+RUN_SETTINGS = (
+    "backbone", "weights", "dinov2_weights", "num_trainable_blocks", "image_size", "places_per_batch",
+    "images_per_place", "accumulation_steps", "lr", "weight_decay", "lr_end_factor", "decay_iterations", "seed",
+    "augment", "normalize_images", "random_images", "shuffle_each_epoch", "resize_mode", "mixed_precision",
+    "loss_weights",
+)  # fmt: skip
+PLACES_FLAGS = "--dataset, --data_root, --cities"
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """``--resume`` with settings that differ from those of the run it would continue."""
 
 
@@ -87,6 +100,15 @@ def _shown_places(record: dict) -> str:
     return f"{record['places']} places, {record['images']} images under {record['root']} (listing {record['digest']})"
 
 
+def _setting(name: str) -> str:
+    """How the user sets a :class:`~fol_plugin.config.TrainConfig` field: its flag, the recipe
+    that sets it, or (where nothing does) its name."""
+    field = next(field for field in dataclasses.fields(TrainConfig) if field.name == name)
+    if FLAG in field.metadata:
+        return f"--{field.metadata[FLAG]['flag'] or name}"
+    return f"--recipe ({name})" if any(name in recipe for recipe in RECIPES.values()) else name
+
+
 def check_resume_settings(config: TrainConfig, places: dict, checkpoint: dict, last: Path) -> None:
     """Refuse to resume the run of ``last`` (its ``checkpoint``) with settings of ``config`` or
     training ``places`` (a :func:`places_record`) that differ from the run's own.
@@ -96,8 +118,8 @@ def check_resume_settings(config: TrainConfig, places: dict, checkpoint: dict, l
     """
     saved, current = checkpoint.get("config", {}), json_safe(config)
     differences = [
-        f"{flag} {_shown(saved[name])} -> {_shown(current[name])}"
-        for name, flag in RUN_SETTINGS.items()
+        f"{_setting(name)} {_shown(saved[name])} -> {_shown(current[name])}"
+        for name in RUN_SETTINGS
         if name in saved and saved[name] != current[name]
     ]
     if "places" in checkpoint and checkpoint["places"] != places:
