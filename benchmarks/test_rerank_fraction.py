@@ -12,7 +12,6 @@ CPU cores: 14.2 s at F = 1, 3.6 s at 0.5, 1.9 s at 0.25).
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from PIL import Image, ImageEnhance
 from fol_plugin.evaluation import EvalConfig, run_eval
 from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel
-from tests.conftest import DATA, SPACING, require, utm_name
+from tests.conftest import SPACING, toy_database_on_a_line, utm_name
 
 FRACTIONS = (1.0, 0.5, 0.25)
 COPIES = 48
@@ -31,12 +30,8 @@ COPIES = 48
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     """(the labelled set's root, random ViT-B weights)."""
-    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
     root = tmp_path_factory.mktemp("fraction")
-    (root / "database").mkdir()
-    (root / "queries").mkdir()
-    for i, source in enumerate(sources):
-        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    sources = toy_database_on_a_line(root)
     for q in range(COPIES):
         i = q % len(sources)
         margin = 60 + q  # pixels cropped on each side, of 512

@@ -8,17 +8,15 @@ they overlap.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import (
-    FLAG,
     BenchmarkConfig,
     BenchmarkInputs,
     EvalConfig,
@@ -30,6 +28,7 @@ from .config import (
     VisualizeConfig,
 )
 from .errors import USER_ERROR_TYPES, user_message
+from .flags import DefaultsFormatter, add_flags, build, flag_values
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,92 +44,8 @@ LOG_DIR_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 USER_ERROR_EXIT = 2
 DATASETS_FAILED_EXIT = 3  # fol-vpr benchmark: some datasets failed; the others ran and the tables are written
 INTERRUPTED_EXIT = 130
-# Keys of a field's flag metadata that are ours, not argparse's.
-OWN_KEYS = ("flag", "group", "convert", "invert", "cli_default")
 # The EvalConfig fields a benchmark takes from its registry, not from flags.
 DATASET_FIELDS = ("database_folder", "queries_folders", "output_dir", "labelled", "positive_dist_threshold")
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in ``--help`` (none where the default is None: the help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def _flag_default(field: dataclasses.Field) -> Any:
-    """What argparse starts a field's flag from: its default (tuples as lists, as typed)."""
-    spec = field.metadata[FLAG]
-    if "cli_default" in spec:
-        return spec["cli_default"]
-    if spec.get("invert") or spec.get("action") == "store_true":
-        return False
-    if field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    elif field.default is not dataclasses.MISSING:
-        value = field.default
-    else:
-        return None
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _nested(field: dataclasses.Field) -> type | None:
-    """The configuration a field holds, when it holds one (built from its own flags)."""
-    factory = field.default_factory
-    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
-
-
-def add_flags(parser: argparse.ArgumentParser, config_type: type, skip: Iterable[str] = ()) -> None:
-    """The flags of ``config_type``'s fields (and of the configurations it holds) on ``parser``,
-    in the argument groups their fields name."""
-    skip = set(skip)
-    groups = {group.title: group for group in parser._action_groups}
-    for field in dataclasses.fields(config_type):
-        if field.name in skip:
-            continue
-        if FLAG not in field.metadata:
-            if _nested(field):
-                add_flags(parser, _nested(field), skip)
-            continue
-        spec = field.metadata[FLAG]
-        keywords = {key: value for key, value in spec.items() if key not in OWN_KEYS}
-        if spec.get("invert"):
-            keywords["action"] = "store_true"
-        name = spec["flag"] or field.name
-        dest = name if spec.get("invert") else field.name
-        title = spec["group"]
-        if title is not None and title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        (groups[title] if title else parser).add_argument(f"--{name}", dest=dest, default=_flag_default(field), **keywords)
-
-
-def flag_values(config_type: type, args: argparse.Namespace, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """``config_type``'s field values from parsed flags (the fields without a flag here keep
-    their defaults; held configurations are built from their own flags)."""
-    values = {}
-    for field in dataclasses.fields(config_type):
-        if field.name in skip:
-            continue
-        if FLAG not in field.metadata:
-            if _nested(field):
-                values[field.name] = build(_nested(field), args)
-            continue
-        spec = field.metadata[FLAG]
-        dest = (spec["flag"] or field.name) if spec.get("invert") else field.name
-        if not hasattr(args, dest):
-            continue
-        value = getattr(args, dest)
-        if spec.get("invert"):
-            value = not value
-        elif value is not None and spec.get("convert"):
-            value = spec["convert"](value)
-        values[field.name] = value
-    return values
-
-
-def build(config_type: type, args: argparse.Namespace, **given: Any) -> Any:
-    """A ``config_type`` from parsed flags, ``given`` fields replacing theirs."""
-    return config_type(**{**flag_values(config_type, args, skip=given), **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, *configs: type | tuple[type, Iterable[str]]) -> argparse.ArgumentParser:
-        subparser = commands.add_parser(name, help=help, parents=[shared], formatter_class=_DefaultsFormatter)
+        subparser = commands.add_parser(name, help=help, parents=[shared], formatter_class=DefaultsFormatter)
         for config in configs:
             config_type, skip = config if isinstance(config, tuple) else (config, ())
             add_flags(subparser, config_type, skip)

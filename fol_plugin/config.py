@@ -3,18 +3,18 @@ images are extracted, the re-ranking scorer, an evaluation, a benchmark, the los
 fine-tuning run, and the inputs of the commands that no run keeps.
 
 Each field carries its default and its help once, with the flag that sets it
-(:func:`option`): ``fol-vpr`` builds its subcommands from these fields and the configurations
+(:func:`fol_plugin.flags.option`): ``fol-vpr`` builds its subcommands from these fields and the configurations
 from the parsed flags (:mod:`fol_plugin.cli`). A field made with :func:`internal` has no flag.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .flags import ImageSizeAction, fraction, internal, non_negative_int, option, positive_float, positive_int
 from .options import (
     BACKBONES,
     DEFAULT_BATCH_SIZE,
@@ -51,64 +51,6 @@ MODEL_GROUP, DATA_GROUP, RERANK_GROUP, INPUTS_GROUP, OUTPUT_GROUP = "model", "da
 SCALE_GROUP = "large datasets (see README: Large datasets, many GPUs, clusters)"
 BENCHMARK_GROUP = "datasets (see README: The paper's benchmark in one command)"
 PREDICTIONS_GROUP = "predictions to re-rank (one per --queries_folder, in order)"
-FLAG = "fol_flag"  # the metadata key of a field's flag: {"flag": ..., "help": ..., "group": ..., argparse's keywords}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-class ImageSizeAction(argparse.Action):
-    """``--image_size H W`` or ``--image_size S`` (the shorter side)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
-        if len(values) > 2:
-            raise argparse.ArgumentError(self, f"takes H W or one value (the shorter side), not {len(values)} values")
-        setattr(namespace, self.dest, values)
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str | None = None, flag: str | None = None, group: str | None = None,
-           factory: Callable[[], Any] | None = None, **argparse_keywords: Any) -> Any:  # fmt: skip
-    """A dataclass field set by the flag ``--<field name>`` (or ``flag``), with its help text and
-    argparse's keywords (``type``, ``nargs``, ``choices``, ``action``, ...) declared here once.
-    Keywords of our own: ``convert`` turns the parsed value into the field's (``tuple``),
-    ``invert`` makes a boolean field's flag say its opposite (``--no_labels``), ``cli_default``
-    is where the flag starts when it differs from the library's default."""
-    metadata = {FLAG: {"flag": flag, "help": help, "group": group, **argparse_keywords}}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def internal(default: Any = dataclasses.MISSING, factory: Callable[[], Any] | None = None) -> Any:
-    """A field no flag sets (filled by the command or the library)."""
-    return dataclasses.field(default_factory=factory) if factory is not None else dataclasses.field(default=default)
-
-
 # Options several configurations share: declared once, each used by the fields below.
 IMAGE_SIZE = dict(
     type=positive_int, nargs="+", action=ImageSizeAction, metavar="SIZE", convert=tuple, group=MODEL_GROUP,
@@ -286,8 +228,7 @@ class BenchmarkConfig:
     )  # fmt: skip
     dataset_paths: dict[str, Path] = option(
         factory=dict, cli_default=[], flag="dataset_path", type=_dataset_path, action="append", metavar="NAME=FOLDER",
-        convert=dict,
-        group=BENCHMARK_GROUP, help="a dataset's root, instead of its place under --datasets_folder",
+        convert=dict, group=BENCHMARK_GROUP, help="a dataset's root, instead of its place under --datasets_folder",
     )  # fmt: skip
     registry: Mapping[str, Any] | None = internal(None)  # the known datasets (None: fol_plugin.benchmark.REGISTRY)
 

@@ -53,16 +53,23 @@ NEAR_QUERIES = (0, 3, 7)  # database images whose copy is a query labelled 10 m 
 FAR_QUERIES = (5, 11)  # copies labelled 1 km past the last place: no positive at all
 
 
+def toy_database_on_a_line(root: Path) -> list[Path]:
+    """``root/database``: the 17 toy database photos on a line, ``SPACING`` metres apart (UTM
+    names), and an empty ``root/queries``; returns the source photos, in order."""
+    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
+    (root / "database").mkdir(parents=True)
+    (root / "queries").mkdir()
+    for i, source in enumerate(sources):
+        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    return sources
+
+
 @pytest.fixture(scope="session")
 def labelled_set(tmp_path_factory) -> Path:
     """17 toy database photos on a line, 100 m apart; 5 queries, each an exact copy of a
     database photo, three labelled 10 m from it and two far from every place."""
-    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
     root = tmp_path_factory.mktemp("labelled")
-    (root / "database").mkdir()
-    (root / "queries").mkdir()
-    for i, source in enumerate(sources):
-        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    sources = toy_database_on_a_line(root)
     for q, i in enumerate(NEAR_QUERIES + FAR_QUERIES):
         east = SPACING * i + 10 if i in NEAR_QUERIES else SPACING * (len(sources) + 10)
         shutil.copyfile(sources[i], root / "queries" / utm_name(east, 0.0, f"copy{i:02d}"))

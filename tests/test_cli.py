@@ -20,7 +20,7 @@ import torch
 
 from fol_plugin import checkpoint, cli
 from fol_plugin import config as config_module
-from fol_plugin.config import FLAG
+from fol_plugin.flags import FLAG
 from fol_plugin.cache.run_cache import LOCK_FILE
 from fol_plugin.cli import USER_ERROR_EXIT
 from fol_plugin.data import load_image, preprocess

@@ -26,7 +26,18 @@ from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel
 from fol_plugin.report import REPORT_FILE, ReportOptions, RunFolderError, write_report
 
-from .conftest import DATA, IMAGE_SIZE, NEAR_QUERIES, SPACING, TINY_VIT, config_for, require, tiny_cli_args, utm_name
+from .conftest import (
+    DATA,
+    IMAGE_SIZE,
+    NEAR_QUERIES,
+    SPACING,
+    TINY_VIT,
+    config_for,
+    require,
+    tiny_cli_args,
+    toy_database_on_a_line,
+    utm_name,
+)
 
 NEAR, FAR = "near", "far"
 # (database photo, edit, label): each query is an edited copy of a database photo, labelled 10 m
@@ -47,12 +58,8 @@ STATUS_OF = {(False, True): "fixed", (True, False): "broken", (False, False): "w
 @pytest.fixture(scope="module")
 def varied_set(tmp_path_factory) -> Path:
     """17 database photos 100 m apart and the 8 edited copies of :data:`QUERIES`."""
-    sources = sorted(require(DATA / "toy_dataset" / "database").glob("*.jpg"))
     root = tmp_path_factory.mktemp("varied")
-    (root / "database").mkdir()
-    (root / "queries").mkdir()
-    for i, source in enumerate(sources):
-        shutil.copyfile(source, root / "database" / utm_name(SPACING * i, 0.0, f"db{i:02d}"))
+    sources = toy_database_on_a_line(root)
     for q, (i, edit, label) in enumerate(QUERIES):
         east = SPACING * i + 10 if label == NEAR else SPACING * (len(sources) + 10)
         with Image.open(sources[i]) as image:

@@ -22,7 +22,8 @@ import torch
 from ..distributed import Processes
 from ..errors import UserError
 from ..files import MB, json_safe
-from ..config import FLAG, RECIPES, TrainConfig
+from ..config import RECIPES, TrainConfig
+from ..flags import FLAG
 from .sharding import place_batches
 
 LAST, BEST, LOG, PLOT = "last.pth", "best.pth", "losses.csv", "losses.png"
