@@ -163,7 +163,7 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> tuple[list[np.nd
     import numpy as np
 
     from .data.datasets import list_images
-    from .evaluation.outputs import read_preds_files
+    from .evaluation.inputs import load_predictions
     from .retrieval import exact_search
 
     num_sets = len(args.queries_folders)
@@ -194,15 +194,10 @@ def load_given_predictions(args: argparse.Namespace, k: int) -> tuple[list[np.nd
         return predictions, distances
     if len(args.predictions) != num_sets:
         raise ValueError(f"give one --predictions per --queries_folder ({num_sets}), got {len(args.predictions)}")
-    predictions = []
-    for folder, source in zip(args.queries_folders, args.predictions):
-        source = Path(source)
-        if source.is_dir():
-            predictions.append(read_preds_files(source, list_images(folder, args.allow_outside_paths), database_paths))
-        elif source.suffix == ".npy" and source.is_file():
-            predictions.append(np.load(source))
-        else:
-            raise FileNotFoundError(f"--predictions {source}: expected a preds/ folder of .txt files or a .npy file")
+    predictions = [
+        load_predictions(source, list_images(folder, args.allow_outside_paths), database_paths)
+        for folder, source in zip(args.queries_folders, args.predictions)
+    ]
     return predictions, None
 
 

@@ -145,6 +145,10 @@ def read_json(path: os.PathLike | str, fix: str) -> Any:
 
 
 def json_safe(config: Any) -> Any:
-    """A dataclass (or dict) as plain JSON data: paths and other objects as strings."""
-    value = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    return json.loads(json.dumps(value, default=str))
+    """A configuration (a dataclass, or a dict holding some) as plain JSON data: dataclasses as
+    dicts, paths and other objects as strings."""
+    return json.loads(json.dumps(config, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else str(value)

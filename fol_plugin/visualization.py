@@ -1,15 +1,19 @@
-"""The original demo's figure: FoL's selected regions on a query and a database image, and their
-local matches before and after RANSAC (``fol-vpr visualize``)."""
+"""FoL's figures: the original demo's (selected regions on a query and a database image, their
+local matches before and after RANSAC; ``fol-vpr visualize``) and the prediction grids of a run
+(``--num_preds_to_save``)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from .data import load_image, preprocess
 from .data.images import network_size
@@ -29,6 +33,14 @@ LINE_WIDTH = 0.9
 MAX_LINES = 150  # match lines drawn per row at most
 FONT_SIZE = 10
 GAP = 10  # pixels between the two images of a match panel
+# The prediction grids (--num_preds_to_save): a panel per image, framed when labelled.
+CORRECT_COLOUR = "tab:green"
+WRONG_COLOUR = "tab:red"
+GRID_PANEL_INCHES = 3.0
+TITLE_CHARS = 28
+TITLE_FONT_SIZE = 11
+FRAME_WIDTH = 5
+GRID_DPI = 100
 
 
 @dataclass
@@ -150,3 +162,87 @@ def _side_by_side(pictures: list[np.ndarray]) -> np.ndarray:
     canvas[: pictures[0].shape[0], : pictures[0].shape[1]] = pictures[0]
     canvas[: pictures[1].shape[0], pictures[0].shape[1] + GAP :] = pictures[1]
     return canvas
+
+
+def save_prediction_grids(
+    folder: Path,
+    query_paths: Sequence[str],
+    database_paths: Sequence[str],
+    predictions: np.ndarray,
+    positives: Sequence[np.ndarray] | None,
+    title: str,
+    scores: np.ndarray | None = None,
+    distances: np.ndarray | None = None,
+    queries: Sequence[int] | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> None:
+    """``folder/{q:03d}.png``: the query then its predictions [Q, n], each titled by
+    :func:`panel_labels` (``scores`` and ``distances`` [Q, n], NaN where there is none), framed
+    green (positive) or red (not) when labelled.
+
+    Args:
+        queries: the queries to draw (all by default).
+        max_image_pixels: images of more pixels are refused
+            (:func:`fol_plugin.data.images.check_image_pixels`).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = range(len(predictions)) if queries is None else queries
+    for q in tqdm(shown, desc=f"Figures ({title})", unit="query"):
+        row = predictions[q]
+        figure = Figure(figsize=(GRID_PANEL_INCHES * (len(row) + 1), GRID_PANEL_INCHES + 1.2), layout="constrained")
+        axes = np.atleast_1d(figure.subplots(1, len(row) + 1))
+        correct = [None if positives is None else bool(np.isin(i, positives[q])) for i in row]
+        labels = panel_labels(
+            query_paths[q], [database_paths[i] for i in row], None if scores is None else scores[q],
+            None if distances is None else distances[q], correct,
+        )  # fmt: skip
+        for axis, path, label, frame in zip(axes, [query_paths[q], *(database_paths[i] for i in row)], labels, [None, *correct]):
+            axis.imshow(load_image(path, max_image_pixels).permute(1, 2, 0).numpy())
+            axis.set_title(label, fontsize=TITLE_FONT_SIZE, loc="left")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if frame is not None:
+                for spine in axis.spines.values():
+                    spine.set_edgecolor(CORRECT_COLOUR if frame else WRONG_COLOUR)
+                    spine.set_linewidth(FRAME_WIDTH)
+        figure.suptitle(f"{title}: query {q}", fontsize=TITLE_FONT_SIZE + 2, x=0.0, ha="left")
+        figure.savefig(folder / f"{q:03d}.png", dpi=GRID_DPI)
+
+
+def panel_labels(
+    query_path: str,
+    prediction_paths: Sequence[str],
+    scores: np.ndarray | None,
+    distances: np.ndarray | None = None,
+    correct: Sequence[bool | None] | None = None,
+) -> list[str]:
+    """Titles of a grid's panels: "query" and its place, then each prediction's rank, whether it
+    is a positive, its place, FoL score and global distance (squared L2, as the search returns
+    it) (``scores``, ``distances`` [n], NaN where there is none). A place is the UTM coordinates of a VPR-datasets-downloader name
+    (``@east@north@...``), else the file name, shortened."""
+    labels = [f"query\n{short_name(query_path)}"]
+    for rank, path in enumerate(prediction_paths):
+        verdict = "" if correct is None or correct[rank] is None else (" correct" if correct[rank] else " wrong")
+        lines = [f"#{rank + 1}{verdict}", short_name(path)]
+        numbers = []
+        if scores is not None and np.isfinite(scores[rank]):
+            numbers.append(f"FoL {scores[rank]:.0f}")
+        if distances is not None and np.isfinite(distances[rank]):
+            numbers.append(f"L2² {distances[rank]:.3f}")
+        if numbers:
+            lines.append(", ".join(numbers))
+        labels.append("\n".join(lines))
+    return labels
+
+
+def short_name(path: str) -> str:
+    """How a panel names an image: ``UTM 551234 E, 4178123 N`` for a VPR-datasets-downloader
+    name, else its file name, the middle elided past ``TITLE_CHARS`` (bytes that are not UTF-8
+    shown as U+FFFD)."""
+    name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
+    fields = name.split("@")
+    try:
+        return f"UTM {float(fields[1]):.0f} E, {float(fields[2]):.0f} N"
+    except (IndexError, ValueError):
+        pass
+    return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]

@@ -13,7 +13,8 @@ import pytest
 from fol_plugin import checkpoint, cli
 from fol_plugin.data.datasets import find_positives, list_images, load_image_set
 from fol_plugin.evaluation import InsufficientDiskError, compute_recalls, pipeline, run_eval, run_rerank
-from fol_plugin.evaluation.outputs import read_preds_files, write_preds_files
+from fol_plugin.evaluation.inputs import read_preds_files
+from fol_plugin.evaluation.outputs import write_preds_files
 from fol_plugin.matching import ScorerConfig
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import order_by_scores

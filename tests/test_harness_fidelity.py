@@ -20,12 +20,13 @@ from fol_plugin import checkpoint, cli
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.data.datasets import load_image_set
 from fol_plugin.evaluation import compute_recalls, run_eval
-from fol_plugin.evaluation.outputs import in_display_order, panel_labels, read_preds_files
+from fol_plugin.evaluation.inputs import read_preds_files
+from fol_plugin.evaluation.outputs import in_display_order
 from fol_plugin.matching import extract_local_features, match, verify
 from fol_plugin.models import FoLModel
 from fol_plugin.options import default_num_workers
 from fol_plugin.rerank import kernels
-from fol_plugin.visualization import draw_pair, match_pair
+from fol_plugin.visualization import draw_pair, match_pair, panel_labels
 
 from .conftest import DATA, TINY_VIT, config_for, require
 
@@ -157,8 +158,8 @@ def test_help_is_fast_shows_defaults_and_the_version():
     ).stdout
     assert output.strip().endswith("no torch")  # --help parses before importing torch
     assert "``" not in output
-    assert re.search(r"--batch_size BATCH_SIZE\s+\(default: 4\)", output)
-    assert re.search(r"--backbone \{vitb,vitl\}\s+\(default: vitl\)", output)  # eval
+    assert re.search(r"--batch_size BATCH_SIZE\s+images per forward pass \(default: 4\)", output)
+    assert re.search(r"--backbone \{vitb,vitl\}\s+the published ViT of FoL \(default: vitl\)", output)  # eval
     assert re.search(r"--recipe \{paper,improved\}\s+'paper'.*\(default: paper\)", output, flags=re.S)  # train
     assert f"fol-vpr {fol_plugin.__version__}" in output
 

@@ -12,7 +12,7 @@ import pytest
 
 from fol_plugin.data.datasets import list_images
 from fol_plugin.evaluation import run_eval
-from fol_plugin.evaluation.outputs import read_preds_files
+from fol_plugin.evaluation.inputs import read_preds_files
 
 from .conftest import config_for
 

@@ -16,16 +16,12 @@ path (``../x``, ``/data/x``) is refused before anything is written.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import resource
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..cache import RunCache
@@ -36,11 +32,12 @@ from ..data.datasets import list_images
 from ..distributed import SINGLE_PROCESS, Processes
 from ..errors import is_user_error, user_message
 from ..evaluation.config import RECALLS_FILE, EvalConfig, output_key, prepare
-from ..evaluation.outputs import json_config, read_preds_files
+from ..evaluation.inputs import PREDICTIONS_SUFFIX, load_predictions
 from ..evaluation.pipeline import run_eval, run_rerank
 from ..evaluation.workspace import cache_inputs
-from ..files import MB, DamagedFileError, read_json, write_json
+from ..files import DamagedFileError, json_safe, read_json, write_json
 from ..options import DEFAULT_RECALL_VALUES
+from .memory import PeakMemory
 from .published import PUBLISHED_RECALL_VALUES
 from .registry import REGISTRY, DatasetSpec, Located, locate, normalise, select
 from .tables import BENCHMARK_FILE, FAILED, RESULTS_FILES, RESULTS_STEM, read_record, write_tables
@@ -53,7 +50,6 @@ NOT_RESULT_SETTINGS = (
     "num_workers", "progress", "batch_size", "keep_cache", "num_preds_to_save", "save_only_wrong_preds", "save_descriptors",
     "max_image_pixels", "allow_outside_paths",
 )
-PREDICTIONS_SUFFIX = ".npy"
 # Names a dataset's folder may not take: the benchmark's own files in --output_dir.
 RESERVED_NAMES = {BENCHMARK_FILE, LOCK_FILE, *RESULTS_FILES}
 
@@ -175,10 +171,8 @@ def _given_predictions(config: BenchmarkConfig, item: Located, evaluation: EvalC
     for query_set, folder in zip(item.query_sets, evaluation.queries_folders):
         source = find_predictions(config.predictions_dir, query_set.name)
         sources[query_set.name] = str(source)
-        if source.suffix == PREDICTIONS_SUFFIX:
-            predictions.append(np.load(source))
-        else:
-            predictions.append(read_preds_files(source, list_images(folder, evaluation.allow_outside_paths), database_paths))
+        query_paths = list_images(folder, evaluation.allow_outside_paths)
+        predictions.append(load_predictions(source, query_paths, database_paths, "--predictions_dir"))
     return predictions, sources
 
 
@@ -210,47 +204,9 @@ def _finished(evaluation: EvalConfig, previous: dict | None, sources: dict | Non
     except DamagedFileError as error:
         logger.warning("%s", error)
         return False
-    if _result_settings(summary.get("config", {})) != _result_settings(json_config(evaluation)):
+    if _result_settings(summary.get("config", {})) != _result_settings(json_safe(evaluation)):
         return False
     return summary.get("inputs") == _run_inputs(evaluation)
-
-
-class PeakMemory:
-    """Peak resident memory of this process (and of its GPU) while inside the ``with`` block.
-
-    On Linux the kernel's high-water mark is reset on entry (``/proc/self/clear_refs``), so each
-    dataset reports its own peak; elsewhere it is the peak since the process started
-    (``since_start``).
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.rss_mb: float | None = None
-        self.gpu_mb: float | None = None
-        self.since_start = False
-
-    def __enter__(self) -> PeakMemory:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.since_start = True
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.rss_mb = round(_peak_rss_bytes(self.since_start) / MB, 1)
-        if self.device.startswith("cuda"):
-            self.gpu_mb = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
-
-
-def _peak_rss_bytes(since_start: bool) -> float:
-    if not since_start:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
 
 def _one_line(error: BaseException) -> str:
@@ -303,12 +259,8 @@ def _describe(config: BenchmarkConfig) -> dict:
         "dataset_names": list(config.dataset_names),
         "predictions_dir": None if config.predictions_dir is None else str(config.predictions_dir),
         "allow_mismatch": config.allow_mismatch,
-        "options": json.loads(json.dumps(config.options, default=_plain)),
+        "options": json_safe(config.options),
     }
-
-
-def _plain(value: object) -> object:
-    return value.__dict__ if hasattr(value, "__dict__") else str(value)
 
 
 def run_benchmark(config: BenchmarkConfig, processes: Processes = SINGLE_PROCESS) -> list[dict]:

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from ..data import load_image
 from ..data.datasets import ImageSet
-from ..files import save_npy, write_json, write_text
-from ..options import DEFAULT_MAX_IMAGE_PIXELS
+from ..files import json_safe, save_npy, write_json, write_text
 from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
+from .inputs import PREDS_HEADERS
 from .recalls import compute_recalls
 
 logger = logging.getLogger(__name__)
 
-CORRECT_COLOUR = "tab:green"
-WRONG_COLOUR = "tab:red"
-PANEL_INCHES = 3.0
-TITLE_CHARS = 28
-TITLE_FONT_SIZE = 11
-FRAME_WIDTH = 5
-GRID_DPI = 100
-PREDS_HEADERS = ("Query path:", "Predictions paths:", "Positives paths:")
 
 
 def write_predictions_csv(
@@ -93,134 +81,6 @@ def write_preds_files(
         (folder / f"{q:03d}.txt").write_text("\n".join(sections), encoding="utf-8", errors="surrogateescape")
 
 
-def read_preds_files(folder: str | os.PathLike, query_paths: Sequence[str], database_paths: Sequence[str]) -> np.ndarray:
-    """Predictions [Q, K] (indices into ``database_paths``) from VPR-methods-evaluation's
-    ``preds/{q:03d}.txt`` files, one per query of ``query_paths`` in order."""
-    folder = Path(folder)
-    database_index = {_path_key(path): i for i, path in enumerate(database_paths)}
-    rows = []
-    for q, query_path in enumerate(query_paths):
-        path = folder / f"{q:03d}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {folder} must hold one file per query ({len(query_paths)})")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
-        try:
-            start = lines.index(PREDS_HEADERS[1]) + 1
-            listed_query = lines[lines.index(PREDS_HEADERS[0]) + 1]
-        except ValueError:
-            raise ValueError(
-                f"{path} is not a VPR-methods-evaluation predictions file (no {PREDS_HEADERS[:2]} sections)"
-            ) from None
-        # The positives section is there only when the harness had labels.
-        end = lines.index(PREDS_HEADERS[2]) if PREDS_HEADERS[2] in lines else len(lines)
-        if _path_key(listed_query) != _path_key(query_path):
-            raise ValueError(
-                f"{path} is for query {listed_query}, but query {q} of --queries_folder is {query_path}: "
-                f"the predictions come from another query set"
-            )
-        row = []
-        for line in filter(None, lines[start:end]):
-            if _path_key(line) not in database_index:
-                raise ValueError(f"{path} predicts {line}, which is not an image of --database_folder")
-            row.append(database_index[_path_key(line)])
-        rows.append(row)
-    lengths = {len(row) for row in rows}
-    if len(lengths) != 1 or 0 in lengths:
-        raise ValueError(f"the files in {folder} list different or zero numbers of predictions: {sorted(lengths)}")
-    return np.array(rows, dtype=np.int64)
-
-
-def _path_key(path: str) -> str:
-    """Paths compare by their last three components, so relative and absolute spellings match."""
-    return "/".join(Path(path).parts[-3:])
-
-
-def save_prediction_grids(
-    folder: Path,
-    query_paths: Sequence[str],
-    database_paths: Sequence[str],
-    predictions: np.ndarray,
-    positives: Sequence[np.ndarray] | None,
-    title: str,
-    scores: np.ndarray | None = None,
-    distances: np.ndarray | None = None,
-    queries: Sequence[int] | None = None,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> None:
-    """``folder/{q:03d}.png``: the query then its predictions [Q, n], each titled by
-    :func:`panel_labels` (``scores`` and ``distances`` [Q, n], NaN where there is none), framed
-    green (positive) or red (not) when labelled.
-
-    Args:
-        queries: the queries to draw (all by default).
-        max_image_pixels: images of more pixels are refused
-            (:func:`fol_plugin.data.images.check_image_pixels`).
-    """
-    from matplotlib.figure import Figure  # imported by runs that draw only
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shown = range(len(predictions)) if queries is None else queries
-    for q in tqdm(shown, desc=f"Figures ({title})", unit="query"):
-        row = predictions[q]
-        figure = Figure(figsize=(PANEL_INCHES * (len(row) + 1), PANEL_INCHES + 1.2), layout="constrained")
-        axes = np.atleast_1d(figure.subplots(1, len(row) + 1))
-        correct = [None if positives is None else bool(np.isin(i, positives[q])) for i in row]
-        labels = panel_labels(
-            query_paths[q], [database_paths[i] for i in row], None if scores is None else scores[q],
-            None if distances is None else distances[q], correct,
-        )  # fmt: skip
-        for axis, path, label, frame in zip(axes, [query_paths[q], *(database_paths[i] for i in row)], labels, [None, *correct]):
-            axis.imshow(load_image(path, max_image_pixels).permute(1, 2, 0).numpy())
-            axis.set_title(label, fontsize=TITLE_FONT_SIZE, loc="left")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if frame is not None:
-                for spine in axis.spines.values():
-                    spine.set_edgecolor(CORRECT_COLOUR if frame else WRONG_COLOUR)
-                    spine.set_linewidth(FRAME_WIDTH)
-        figure.suptitle(f"{title}: query {q}", fontsize=TITLE_FONT_SIZE + 2, x=0.0, ha="left")
-        figure.savefig(folder / f"{q:03d}.png", dpi=GRID_DPI)
-
-
-def panel_labels(
-    query_path: str,
-    prediction_paths: Sequence[str],
-    scores: np.ndarray | None,
-    distances: np.ndarray | None = None,
-    correct: Sequence[bool | None] | None = None,
-) -> list[str]:
-    """Titles of a grid's panels: "query" and its place, then each prediction's rank, whether it
-    is a positive, its place, FoL score and global distance (squared L2, as the search returns
-    it) (``scores``, ``distances`` [n], NaN where there is none). A place is the UTM coordinates of a VPR-datasets-downloader name
-    (``@east@north@...``), else the file name, shortened."""
-    labels = [f"query\n{short_name(query_path)}"]
-    for rank, path in enumerate(prediction_paths):
-        verdict = "" if correct is None or correct[rank] is None else (" correct" if correct[rank] else " wrong")
-        lines = [f"#{rank + 1}{verdict}", short_name(path)]
-        numbers = []
-        if scores is not None and np.isfinite(scores[rank]):
-            numbers.append(f"FoL {scores[rank]:.0f}")
-        if distances is not None and np.isfinite(distances[rank]):
-            numbers.append(f"L2² {distances[rank]:.3f}")
-        if numbers:
-            lines.append(", ".join(numbers))
-        labels.append("\n".join(lines))
-    return labels
-
-
-def short_name(path: str) -> str:
-    """How a panel names an image: ``UTM 551234 E, 4178123 N`` for a VPR-datasets-downloader
-    name, else its file name, the middle elided past ``TITLE_CHARS`` (bytes that are not UTF-8
-    shown as U+FFFD)."""
-    name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
-    fields = name.split("@")
-    try:
-        return f"UTM {float(fields[1]):.0f} E, {float(fields[2]):.0f} N"
-    except (IndexError, ValueError):
-        pass
-    return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]
-
-
 def in_display_order(predictions: np.ndarray, global_predictions: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The value (FoL score, global distance) of each entry of ``predictions`` [Q, n], from
     ``values`` [Q, k] in the global order of ``global_predictions``; NaN past the first k."""
@@ -254,6 +114,8 @@ def _save_predictions_to_look_at(config: EvalConfig, folder: Path, database: Ima
             scores = in_display_order(shown, query_set.global_predictions, query_set.scores)
         if query_set.global_distances is not None:
             distances = in_display_order(shown, query_set.global_predictions, query_set.global_distances)
+        from ..visualization import save_prediction_grids  # matplotlib, imported by runs that draw only
+
         save_prediction_grids(
             folder / f"preds_{stage}", query_set.images.paths, database.paths, shown, query_set.positives,
             f"{query_set.key} {stage}", scores, distances, queries, config.extraction.max_image_pixels,
@@ -264,7 +126,7 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
     """Predictions, CSV, preds files, figures and ``confidence.json`` per query set, and
     ``recalls.json`` (written last, atomically and durably); returns its summary."""
     output_dir = config.output_dir
-    summary = {"config": json_config(config), "query_sets": {}, "timings_s": timings, **extra}
+    summary = {"config": json_safe(config), "query_sets": {}, "timings_s": timings, **extra}
     for query_set in query_sets:
         folder = output_dir / query_set.key
         folder.mkdir(parents=True, exist_ok=True)
@@ -302,10 +164,6 @@ def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[Q
                 logger.info("%s %s: %s", query_set.key, stage, summary["query_sets"][query_set.key][stage])
     write_json(output_dir / RECALLS_FILE, summary)
     return summary
-
-
-def json_config(config: EvalConfig) -> dict:
-    return json.loads(json.dumps(asdict(config), default=str))
 
 
 def _recalls(config: EvalConfig, query_set: QuerySet, predictions: np.ndarray | None) -> dict[str, float] | None:

@@ -72,13 +72,13 @@ def extract_global_part(
     paths: list[str],
     path: Path,
     local: FeatureStore | None,
-    desc: str,
+    label: str,
     dtype: str = "float32",
 ) -> ResumableArray:
     """Global descriptors [N, 8448] of ``paths`` into the array ``path`` (and, with ``local``,
     their local features), each process extracting its part; returns the whole array."""
     array = open_array(processes, path, (len(paths), GLOBAL_DIM), config.extraction.batch_size, dtype)
-    extract_global(model, paths, array, config.extraction, local, desc=desc)
+    extract_global(model, paths, array, config.extraction, local, label=label)
     finish(processes, local)
     return array
 
@@ -90,7 +90,7 @@ def extract_local_part(
     paths: list[str],
     image_ids: np.ndarray,
     local: FeatureStore,
-    desc: str,
+    label: str,
 ) -> None:
     """Local features of the ``image_ids`` missing from ``local``, each process extracting its part."""
     finish(processes, local)  # every process indexes the same entries: nobody writes until the next barrier
@@ -98,7 +98,7 @@ def extract_local_part(
     missing = local.missing(np.asarray(image_ids, dtype=np.int64))
     part = processes.shard(len(missing), config.extraction.batch_size)
     mine = missing[part.start : part.stop]
-    extract_local(model, paths, mine, local, config.extraction, desc=desc)
+    extract_local(model, paths, mine, local, config.extraction, label=label)
     finish(processes, local)
 
 

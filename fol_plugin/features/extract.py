@@ -92,7 +92,7 @@ def extract_global(
     descriptors: ResumableArray,
     config: ExtractionConfig,
     local_features: FeatureStore | None = None,
-    desc: str = "Global descriptors",
+    label: str = "Global descriptors",
 ) -> np.ndarray:
     """Global descriptors of the images of ``descriptors.todo()`` into ``descriptors`` [N, 8448];
     with ``local_features``, the images' local features go there in the same pass.
@@ -103,8 +103,8 @@ def extract_global(
     todo = descriptors.todo()
     left = sum(len(rows) for rows in todo)
     if left < len(descriptors.rows):
-        logger.info("%s: %d of %d images already computed", desc, len(descriptors.rows) - left, len(descriptors.rows))
-    with tqdm(total=left, desc=desc, unit="image", disable=not config.progress or not left) as bar, extraction_autocast(config):
+        logger.info("%s: %d of %d images already computed", label, len(descriptors.rows) - left, len(descriptors.rows))
+    with tqdm(total=left, desc=label, unit="image", disable=not config.progress or not left) as bar, extraction_autocast(config):
         for rows in todo:
             for images, indices in image_batches(paths, rows, config):
                 images = images.to(config.device)
@@ -121,7 +121,7 @@ def extract_global(
                         [features.keypoints[k] for k in fresh],
                     )
                 descriptors.write(int(indices[0]), _normalised(global_descriptors, config).cpu().numpy())
-                logger.debug("%s: computed images %d-%d", desc, int(indices[0]), int(indices[-1]))
+                logger.debug("%s: computed images %d-%d", label, int(indices[0]), int(indices[-1]))
                 bar.update(len(images))
     return descriptors.array
 
@@ -139,17 +139,17 @@ def extract_local(
     image_ids: np.ndarray,
     local_features: FeatureStore,
     config: ExtractionConfig,
-    desc: str = "Local features",
+    label: str = "Local features",
 ) -> None:
     """Local features of the images ``image_ids`` (indices into ``paths``) not stored yet, in
     the given order (a distributed run gives each process its part of the missing ids)."""
     missing = local_features.missing(np.asarray(image_ids, dtype=np.int64))
-    logger.debug("%s: %d of %d images already stored", desc, len(image_ids) - len(missing), len(image_ids))
+    logger.debug("%s: %d of %d images already stored", label, len(image_ids) - len(missing), len(image_ids))
     if len(missing) == 0:
         return
-    with extraction_autocast(config), tqdm(total=len(missing), desc=desc, unit="image", disable=not config.progress) as bar:
+    with extraction_autocast(config), tqdm(total=len(missing), desc=label, unit="image", disable=not config.progress) as bar:
         for images, indices in image_batches(paths, missing, config):
             features = model.extract(images.to(config.device))
             local_features.add(indices.tolist(), features.local_descriptors, features.keypoints)
-            logger.debug("%s: computed images %s", desc, indices.tolist())
+            logger.debug("%s: computed images %s", label, indices.tolist())
             bar.update(len(indices))

@@ -141,14 +141,14 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
     processes: Processes,
-    desc: str,
+    label: str,
 ) -> tuple[dict[str, float], int]:
     """One epoch of steps; returns the summed losses and the number of batches."""
     device = torch.device(processes.device)
     amp = scaler.is_enabled()
     sums: dict[str, float] = {}
     divisors = accumulation_divisors(len(loader), config.accumulation_steps)
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not processes.is_main)
+    bar = tqdm(loader, desc=label, unit="batch", disable=not processes.is_main)
     steps = 0
     for step, (images, labels) in enumerate(bar):
         finishes_group = (step + 1) % config.accumulation_steps == 0 or step + 1 == len(loader)
