@@ -107,7 +107,7 @@ def _count_exact(
     """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
     query_np, candidate_np = query.numpy(), candidate.numpy()
     # Each query cell's best candidate in the float32 GEMM, that GEMM value and its exact value.
-    best_candidate, best_value, best_exact, col_chunk_keys = kernels.exact_row_best(
+    best_candidate, best_value, best_exact, column_block_max = kernels.exact_row_best(
         keys, KEY_VALUES, eps, delta, threshold, query_np, candidate_np
     )
     rows = np.flatnonzero(best_value > threshold - DOT_MARGIN)
@@ -125,7 +125,7 @@ def _count_exact(
     # Per candidate cell, its strongest claimant (first row on ties) is the only one that can be
     # mutual; it is, unless a row near it in bf16 beats it in the float32 GEMM.
     return kernels.count_unbeaten_anchors(
-        keys, col_chunk_keys, rows, partners, values, KEY_VALUES, eps, delta, query_np, candidate_np
+        keys, column_block_max, rows, partners, values, KEY_VALUES, eps, delta, query_np, candidate_np
     )
 
 

@@ -25,8 +25,8 @@ from ..cache.fingerprint import user_cache_dir
 NO_THRESHOLD = 1 << 16
 KEY_MIN = -(1 << 15)
 KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
-CELL_BLOCK = 64  # cells of a row per recorded block maximum
-ROW_BLOCK = 16  # rows of a column per recorded block maximum
+ROW_BLOCK_CELLS = 64  # cells of a row per recorded block maximum
+COLUMN_BLOCK_ROWS = 16  # rows of a column per recorded block maximum
 # Let LLVM reorder the float64 sums of the exact dot products, so they vectorise.
 DOT_FASTMATH = {"reassoc", "contract"}
 # Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
@@ -59,37 +59,38 @@ def _dot(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
 
 
 @numba.njit(inline="always")
-def _scan_row(row: np.ndarray, chunk_key: np.ndarray, col_block_key: np.ndarray) -> np.int16:
-    """Maximum key of one row; writes each CELL_BLOCK block's maximum to ``chunk_key`` and raises
-    ``col_block_key`` (the running column maxima of the row's block of rows) to the row's keys."""
+def _scan_row(row: np.ndarray, row_block_max: np.ndarray, column_block_max_row: np.ndarray) -> np.int16:
+    """Maximum key of one row; writes each ROW_BLOCK_CELLS block's maximum to ``row_block_max``
+    and raises ``column_block_max_row`` (the running column maxima of the row's block of rows) to
+    the row's keys."""
     m = row.shape[0]
-    full_chunks = m // CELL_BLOCK
+    full_blocks = m // ROW_BLOCK_CELLS
     best = np.int16(KEY_MIN)
-    for c in range(chunk_key.shape[0]):
-        start = c * CELL_BLOCK
-        chunk_best = np.int16(KEY_MIN)
-        if c < full_chunks:  # a fixed trip count vectorises
-            for t in range(CELL_BLOCK):
+    for c in range(row_block_max.shape[0]):
+        start = c * ROW_BLOCK_CELLS
+        block_best = np.int16(KEY_MIN)
+        if c < full_blocks:  # a fixed trip count vectorises
+            for t in range(ROW_BLOCK_CELLS):
                 k = row[start + t]
-                chunk_best = max(chunk_best, k)
-                col_block_key[start + t] = max(col_block_key[start + t], k)
+                block_best = max(block_best, k)
+                column_block_max_row[start + t] = max(column_block_max_row[start + t], k)
         else:
             for i in range(start, m):
                 k = row[i]
-                chunk_best = max(chunk_best, k)
-                col_block_key[i] = max(col_block_key[i], k)
-        chunk_key[c] = chunk_best
-        best = max(best, chunk_best)
+                block_best = max(block_best, k)
+                column_block_max_row[i] = max(column_block_max_row[i], k)
+        row_block_max[c] = block_best
+        best = max(best, block_best)
     return best
 
 
 @numba.njit(inline="always")
-def _first_reaching(row: np.ndarray, chunk_key: np.ndarray, target: np.int16) -> int:
+def _first_reaching(row: np.ndarray, row_block_max: np.ndarray, target: np.int16) -> int:
     """Index of the first key of ``row`` equal to ``target``, its maximum, searching from the
-    first CELL_BLOCK block whose maximum (``chunk_key``) is the target."""
+    first ROW_BLOCK_CELLS block whose maximum (``row_block_max``) is the target."""
     index = 0
-    while chunk_key[index // CELL_BLOCK] != target:
-        index += CELL_BLOCK
+    while row_block_max[index // ROW_BLOCK_CELLS] != target:
+        index += ROW_BLOCK_CELLS
     while row[index] != target:
         index += 1
     return index
@@ -155,13 +156,13 @@ def exact_row_best(
 
     Returns:
         best_arg [n] (-1 where the row cannot count), best_value [n] (its float32 GEMM value;
-        -inf there), arg_exact [n] (its exact value; -inf there), and col_chunk_key the maxima
-        of blocks of ``ROW_BLOCK`` rows of each column.
+        -inf there), arg_exact [n] (its exact value; -inf there), and column_block_max the maxima
+        of blocks of ``COLUMN_BLOCK_ROWS`` rows of each column.
     """
     n, m = keys.shape
-    num_chunks = (m + CELL_BLOCK - 1) // CELL_BLOCK
-    chunk_key = np.empty(num_chunks, np.int16)
-    col_chunk_key = np.full(((n + ROW_BLOCK - 1) // ROW_BLOCK, m), KEY_MIN, np.int16)
+    num_blocks = (m + ROW_BLOCK_CELLS - 1) // ROW_BLOCK_CELLS
+    row_block_max = np.empty(num_blocks, np.int16)
+    column_block_max = np.full(((n + COLUMN_BLOCK_ROWS - 1) // COLUMN_BLOCK_ROWS, m), KEY_MIN, np.int16)
     best_arg = np.full(n, -1, np.int64)
     best_value = np.full(n, -np.inf)
     arg_exact = np.full(n, -np.inf)
@@ -169,19 +170,19 @@ def exact_row_best(
     exact = np.empty(m, np.float64)
     for j in range(n):
         row = keys[j]
-        best = _scan_row(row, chunk_key, col_chunk_key[j // ROW_BLOCK])
+        best = _scan_row(row, row_block_max, column_block_max[j // COLUMN_BLOCK_ROWS])
         if key_values[best + KEY_OFFSET] <= threshold - eps - delta:
             continue
-        first = _first_reaching(row, chunk_key, best)
+        first = _first_reaching(row, row_block_max, best)
         first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
         window = _key_below(key_values, first_exact - eps - 2 * delta)
         count = 0
         best_exact = first_exact
-        for c in range(num_chunks):
-            if chunk_key[c] < window:
+        for c in range(num_blocks):
+            if row_block_max[c] < window:
                 continue
-            for i in range(c * CELL_BLOCK, min(c * CELL_BLOCK + CELL_BLOCK, m)):
+            for i in range(c * ROW_BLOCK_CELLS, min(c * ROW_BLOCK_CELLS + ROW_BLOCK_CELLS, m)):
                 if row[i] >= window:
                     value = first_exact if i == first else _dot(query, j, candidate, i)
                     cells[count] = i
@@ -195,7 +196,7 @@ def exact_row_best(
                     best_value[j] = value
                     best_arg[j] = cells[t]
                     arg_exact[j] = exact[t]
-    return best_arg, best_value, arg_exact, col_chunk_key
+    return best_arg, best_value, arg_exact, column_block_max
 
 
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
@@ -224,7 +225,7 @@ def rounding_stats(x: np.ndarray, rounded_bits: np.ndarray) -> tuple[float, floa
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
 def beaten_anchors(
     keys: np.ndarray,
-    col_chunk_key: np.ndarray,
+    column_block_max: np.ndarray,
     columns: np.ndarray,
     col_threshold: np.ndarray,
     anchor_row: np.ndarray,
@@ -244,12 +245,12 @@ def beaten_anchors(
         i = columns[index]
         threshold = col_threshold[i]
         anchor = anchor_row[i]
-        for b in range(col_chunk_key.shape[0]):
+        for b in range(column_block_max.shape[0]):
             if beaten[index]:
                 break
-            if col_chunk_key[b, i] < threshold:
+            if column_block_max[b, i] < threshold:
                 continue
-            for j in range(b * ROW_BLOCK, min(b * ROW_BLOCK + ROW_BLOCK, n)):
+            for j in range(b * COLUMN_BLOCK_ROWS, min(b * COLUMN_BLOCK_ROWS + COLUMN_BLOCK_ROWS, n)):
                 if j == anchor or keys[j, i] < threshold:
                     continue
                 value = _dot(query, j, candidate, i)
@@ -266,7 +267,7 @@ def beaten_anchors(
 @_cached_njit(nogil=True)
 def count_unbeaten_anchors(
     keys: np.ndarray,
-    col_chunk_key: np.ndarray,
+    column_block_max: np.ndarray,
     rows: np.ndarray,
     partners: np.ndarray,
     values: np.ndarray,
@@ -296,5 +297,5 @@ def count_unbeaten_anchors(
     col_threshold = np.full(m, NO_THRESHOLD, np.int32)
     for i in claimed:
         col_threshold[i] = _key_below(key_values, anchor_value[i] - eps - delta)
-    beaten = beaten_anchors(keys, col_chunk_key, claimed, col_threshold, anchor_row, anchor_value, delta, query, candidate)
+    beaten = beaten_anchors(keys, column_block_max, claimed, col_threshold, anchor_row, anchor_value, delta, query, candidate)
     return len(claimed) - int(beaten.sum())
