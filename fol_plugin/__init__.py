@@ -20,7 +20,7 @@ _EXPORTS = {
     "FoLFeatures": ".models",
     "FoLModel": ".models",
     "PatchSizeResizer": ".models.resizing",
-    "ViTConfig": ".models",
+    "ViTConfig": ".config",
     "load_image": ".data",
     "load_model": ".checkpoint",
     "mutual_match_scores": ".rerank",
