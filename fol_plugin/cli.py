@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str, *configs: type | tuple[type, Iterable[str]]) -> argparse.ArgumentParser:
         subparser = commands.add_parser(name, help=help, parents=[shared], formatter_class=DefaultsFormatter)
+        groups: dict = {}
         for config in configs:
             config_type, skip = config if isinstance(config, tuple) else (config, ())
-            add_flags(subparser, config_type, skip)
+            add_flags(subparser, config_type, skip, groups)
         return subparser
 
     command("eval", "FoL global retrieval, then FoL re-ranking, with recalls", EvalConfig, RunControl)

@@ -100,17 +100,23 @@ def _nested(field: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
-def add_flags(parser: argparse.ArgumentParser, config_type: type, skip: Iterable[str] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    config_type: type,
+    skip: Iterable[str] = (),
+    groups: dict[str, Any] | None = None,
+) -> None:
     """The flags of ``config_type``'s fields (and of the configurations it holds) on ``parser``,
-    in the argument groups their fields name."""
+    in the argument groups their fields name (``groups``: those already made on ``parser``, by
+    title; the new ones are added to it)."""
     skip = set(skip)
-    groups = {group.title: group for group in parser._action_groups}
+    groups = {} if groups is None else groups
     for field in dataclasses.fields(config_type):
         if field.name in skip:
             continue
         if FLAG not in field.metadata:
             if _nested(field):
-                add_flags(parser, _nested(field), skip)
+                add_flags(parser, _nested(field), skip, groups)
             continue
         spec = field.metadata[FLAG]
         keywords = {key: value for key, value in spec.items() if key not in OWN_KEYS}
