@@ -1,29 +1,9 @@
 """Fast FoL re-ranking scores on the CPU: a bf16 product, then float32 only where it matters.
 
-It gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`):
-
-1. ``S~ = bf16(Q) bf16(D)^T`` with float32 accumulation. An entry differs from the exact
-   similarity by at most ``max|q - q~| max|d| + max|q~| max|d - d~|`` (x~ = bf16(x), row norms)
-   from the inputs, ``gamma_K max|q~| max|d~|`` from the K-term float32 sum, and its own bf16
-   rounding: 2^-9 for entries in (-1, 1), else ``u |S~|`` (u = 2^-8). When every exact similarity
-   is below ``1 + 2^-9`` (L2-normalised rows), every value the scans compare against lies below
-   1 and entries of 1 or more pass every test anyway, so eps takes 2^-9 for the output: about
-   0.0065 in all; otherwise ``u max|q~| max|d~|``.
-2. The decisions are the original's: arg-maxima of the float32 GEMM's values, first index on
-   ties. torch's CPU float32 matmul computes each entry as one fused multiply-add per term, in
-   order (:func:`.kernels.gemm_value` does the same, bit for bit); it is within ``delta =
-   gamma_K |q| |d|`` of the exact similarity (float32 products summed in float64).
-3. One pass over ``S~`` (:func:`.kernels.exact_row_best`) finds each row's maximum; a query
-   cell can only count when it exceeds ``threshold - eps - delta``. The exact value E of the
-   row's first bf16 arg-max bounds the row's maximum from below, so its GEMM arg-max lies among
-   the cells at or above ``E - eps - 2 delta`` in bf16. Their exact values leave the cells within
-   ``2 delta`` of the best as contenders, and their GEMM values decide.
-4. The count threshold is applied to each pair's float32 dot product, as the original does: that
-   sum is within ``delta`` of the exact value, so the exact value decides for every pair farther
-   than ``delta`` from the threshold, and torch's own sum for the others.
-5. Each candidate cell claimed by such pairs keeps its strongest claimant (the anchor); the pair
-   is mutual unless a row of that column near the anchor in bf16 beats it in the GEMM
-   (:func:`.kernels.beaten_anchors`, ties to the first index).
+It gives the scores of the float32 algorithm (:func:`.mutual.reference_match_scores`) by five
+steps whose error bounds ``eps`` (bf16 product) and ``delta`` (float32 GEMM) decide every cell
+the float32 arithmetic would decide, and recompute the GEMM's own values where they cannot: the
+argument, step by step, is in docs/RERANK_ENGINE.md (:func:`_bounds` computes the two bounds).
 
 On CUDA the plain float32 algorithm runs on blocks of candidates at once
 (:func:`.mutual.batched_match_scores`), with cuBLAS's own rounding.
