@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def fine_tune(args: argparse.Namespace) -> None:
     """``fol-vpr train`` (under torchrun: every process runs this; rank 0 prints)."""
     from .checkpoint import resolve_device
+    from .config import RECIPES
     from .data.datasets import load_image_set
     from .data.places import folder_places, gsv_cities_places
-    from .config import RECIPES
     from .features import check_image_size
     from .train.loop import train
 
@@ -125,37 +125,36 @@ def visualize(args: argparse.Namespace) -> None:
     from .features import check_image_size
     from .visualization import draw_pair, match_pair
 
-    check_image_size(tuple(args.image_size))
-    for path in (args.query, args.database):
+    show = build(VisualizeConfig, args)
+    check_image_size(show.image_size)
+    for path in (show.query, show.database):
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist")
-    model = load_model(args.backbone, args.weights, resolve_device(args.device))
+    model = load_model(show.backbone, show.weights, resolve_device(show.device))
     images, regions, result = match_pair(
-        model, (args.query, args.database), tuple(args.image_size), args.resize_mode, args.matcher, args.ransac_model,
-        max_image_pixels=args.max_image_pixels,
+        model, (show.query, show.database), show.image_size, show.resize_mode, show.matcher, show.ransac_model,
+        max_image_pixels=show.max_image_pixels,
     )
-    figure = draw_pair(images, regions, result, (args.query.name, args.database.name), args.ransac_model)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=100)
-    print(f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers: {args.output}")
+    figure = draw_pair(images, regions, result, (show.query.name, show.database.name), show.ransac_model)
+    show.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(show.output, dpi=100)
+    print(f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers: {show.output}")
 
 
-def _config(args: argparse.Namespace) -> EvalConfig:
-    """The evaluation of ``fol-vpr eval`` / ``rerank`` from its flags, on the device they name."""
+def _start(args: argparse.Namespace) -> Processes:
+    """This process's place in the run, on the device ``--device`` names (resolved once), with
+    ``--log_dir`` turned into ``--output_dir``."""
     from .checkpoint import resolve_device
 
-    config = build(EvalConfig, args)
-    config.extraction.device = str(resolve_device(args.device))
-    return config
+    processes = _join(args, str(resolve_device(args.device)))
+    _output_dir_of_log_dir(args, processes, required=True)
+    return processes
 
 
-def _run_options(args: argparse.Namespace) -> dict:
-    """The :class:`~fol_plugin.config.EvalConfig` fields a benchmark's datasets share, from its flags."""
-    from .checkpoint import resolve_device
-
-    options = flag_values(EvalConfig, args, skip=DATASET_FIELDS)
-    options["extraction"].device = str(resolve_device(args.device))
-    return options
+def _extraction_on(options: dict, processes: Processes) -> None:
+    """The extraction of ``options`` on this process's device, with progress bars on rank 0."""
+    options["extraction"].device = processes.device
+    options["extraction"].progress = processes.is_main
 
 
 def load_given_predictions(args: argparse.Namespace, k: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -208,13 +207,10 @@ def evaluate(args: argparse.Namespace) -> None:
     from .evaluation.pipeline import run_eval, run_rerank
     from .evaluation.plan import plan_run
 
-    from .checkpoint import resolve_device
-
-    processes = _join(args, str(resolve_device(args.device)))
-    _output_dir_of_log_dir(args, processes, required=True)
-    config = _config(args)
-    config.extraction.device = processes.device
-    config.extraction.progress = processes.is_main
+    processes = _start(args)
+    options = flag_values(EvalConfig, args)
+    _extraction_on(options, processes)
+    config = EvalConfig(**options)
     if args.plan is not None:
         if processes.is_main:
             print(plan_run(config, args.plan or processes.world_size, args.command == "eval"))
@@ -261,11 +257,9 @@ def benchmark(args: argparse.Namespace) -> int:
                args.dataset_names), ("--output_dir", args.output_dir or args.log_dir)) if not value]  # fmt: skip
     if missing:
         raise ValueError(f"fol-vpr benchmark needs {', '.join(missing)} (or --table_only DIR, or --list_datasets)")
-    options = _run_options(args)
-    processes = _join(args, options["extraction"].device)
-    _output_dir_of_log_dir(args, processes, required=True)
-    options["extraction"].device = processes.device
-    options["extraction"].progress = processes.is_main
+    processes = _start(args)
+    options = flag_values(EvalConfig, args, skip=DATASET_FIELDS)  # what every dataset's evaluation shares
+    _extraction_on(options, processes)
     config = build(BenchmarkConfig, args, options=options)
     try:
         rows = run_benchmark(config, processes)
