@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from .data import load_image, preprocess
+from .data.datasets import utm_from_name
 from .data.images import network_size
 from .matching import LocalFeatures, match, verify
 from .matching.features import in_image_pixels
@@ -239,10 +240,10 @@ def short_name(path: str) -> str:
     """How a panel names an image: ``UTM 551234 E, 4178123 N`` for a VPR-datasets-downloader
     name, else its file name, the middle elided past ``TITLE_CHARS`` (bytes that are not UTF-8
     shown as U+FFFD)."""
-    name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
-    fields = name.split("@")
     try:
-        return f"UTM {float(fields[1]):.0f} E, {float(fields[2]):.0f} N"
-    except (IndexError, ValueError):
+        east, north = utm_from_name(path)
+        return f"UTM {east:.0f} E, {north:.0f} N"
+    except ValueError:
         pass
+    name = os.fsencode(Path(path).name).decode("utf-8", errors="replace")
     return name if len(name) <= TITLE_CHARS else name[: TITLE_CHARS // 2 - 1] + "..." + name[-(TITLE_CHARS // 2 - 2) :]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ..files import DISK_FULL_ERRNOS, DiskFullError, atomic_write, disk_full_message  # cache re-exports DiskFullError
+from ..files import DISK_FULL_ERRNOS, DiskFullError, atomic_write, disk_full_message, free_bytes  # cache re-exports DiskFullError
 
 CHECKSUM_MASK = (1 << 63) - 1  # checksums are kept in int64 records
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
@@ -135,7 +134,7 @@ def disk_full_guard(folder: Path, still_needed: Callable[[], float]) -> Iterator
     except OSError as error:
         if error.errno not in DISK_FULL_ERRNOS:
             raise
-        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        free = free_bytes(folder)
         raise DiskFullError(
             disk_full_message(
                 error.filename or folder, still_needed() - free,
