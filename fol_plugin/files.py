@@ -7,12 +7,14 @@ new one, never a part, and an interruption or a full disk leaves no temporary fi
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import errno
+import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,6 +108,24 @@ def write_text(path: os.PathLike | str, text: str, advice: str = "rerun the same
     """UTF-8 ``text`` to ``path``, atomically (see :func:`atomic_write`); file names that are not
     UTF-8 (held as ``surrogateescape`` characters) are written as their own bytes."""
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8", errors="surrogateescape")), advice)
+
+
+def write_csv(
+    path: os.PathLike | str, header: Sequence[str], rows: Iterable[Sequence[Any]], advice: str = "rerun the same command"
+) -> None:
+    """``header`` then ``rows`` as CSV (Python's ``csv`` dialect), atomically, the rows streamed
+    to the file as they come (a long table is never held whole in memory); file names that are
+    not UTF-8 are written as their own bytes."""
+
+    def write(handle: IO[bytes]) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+        writer = csv.writer(text)
+        writer.writerow(header)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # the handle stays open for atomic_write's fsync
+
+    atomic_write(path, write, advice)
 
 
 def write_json(path: os.PathLike | str, record: Any, advice: str = "rerun the same command") -> None:

@@ -7,15 +7,13 @@ DIR`` rebuilds the same tables at any time. Every file is written atomically.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
 from ..data.images import describe_image_size
 from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
-from ..files import read_json, write_json, write_text
+from ..files import read_json, write_csv, write_json, write_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
 
 BENCHMARK_FILE = "benchmark.json"
@@ -274,13 +272,10 @@ def write_tables(output_dir: str | os.PathLike) -> list[dict]:
     """``results.{md,tex,csv,json}`` in ``output_dir`` from its finished runs; returns the rows."""
     output_dir = Path(output_dir)
     meta, rows = build_rows(output_dir)
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["dataset"])
-    writer.writeheader()
-    writer.writerows(rows)
+    fields = list(rows[0]) if rows else ["dataset"]
     md, tex, csv_file, json_file = (output_dir / name for name in RESULTS_FILES)
     write_text(md, markdown(meta, rows))
     write_text(tex, latex(meta, rows))
-    write_text(csv_file, table.getvalue())
+    write_csv(csv_file, fields, ([row[field] for field in fields] for row in rows))
     write_json(json_file, {"run": meta, "rows": rows})
     return rows

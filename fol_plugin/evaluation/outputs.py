@@ -2,18 +2,16 @@
 ``preds/*.txt`` files, PNG grids, and reading those ``preds/*.txt`` files back."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..data.datasets import ImageSet
-from ..files import json_safe, save_npy, write_json, write_text
+from ..files import json_safe, save_npy, write_csv, write_json
 from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .inputs import PREDS_HEADERS
@@ -36,29 +34,28 @@ def write_predictions_csv(
     """One row per query and rank of the final order: the database image, its global rank and
     distance, its FoL score (empty past the re-ranked candidates, and for a query not re-ranked:
     a NaN row of ``scores``) and whether it is a positive;
-    written atomically, any file name quoted as CSV does."""
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(
-        ["query_index", "query_path", "rank", "database_index", "database_path", "global_rank", "global_distance",
-         "rerank_score", "is_positive"]
-    )
-    for q, row in enumerate(predictions):
-        global_rank = {int(i): r for r, i in enumerate(global_predictions[q])}
-        for rank, i in enumerate(row):
-            g = global_rank[int(i)]
-            writer.writerow([
-                q,
-                query_paths[q],
-                rank,
-                int(i),
-                database_paths[i],
-                g,
-                "" if global_distances is None else f"{global_distances[q, g]:.6g}",
-                "" if scores is None or g >= scores.shape[1] or np.isnan(scores[q, g]) else int(scores[q, g]),
-                "" if positives is None else int(np.isin(i, positives[q])),
-            ])
-    write_text(path, table.getvalue())
+    written atomically and streamed, any file name quoted as CSV does."""
+    header = ["query_index", "query_path", "rank", "database_index", "database_path", "global_rank", "global_distance",
+              "rerank_score", "is_positive"]  # fmt: skip
+
+    def rows() -> Iterator[list]:
+        for q, row in enumerate(predictions):
+            global_rank = {int(i): r for r, i in enumerate(global_predictions[q])}
+            for rank, i in enumerate(row):
+                g = global_rank[int(i)]
+                yield [
+                    q,
+                    query_paths[q],
+                    rank,
+                    int(i),
+                    database_paths[i],
+                    g,
+                    "" if global_distances is None else f"{global_distances[q, g]:.6g}",
+                    "" if scores is None or g >= scores.shape[1] or np.isnan(scores[q, g]) else int(scores[q, g]),
+                    "" if positives is None else int(np.isin(i, positives[q])),
+                ]
+
+    write_csv(path, header, rows())
 
 
 def write_preds_files(

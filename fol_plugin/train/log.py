@@ -2,8 +2,6 @@
 ``losses.csv`` and its plot ``losses.png`` (written atomically)."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from collections.abc import Sequence
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..files import atomic_write, write_text
+from ..files import atomic_write, write_csv
 from ..config import TrainConfig
 from .run_folder import LOG, PLOT
 from .sharding import accumulation_divisors
@@ -29,11 +27,8 @@ LOSS_PANEL_COLUMNS = 3
 def write_log(output_dir: Path, rows: list[dict], advice: str) -> None:
     """``losses.csv`` (one row per epoch) and its plot ``losses.png``, each written atomically
     (``advice``: what to do if the disk fills up)."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(output_dir / LOG, text.getvalue(), advice)
+    fields = list(rows[0])
+    write_csv(output_dir / LOG, fields, ([row.get(field, "") for field in fields] for row in rows), advice)
     atomic_write(output_dir / PLOT, lambda handle: plot_losses(rows).savefig(handle, format="png", dpi=100), advice)
 
 
