@@ -86,11 +86,12 @@ def _count_exact(
 ) -> int:
     """Exact count for one candidate, from the bf16 similarity's keys [n, m] and the bounds."""
     query_np, candidate_np = query.numpy(), candidate.numpy()
-    # Each query cell's best candidate in the float32 GEMM, that GEMM value and its exact value.
-    best_candidate, best_value, best_exact, column_block_max = kernels.exact_row_best(
+    # Each query cell's best candidate in the float32 GEMM, its exact value and (where contenders
+    # were compared) its GEMM value.
+    best_candidate, best_exact, best_gemm, column_block_max = kernels.exact_row_best(
         keys, KEY_VALUES, eps, delta, threshold, query_np, candidate_np
     )
-    rows = np.flatnonzero(best_value > threshold - DOT_MARGIN)
+    rows = np.flatnonzero(best_exact > threshold - DOT_MARGIN)
     partners, exact = best_candidate[rows], best_exact[rows]
     # The count threshold on the pair's own float32 dot product, as the original applies it: that
     # sum is within delta of the exact value, so it decides only for pairs that close to the threshold.
@@ -99,13 +100,13 @@ def _count_exact(
     if len(near):
         pairs = torch.from_numpy(rows[near]), torch.from_numpy(partners[near])
         keep[near] = ((query[pairs[0]] * candidate[pairs[1]]).sum(dim=1) > threshold).numpy()
-    rows, partners, values = rows[keep], partners[keep], best_value[rows[keep]]
+    rows, partners = rows[keep], partners[keep]
     if len(rows) == 0:
         return 0
     # Per candidate cell, its strongest claimant (first row on ties) is the only one that can be
     # mutual; it is, unless a row near it in bf16 beats it in the float32 GEMM.
     return kernels.count_unbeaten_anchors(
-        keys, column_block_max, rows, partners, values, KEY_VALUES, eps, delta, query_np, candidate_np
+        keys, column_block_max, rows, partners, best_exact[rows], best_gemm[rows], KEY_VALUES, eps, delta, query_np, candidate_np
     )
 
 

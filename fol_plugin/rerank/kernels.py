@@ -27,6 +27,7 @@ KEY_MIN = -(1 << 15)
 KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
 ROW_BLOCK_CELLS = 64  # cells of a row per recorded block maximum
 COLUMN_BLOCK_ROWS = 16  # rows of a column per recorded block maximum
+SUB_BLOCK_CELLS = 16  # cells of a row block whose maximum is taken before testing them one by one
 # Let LLVM reorder the float64 sums of the exact dot products, so they vectorise.
 DOT_FASTMATH = {"reassoc", "contract"}
 # Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
@@ -96,6 +97,27 @@ def _first_reaching(row: np.ndarray, row_block_max: np.ndarray, target: np.int16
     return index
 
 
+@numba.njit(inline="always")
+def _collect_reaching(row: np.ndarray, start: int, stop: int, floor: np.int16, cells: np.ndarray, count: int) -> int:
+    """Appends to ``cells[count:]`` the indices in [start, stop) of keys at or above ``floor``,
+    in increasing order -> the new count. A full block is tested SUB_BLOCK_CELLS cells at a time
+    by their maximum first; cells are kept by counting them, with no branch to mispredict."""
+    if stop - start == ROW_BLOCK_CELLS:
+        for sub in range(start, stop, SUB_BLOCK_CELLS):
+            sub_best = np.int16(KEY_MIN)
+            for t in range(SUB_BLOCK_CELLS):  # a fixed trip count vectorises
+                sub_best = max(sub_best, row[sub + t])
+            if sub_best >= floor:
+                for i in range(sub, sub + SUB_BLOCK_CELLS):
+                    cells[count] = i
+                    count += row[i] >= floor
+    else:
+        for i in range(start, stop):
+            cells[count] = i
+            count += row[i] >= floor
+    return count
+
+
 BF16_MANTISSA_STEPS = 128  # 7 stored mantissa bits
 BF16_EXPONENT_BIAS = 127
 SMALLEST_NORMAL = 2.0**-126
@@ -146,26 +168,29 @@ def exact_row_best(
 
     The exact value E of the row's first bf16 arg-max bounds the maximum from below, so only
     cells at or above ``E - eps - 2 delta`` in bf16 can win; their exact values (float64 sums)
-    leave as contenders the cells within ``2 delta`` of the best, and :func:`gemm_value` decides.
+    leave as contenders the cells within ``2 delta`` of the best. A lone contender is the arg-max;
+    between several, :func:`gemm_value` decides.
 
     Args:
+        keys: [n, m] the bf16 product's keys.
         key_values: [65536] float value of key k at k + KEY_OFFSET, non-decreasing.
         eps: bound on |bf16 product - exact similarity|.
         delta: bound on |float32 GEMM value - exact similarity|.
         threshold: positive, above ``3 eps``.
 
     Returns:
-        best_arg [n] (-1 where the row cannot count), best_value [n] (its float32 GEMM value;
-        -inf there), arg_exact [n] (its exact value; -inf there), and column_block_max the maxima
-        of blocks of ``COLUMN_BLOCK_ROWS`` rows of each column.
+        best_arg [n] (-1 where the row cannot count), best_exact [n] (the arg-max's exact value;
+        -inf there), best_gemm [n] (its float32 GEMM value where contenders were compared, NaN
+        where it was alone), and column_block_max the maxima of blocks of ``COLUMN_BLOCK_ROWS``
+        rows of each column.
     """
     n, m = keys.shape
     num_blocks = (m + ROW_BLOCK_CELLS - 1) // ROW_BLOCK_CELLS
     row_block_max = np.empty(num_blocks, np.int16)
     column_block_max = np.full(((n + COLUMN_BLOCK_ROWS - 1) // COLUMN_BLOCK_ROWS, m), KEY_MIN, np.int16)
     best_arg = np.full(n, -1, np.int64)
-    best_value = np.full(n, -np.inf)
-    arg_exact = np.full(n, -np.inf)
+    best_exact = np.full(n, -np.inf)
+    best_gemm = np.full(n, np.nan)
     cells = np.empty(m, np.int64)
     exact = np.empty(m, np.float64)
     for j in range(n):
@@ -178,25 +203,30 @@ def exact_row_best(
         # Any key at or below the window's lower end keeps every cell of the window.
         window = _key_below(key_values, first_exact - eps - 2 * delta)
         count = 0
-        best_exact = first_exact
         for c in range(num_blocks):
-            if row_block_max[c] < window:
-                continue
-            for i in range(c * ROW_BLOCK_CELLS, min(c * ROW_BLOCK_CELLS + ROW_BLOCK_CELLS, m)):
-                if row[i] >= window:
-                    value = first_exact if i == first else _dot(query, j, candidate, i)
-                    cells[count] = i
-                    exact[count] = value
-                    count += 1
-                    best_exact = max(best_exact, value)
+            if row_block_max[c] >= window:
+                count = _collect_reaching(row, c * ROW_BLOCK_CELLS, min(c * ROW_BLOCK_CELLS + ROW_BLOCK_CELLS, m), window, cells, count)
+        top = -np.inf
+        for t in range(count):
+            value = first_exact if cells[t] == first else _dot(query, j, candidate, cells[t])
+            exact[t] = value
+            top = max(top, value)
+        contenders = 0
         for t in range(count):  # cells in increasing order: strict > keeps the first on ties
-            if exact[t] >= best_exact - 2 * delta:
-                value = gemm_value(query, j, candidate, cells[t])
-                if value > best_value[j]:
-                    best_value[j] = value
+            if exact[t] >= top - 2 * delta:
+                contenders += 1
+                if contenders == 1:
                     best_arg[j] = cells[t]
-                    arg_exact[j] = exact[t]
-    return best_arg, best_value, arg_exact, column_block_max
+                    best_exact[j] = exact[t]
+                    continue
+                if contenders == 2:
+                    best_gemm[j] = gemm_value(query, j, candidate, best_arg[j])
+                value = gemm_value(query, j, candidate, cells[t])
+                if value > best_gemm[j]:
+                    best_gemm[j] = value
+                    best_arg[j] = cells[t]
+                    best_exact[j] = exact[t]
+    return best_arg, best_exact, best_gemm, column_block_max
 
 
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
@@ -222,55 +252,29 @@ def rounding_stats(x: np.ndarray, rounded_bits: np.ndarray) -> tuple[float, floa
     return np.sqrt(norm), np.sqrt(rounded_norm), np.sqrt(residual_norm)
 
 
+@numba.njit(inline="always")
+def _lowest_bit(mask: int) -> int:
+    """Index of the lowest set bit of a non-zero ``mask``."""
+    index = 0
+    while not (mask >> index) & 1:
+        index += 1
+    return index
+
+
+@numba.njit(inline="always")
+def _pair_gemm(known: float, query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
+    """The float32 GEMM value of (j, i): ``known`` unless NaN (not computed yet)."""
+    return gemm_value(query, j, candidate, i) if np.isnan(known) else known
+
+
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
-def beaten_anchors(
-    keys: np.ndarray,
-    column_block_max: np.ndarray,
-    columns: np.ndarray,
-    col_threshold: np.ndarray,
-    anchor_row: np.ndarray,
-    anchor_value: np.ndarray,
-    delta: float,
-    query: np.ndarray,
-    candidate: np.ndarray,
-) -> np.ndarray:
-    """For each listed column i with an anchor (row ``anchor_row[i]``, float32 GEMM value
-    ``anchor_value[i]``): whether a row at or above the column's threshold key beats it in the
-    float32 GEMM, i.e. has a larger value, or an equal one at a smaller row index. Exact values
-    settle every row farther than ``delta`` from the anchor; :func:`gemm_value` the rest.
-    -> [len(columns)] bool."""
-    n = keys.shape[0]
-    beaten = np.zeros(len(columns), np.bool_)
-    for index in range(len(columns)):
-        i = columns[index]
-        threshold = col_threshold[i]
-        anchor = anchor_row[i]
-        for b in range(column_block_max.shape[0]):
-            if beaten[index]:
-                break
-            if column_block_max[b, i] < threshold:
-                continue
-            for j in range(b * COLUMN_BLOCK_ROWS, min(b * COLUMN_BLOCK_ROWS + COLUMN_BLOCK_ROWS, n)):
-                if j == anchor or keys[j, i] < threshold:
-                    continue
-                value = _dot(query, j, candidate, i)
-                if value < anchor_value[i] - delta:
-                    continue
-                if value <= anchor_value[i] + delta:
-                    value = gemm_value(query, j, candidate, i)
-                if value > anchor_value[i] or (value == anchor_value[i] and j < anchor):
-                    beaten[index] = True
-                    break
-    return beaten
-
-
-@_cached_njit(nogil=True)
 def count_unbeaten_anchors(
     keys: np.ndarray,
     column_block_max: np.ndarray,
     rows: np.ndarray,
     partners: np.ndarray,
-    values: np.ndarray,
+    exacts: np.ndarray,
+    gemms: np.ndarray,
     key_values: np.ndarray,
     eps: float,
     delta: float,
@@ -278,24 +282,72 @@ def count_unbeaten_anchors(
     candidate: np.ndarray,
 ) -> int:
     """Mutual matches among the pairs (rows[t], partners[t]) (query cell, its GEMM arg-max),
-    rows increasing, ``values`` their float32 GEMM values.
+    rows increasing, ``exacts`` their exact values, ``gemms`` their float32 GEMM values (NaN
+    where not computed yet).
 
-    Each claimed column keeps its strongest claimant, the first row on ties (the anchor): the
-    only row the column's arg-max can be among the claimants. The pair is mutual unless another
-    row beats the anchor (:func:`beaten_anchors`); only rows at or above ``value - eps - delta``
-    in bf16 can.
+    Each claimed column keeps its strongest claimant in the GEMM, the first row on ties (the
+    anchor): the only row the column's arg-max can be among the claimants. The pair is mutual
+    unless another row beats the anchor; only rows at or above ``exact - eps - 2 delta`` in bf16
+    can. They are looked for one block of ``COLUMN_BLOCK_ROWS`` rows at a time across all the
+    columns (rows in cache, contiguous block maxima); exact values settle every row farther
+    than ``2 delta`` from the anchor, :func:`gemm_value` the rest.
     """
-    m = keys.shape[1]
+    n, m = keys.shape
+    top = np.full(m, -np.inf)
+    for t in range(len(rows)):
+        top[partners[t]] = max(top[partners[t]], exacts[t])
     anchor_row = np.full(m, -1, np.int64)
-    anchor_value = np.full(m, -np.inf)
+    anchor_exact = np.full(m, -np.inf)
+    anchor_gemm = np.full(m, np.nan)
     for t in range(len(rows)):  # increasing rows: strict > keeps the first on ties
-        i = partners[t]
-        if values[t] > anchor_value[i]:
-            anchor_value[i] = values[t]
-            anchor_row[i] = rows[t]
-    claimed = np.flatnonzero(anchor_row >= 0)
+        i, j = partners[t], rows[t]
+        if exacts[t] < top[i] - 2 * delta:
+            continue
+        if anchor_row[i] < 0:
+            anchor_row[i], anchor_exact[i], anchor_gemm[i] = j, exacts[t], gemms[t]
+            continue
+        anchor_gemm[i] = _pair_gemm(anchor_gemm[i], query, anchor_row[i], candidate, i)
+        value = _pair_gemm(gemms[t], query, j, candidate, i)
+        if value > anchor_gemm[i]:
+            anchor_row[i], anchor_exact[i], anchor_gemm[i] = j, exacts[t], value
     col_threshold = np.full(m, NO_THRESHOLD, np.int32)
-    for i in claimed:
-        col_threshold[i] = _key_below(key_values, anchor_value[i] - eps - delta)
-    beaten = beaten_anchors(keys, column_block_max, claimed, col_threshold, anchor_row, anchor_value, delta, query, candidate)
-    return len(claimed) - int(beaten.sum())
+    claimed = 0
+    for i in range(m):
+        if anchor_row[i] >= 0:
+            col_threshold[i] = _key_below(key_values, anchor_exact[i] - eps - 2 * delta)
+            claimed += 1
+    beaten = 0
+    reached = np.empty(m, np.int64)
+    for b in range(column_block_max.shape[0]):
+        block_max = column_block_max[b]
+        first_row = b * COLUMN_BLOCK_ROWS
+        # The columns whose threshold this block of rows reaches, collected without branches;
+        # then, per column, the mask of its rows that reach it (independent loads, so the cache
+        # misses overlap).
+        count = 0
+        for i in range(m):
+            reached[count] = i
+            count += block_max[i] >= col_threshold[i]
+        for t in range(count):
+            i = reached[t]
+            mask = 0
+            for j in range(first_row, min(first_row + COLUMN_BLOCK_ROWS, n)):
+                mask |= np.int64(keys[j, i] >= col_threshold[i]) << (j - first_row)
+            anchor = anchor_row[i]
+            while mask:
+                j = first_row + _lowest_bit(mask)
+                mask &= mask - 1
+                if j == anchor:
+                    continue
+                value = _dot(query, j, candidate, i)
+                if value < anchor_exact[i] - 2 * delta:
+                    continue
+                if value <= anchor_exact[i] + 2 * delta:
+                    anchor_gemm[i] = _pair_gemm(anchor_gemm[i], query, anchor, candidate, i)
+                    value = gemm_value(query, j, candidate, i)
+                    if not (value > anchor_gemm[i] or (value == anchor_gemm[i] and j < anchor)):
+                        continue
+                col_threshold[i] = NO_THRESHOLD  # beaten: no row can unbeat it
+                beaten += 1
+                break
+    return claimed - beaten
