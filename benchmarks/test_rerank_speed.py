@@ -1,10 +1,19 @@
-"""Re-ranking speed: FoL's exact engine against the original algorithm.
+"""Re-ranking speed: FoL's exact engine against the original algorithm and against its own bare
+bf16 products.
 
-Run with ``python -m pytest benchmarks`` (not part of the default test run). Both sides are
-warmed up, then timed in alternated pairs (the original first in even pairs, ours first in odd
-ones); ``extra_info`` carries the median of the per-pair ratios ``original / ours`` and their
-range, and the number of scores identical to the original's (all of them). The original algorithm follows its code path: padding to 3600 cells, one batched
-product, arg-max both ways, the loop over candidates (``tests/original_protocol.py``).
+Run with ``python -m pytest benchmarks/test_rerank_speed.py`` (not part of the default test run;
+about three minutes on 2 CPU cores). One query against 100 candidates of ~3,400 cells, two
+workloads: noisy subsets of the shared reference images' real FoL local features, with noise of
+30% and of 5% of the features' spread (synthetic stand-ins when ../shared is absent).
+
+Three sides are timed: the original algorithm, following its code path (padding to 3600 cells,
+one batched product, arg-max both ways, the loop over candidates: ``tests/original_protocol.py``);
+``mutual_match_scores``; and ``engine.bf16_products``, the engine's bf16 products alone on the
+same candidates, workers and buffers (the floor of this design). All are warmed up, then timed in
+alternated pairs (the order rotates from pair to pair). ``extra_info`` carries the medians of the
+per-pair ratios ``original / engine`` and ``engine / bare products`` with their ranges, the
+seconds per query of each side, the number of scores identical to the original's (all of them)
+and the host (``conftest.describe_host``); the summary line says the same with the host's kind.
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import importlib.util
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +32,14 @@ import torch.nn.functional as F
 from fol_plugin.data import normalize
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import mutual_match_scores
+from fol_plugin.rerank.engine import bf16_products
 from tests.original_protocol import original_scores
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 NUM_CANDIDATES = 100
 PAIRS = 5
+NOISE = {"noise30": 0.3, "noise5": 0.05}  # workload: noise added to the features, x their spread
 
 
 def fixture_local_features() -> list[torch.Tensor] | None:
@@ -54,26 +66,47 @@ def synthetic_local_features(generator: torch.Generator) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def workload():
-    """One query and 100 candidates of ~3,400 cells: noisy subsets of real FoL local features
-    (the shared reference images; synthetic stand-ins when ../shared is absent)."""
+def features() -> tuple[str, list[torch.Tensor]]:
+    """(where the features come from, the features)."""
+    real = fixture_local_features()
+    if real is not None:
+        return "shared reference features", real
+    return "synthetic stand-ins", synthetic_local_features(torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=list(NOISE))
+def workload(request, features):
+    """One query and 100 candidates of ~3,400 cells: noisy subsets of the features."""
+    source, cells = features
     generator = torch.Generator().manual_seed(0)
-    features = fixture_local_features() or synthetic_local_features(generator)
     candidates = []
     for k in range(NUM_CANDIDATES):
-        base = features[k % len(features)]
+        base = cells[k % len(cells)]
         picks = torch.randperm(len(base), generator=generator)[: min(len(base), 3300 + k % 150)]
-        noise = 0.3 * base.std() * torch.randn(len(picks), base.shape[1], generator=generator)
+        noise = NOISE[request.param] * base.std() * torch.randn(len(picks), base.shape[1], generator=generator)
         candidates.append(F.normalize(base[picks] + noise, dim=-1))
-    query = features[0]
+    query = cells[0]
     original_scores(query, candidates)  # warm-up: the first run also pays its 5 GB tensor's page faults
-    return {"query": query, "candidates": candidates, "original": original_scores(query, candidates)}
+    name = f"{source} + {NOISE[request.param]:.0%} noise"
+    return {"name": name, "query": query, "candidates": candidates, "original": original_scores(query, candidates)}
 
 
-def _seconds(function, *args, **kwargs) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return time.perf_counter() - start, result
+def alternated_seconds(sides: dict[str, Callable[[], object]], pairs: int) -> dict[str, list[float]]:
+    """Seconds of each side in ``pairs`` rounds, the order rotating from round to round."""
+    names = list(sides)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(pairs):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            sides[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def ratio_summary(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios, rounded."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return round(statistics.median(ratios), 2), round(min(ratios), 2), round(max(ratios), 2)
 
 
 def test_original_algorithm(benchmark, workload):
@@ -81,16 +114,35 @@ def test_original_algorithm(benchmark, workload):
     assert torch.equal(scores, workload["original"])
 
 
-def test_fol_engine(benchmark, workload):
+def test_fol_engine(benchmark, workload, report):
     query, candidates, original = workload["query"], workload["candidates"], workload["original"]
     scores = benchmark.pedantic(mutual_match_scores, args=(query, candidates), rounds=3, warmup_rounds=1)
-    ratios = []
-    for pair in range(PAIRS):  # warm against warm, alternated
-        sides = [(original_scores, {}), (mutual_match_scores, {})]
-        timed = [_seconds(function, query, candidates, **kwargs)[0] for function, kwargs in sides[:: 1 if pair % 2 == 0 else -1]]
-        original_s, ours_s = timed if pair % 2 == 0 else timed[::-1]
-        ratios.append(original_s / ours_s)
-    benchmark.extra_info["speedup_vs_original_median"] = round(statistics.median(ratios), 2)
-    benchmark.extra_info["speedup_vs_original_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
-    benchmark.extra_info["identical_scores"] = int((scores == original).sum())
+    query_bf16, candidates_bf16 = query.bfloat16(), [candidate.bfloat16() for candidate in candidates]
+    bf16_products(query_bf16, candidates_bf16)  # warm-up
+    seconds = alternated_seconds(
+        {
+            "original": lambda: original_scores(query, candidates),
+            "engine": lambda: mutual_match_scores(query, candidates),
+            "bare_products": lambda: bf16_products(query_bf16, candidates_bf16),
+        },
+        PAIRS,
+    )
+    vs_original = ratio_summary(seconds["original"], seconds["engine"])
+    vs_products = ratio_summary(seconds["engine"], seconds["bare_products"])
+    identical = int((scores == original).sum())
+    benchmark.extra_info.update(
+        workload=workload["name"],
+        seconds_per_query={name: round(statistics.median(values), 3) for name, values in seconds.items()},
+        speedup_vs_original_median=vs_original[0],
+        speedup_vs_original_range=list(vs_original[1:]),
+        engine_over_bare_products_median=vs_products[0],
+        engine_over_bare_products_range=list(vs_products[1:]),
+        identical_scores=identical,
+    )
+    report(
+        f"{workload['name']}: {vs_original[0]}x the original ({vs_original[1]}-{vs_original[2]}), "
+        f"{vs_products[0]}x its bare bf16 products ({vs_products[1]}-{vs_products[2]}); "
+        f"{statistics.median(seconds['engine']):.3f} s per query of {len(candidates)} candidates; "
+        f"{identical}/{len(candidates)} scores identical"
+    )
     assert torch.equal(scores, original)

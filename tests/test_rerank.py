@@ -124,6 +124,8 @@ def test_exact_ties_go_to_the_first_index():
     duplicated = torch.cat([candidate[:200], candidate])  # rows 0-199 tie exactly with 200-399
     for candidates in ([duplicated], [torch.cat([query[:100], query])]):
         assert mutual_match_scores(query, candidates).tolist() == reference_match_scores(query, candidates).tolist()
+    # Roles swapped: duplicated query cells claim the same candidate cell with equal values.
+    assert mutual_match_scores(duplicated, [query]).tolist() == reference_match_scores(duplicated, [query]).tolist()
     _, c_idx = mutual_matches(query, duplicated)
     assert len(c_idx) > 0 and not bool(((c_idx >= 200) & (c_idx < 400)).any())  # the later copy never wins
 
@@ -157,10 +159,12 @@ def test_gemm_value_is_torchs_float32_matmul_bit_for_bit():
     assert (values == expected).all()
 
 
-def test_float32_rounding_ties_are_decided_as_the_float32_gemm_does():
+@pytest.mark.parametrize("swapped", [False, True], ids=["column-ties", "row-ties"])
+def test_float32_rounding_ties_are_decided_as_the_float32_gemm_does(swapped):
     """Candidate cells equidistant (in real arithmetic, up to 1e-8) from two query cells, one of
-    which only it can match: which query cell the row picks is decided by rounding, and the
-    engine must decide as the float32 GEMM does, not as exact arithmetic would."""
+    which only it can match: which query cell the candidate cell's arg-max picks is decided by
+    rounding, and the engine must decide as the float32 GEMM does, not as exact arithmetic
+    would. With the roles swapped, the query cell's own arg-max is the near-tie."""
     generator = torch.Generator().manual_seed(0)
     groups = 400
     a, b, w, w2 = torch.linalg.qr(torch.randn(groups, 128, 4, generator=generator, dtype=torch.float64)).Q.unbind(-1)
@@ -168,6 +172,8 @@ def test_float32_rounding_ties_are_decided_as_the_float32_gemm_does():
     tied = F.normalize(a + 0.05 * w + 1e-8 * torch.randn(groups, 128, generator=generator, dtype=torch.float64), dim=-1)
     partner = F.normalize(second + 0.05 * w2, dim=-1)  # the second query cell's own match
     query, candidate = torch.cat([first, second]).float(), torch.cat([tied, partner]).float()
+    if swapped:
+        query, candidate = candidate, query
     float32_rule = reference_match_scores(query, [candidate])
     assert float32_rule != reference_match_scores(query.double(), [candidate.double()])  # the case occurs
     assert mutual_match_scores(query, [candidate]).tolist() == float32_rule.tolist()

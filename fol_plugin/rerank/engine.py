@@ -11,7 +11,7 @@ On CUDA the plain float32 algorithm runs on blocks of candidates at once
 from __future__ import annotations
 
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -140,43 +140,71 @@ def mutual_match_scores(
     query_stats = _rounding_stats(query, query_bf16)
 
     candidates = [candidate.float().contiguous() for candidate in candidates]
-    nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
-    scores = torch.zeros(len(candidates), dtype=torch.float32)
-    if not nonempty:
-        return scores
-    # Each worker computes one candidate's product and scans it while it is still in cache;
-    # numba and torch's matmul release the GIL. A product buffer per worker, reused: fresh 20+ MB
-    # tensors per candidate cost as much in page faults.
-    workers = min(torch.get_num_threads(), len(nonempty))
-    largest = max(len(candidates[index]) for index in nonempty)
-    free_buffers: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-    for _ in range(workers):
-        free_buffers.put(torch.empty(len(query) * largest, dtype=torch.bfloat16))
 
-    def score(index: int) -> int:
-        with torch.inference_mode():  # worker threads do not inherit the caller's grad mode
-            return score_one(index)
-
-    def score_one(index: int) -> int:
+    def score(index: int, buffer: torch.Tensor) -> int:
         candidate = candidates[index]
         candidate_bf16 = candidate.bfloat16()
         eps, delta = _bounds(query_stats, _rounding_stats(candidate, candidate_bf16), query.shape[1])
         if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
             return len(mutual_matches(query, candidate, threshold)[0])
+        product = buffer[: len(query) * len(candidate)].view(len(query), len(candidate))
+        torch.mm(query_bf16, candidate_bf16.T, out=product)
+        return _count_exact(_bf16_keys(product), query, candidate, threshold, eps, delta)
+
+    return torch.tensor(_on_workers(score, len(query), candidates), dtype=torch.float32)
+
+
+def bf16_products(query: torch.Tensor, candidates: Sequence[torch.Tensor]) -> None:
+    """The engine's bf16 products alone, the floor it is measured against: the products
+    :func:`mutual_match_scores` computes on the CPU, on the same workers into the same buffers,
+    without the exact decisions (nor the inputs' conversion to bf16).
+
+    Args:
+        query: [n, D] bf16.
+        candidates: [m_j, D] bf16 each.
+    """
+
+    def multiply(index: int, buffer: torch.Tensor) -> int:
+        candidate = candidates[index]
+        torch.mm(query, candidate.T, out=buffer[: len(query) * len(candidate)].view(len(query), len(candidate)))
+        return 0
+
+    _on_workers(multiply, len(query), candidates)
+
+
+def _on_workers(work: Callable[[int, torch.Tensor], int], query_cells: int, candidates: Sequence[torch.Tensor]) -> list[int]:
+    """``work(index, buffer)`` for each non-empty candidate, one candidate per worker at a time
+    -> its result, 0 for empty candidates.
+
+    Each worker computes one candidate's product into ``buffer`` (room for query_cells x the
+    longest candidate in bf16) and scans it while it is still in cache; numba and torch's matmul
+    release the GIL. A buffer per worker, reused: fresh 20+ MB tensors per candidate cost as much
+    in page faults. One intra-op thread per worker: the workers are the parallelism (torch's
+    setting is process-wide, and is restored when they finish).
+    """
+    results = [0] * len(candidates)
+    nonempty = [index for index, candidate in enumerate(candidates) if len(candidate)]
+    if not nonempty:
+        return results
+    workers = min(torch.get_num_threads(), len(nonempty))
+    largest = max(len(candidates[index]) for index in nonempty)
+    free_buffers: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+    for _ in range(workers):
+        free_buffers.put(torch.empty(query_cells * largest, dtype=torch.bfloat16))
+
+    def run(index: int) -> int:
         buffer = free_buffers.get()
         try:
-            product = buffer[: len(query) * len(candidate)].view(len(query), len(candidate))
-            torch.mm(query_bf16, candidate_bf16.T, out=product)
-            return _count_exact(_bf16_keys(product), query, candidate, threshold, eps, delta)
+            with torch.inference_mode():  # worker threads do not inherit the caller's grad mode
+                return work(index, buffer)
         finally:
             free_buffers.put(buffer)
 
-    # One intra-op thread per worker: the workers are the parallelism (torch's setting is
-    # process-wide, and is restored when they finish).
     threads = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            scores[nonempty] = torch.tensor(list(pool.map(score, nonempty)), dtype=torch.float32)
+            for index, result in zip(nonempty, pool.map(run, nonempty)):
+                results[index] = result
     finally:
         torch.set_num_threads(threads)
-    return scores
+    return results
