@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..cache.fingerprint import user_cache_dir
 
@@ -28,6 +31,8 @@ KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
 ROW_BLOCK_CELLS = 64  # cells of a row per recorded block maximum
 COLUMN_BLOCK_ROWS = 16  # rows of a column per recorded block maximum
 SUB_BLOCK_CELLS = 16  # cells of a row block whose maximum is taken before testing them one by one
+SCREEN_COLUMNS = 64  # columns whose block maxima the mutual check tests at once before one by one
+PREFETCH_AHEAD = 2  # columns of a block of rows whose keys the mutual check asks for ahead of use
 # Let LLVM reorder the float64 sums of the exact dot products, so they vectorise.
 DOT_FASTMATH = {"reassoc", "contract"}
 # Fused multiply-adds in order, never reordered: the float32 GEMM's own arithmetic.
@@ -48,6 +53,27 @@ def _cached_njit(**options) -> Callable:
             numba.config.CACHE_DIR = previous
 
     return decorate
+
+
+@intrinsic
+def _prefetch(typingctx, array, row, column):
+    """Asks the CPU to bring ``array[row, column]`` into its caches, without waiting for it
+    (LLVM's prefetch: a read, kept in all cache levels); for a C-contiguous 2-D array."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, args[1:], wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        word = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]), "llvm.prefetch.p0i8"
+        )
+        read, keep_in_all_levels, data_cache = (ir.Constant(word, value) for value in (0, 3, 1))
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), read, keep_in_all_levels, data_cache])
+        return context.get_dummy_value()
+
+    return numba.types.void(array, row, column), codegen
 
 
 @numba.njit(inline="always")
@@ -253,6 +279,35 @@ def rounding_stats(x: np.ndarray, rounded_bits: np.ndarray) -> tuple[float, floa
 
 
 @numba.njit(inline="always")
+def _prefetch_column(keys: np.ndarray, first_row: int, last_row: int, column: int) -> None:
+    """Asks for ``keys[first_row:last_row, column]`` ahead of use (:func:`_prefetch`)."""
+    for j in range(first_row, last_row):
+        _prefetch(keys, j, column)
+
+
+@numba.njit(inline="always")
+def _collect_reached(block_max: np.ndarray, col_threshold: np.ndarray, reached: np.ndarray) -> int:
+    """Writes to ``reached`` the columns i, increasing, where ``block_max[i] >= col_threshold[i]``
+    -> their number. SCREEN_COLUMNS columns are tested at once (vectorised), and only those that
+    some column reaches one by one, kept by counting them, with no branch to mispredict."""
+    m = len(block_max)
+    whole = m - m % SCREEN_COLUMNS
+    count = 0
+    for start in range(0, whole, SCREEN_COLUMNS):
+        any_reached = False
+        for t in range(SCREEN_COLUMNS):  # a fixed trip count vectorises
+            any_reached |= block_max[start + t] >= col_threshold[start + t]
+        if any_reached:
+            for i in range(start, start + SCREEN_COLUMNS):
+                reached[count] = i
+                count += block_max[i] >= col_threshold[i]
+    for i in range(whole, m):
+        reached[count] = i
+        count += block_max[i] >= col_threshold[i]
+    return count
+
+
+@numba.njit(inline="always")
 def _lowest_bit(mask: int) -> int:
     """Index of the lowest set bit of a non-zero ``mask``."""
     index = 0
@@ -321,17 +376,19 @@ def count_unbeaten_anchors(
     for b in range(column_block_max.shape[0]):
         block_max = column_block_max[b]
         first_row = b * COLUMN_BLOCK_ROWS
-        # The columns whose threshold this block of rows reaches, collected without branches;
-        # then, per column, the mask of its rows that reach it (independent loads, so the cache
-        # misses overlap).
-        count = 0
-        for i in range(m):
-            reached[count] = i
-            count += block_max[i] >= col_threshold[i]
+        # The columns whose threshold this block of rows reaches; then, per column, the mask of
+        # its rows that reach it: independent loads, asked for a few columns ahead, so that the
+        # cache misses overlap.
+        count = _collect_reached(block_max, col_threshold, reached)
+        last_row = min(first_row + COLUMN_BLOCK_ROWS, n)
+        for t in range(min(PREFETCH_AHEAD, count)):
+            _prefetch_column(keys, first_row, last_row, reached[t])
         for t in range(count):
+            if t + PREFETCH_AHEAD < count:
+                _prefetch_column(keys, first_row, last_row, reached[t + PREFETCH_AHEAD])
             i = reached[t]
             mask = 0
-            for j in range(first_row, min(first_row + COLUMN_BLOCK_ROWS, n)):
+            for j in range(first_row, last_row):
                 mask |= np.int64(keys[j, i] >= col_threshold[i]) << (j - first_row)
             anchor = anchor_row[i]
             while mask:
