@@ -209,3 +209,22 @@ def test_key_below_is_the_table_search():
     ])  # fmt: skip
     found = np.array([key_below(x) for x in values])
     assert (found == np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).all()
+
+
+def test_the_mutual_check_collects_exactly_the_columns_a_block_reaches():
+    """Block maxima against per-column threshold keys, tested 64 columns at once, then one by
+    one: a screen reached only at equality, one reached strictly, one not at all, and the rest
+    past the last whole screen; then random cases of several widths against NumPy."""
+    block_max = np.zeros(200, np.int16)
+    thresholds = np.full(200, kernels.NO_THRESHOLD, np.int32)
+    thresholds[[5, 70, 199]] = [0, -1, 0]
+    reached = np.empty(200, np.int64)
+    count = kernels._collect_reached(block_max, thresholds, reached)
+    assert reached[:count].tolist() == [5, 70, 199]
+    rng = np.random.default_rng(0)
+    for m in (1, 63, 64, 65, 200):
+        block_max = rng.integers(-(2**15), 2**15, m).astype(np.int16)
+        thresholds = rng.integers(-(2**15), 2**15, m).astype(np.int32)
+        thresholds[rng.random(m) < 0.3] = kernels.NO_THRESHOLD
+        count = kernels._collect_reached(block_max, thresholds, reached)
+        assert reached[:count].tolist() == np.flatnonzero(block_max >= thresholds).tolist()
