@@ -66,8 +66,9 @@ def _prefetch(typingctx, array, row, column):
         pointer = cgutils.get_item_pointer(context, builder, array_type, data, args[1:], wraparound=False)
         byte_pointer = ir.IntType(8).as_pointer()
         word = ir.IntType(32)
+        name = "llvm.prefetch.p0" if getattr(byte_pointer, "is_opaque", False) else "llvm.prefetch.p0i8"
         function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]), "llvm.prefetch.p0i8"
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, word, word, word]), name
         )
         read, keep_in_all_levels, data_cache = (ir.Constant(word, value) for value in (0, 3, 1))
         builder.call(function, [builder.bitcast(pointer, byte_pointer), read, keep_in_all_levels, data_cache])
@@ -344,8 +345,8 @@ def count_unbeaten_anchors(
     anchor): the only row the column's arg-max can be among the claimants. The pair is mutual
     unless another row beats the anchor; only rows at or above ``exact - eps - 2 delta`` in bf16
     can. They are looked for one block of ``COLUMN_BLOCK_ROWS`` rows at a time across all the
-    columns (rows in cache, contiguous block maxima); exact values settle every row farther
-    than ``2 delta`` from the anchor, :func:`gemm_value` the rest.
+    columns (the block's maxima read in order, not a column's down the whole product); exact
+    values settle every row farther than ``2 delta`` from the anchor, :func:`gemm_value` the rest.
     """
     n, m = keys.shape
     top = np.full(m, -np.inf)
