@@ -89,6 +89,18 @@ def scratch(tmp_path_factory, request) -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Refuses a benchmark that would not say which host it ran on (the ``report`` fixture)."""
+    here = Path(__file__).parent
+    silent = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(here) and "benchmark" in getattr(item, "fixturenames", ()) and "report" not in item.fixturenames
+    ]
+    if silent:
+        raise pytest.UsageError(f"benchmarks without the `report` fixture (their host would go unrecorded): {', '.join(silent)}")
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables: the lines to read are the last ones
 def pytest_terminal_summary(terminalreporter) -> None:
     if _SUMMARY_LINES:
