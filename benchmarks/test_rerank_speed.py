@@ -10,8 +10,8 @@ Three sides are timed: the original algorithm, following its code path (padding 
 one batched product, arg-max both ways, the loop over candidates: ``tests/original_protocol.py``);
 ``mutual_match_scores``; and ``engine.bf16_products``, the engine's bf16 products alone on the
 same candidates, workers and buffers (the floor of this design). All are warmed up, then timed in
-alternated pairs (the order rotates from pair to pair). ``extra_info`` carries the medians of the
-per-pair ratios ``original / engine`` and ``engine / bare products`` with their ranges, the
+5 rounds, the order rotating from round to round. ``extra_info`` carries the medians of the
+per-round ratios ``original / engine`` and ``engine / bare products`` with their ranges, the
 seconds per query of each side, the number of scores identical to the original's (all of them)
 and the host (``conftest.describe_host``); the summary line says the same with the host's kind.
 """
@@ -38,7 +38,7 @@ from tests.original_protocol import original_scores
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 NUM_CANDIDATES = 100
-PAIRS = 5
+ROUNDS = 5
 NOISE = {"noise30": 0.3, "noise5": 0.05}  # workload: noise added to the features, x their spread
 
 
@@ -91,11 +91,11 @@ def workload(request, features):
     return {"name": name, "query": query, "candidates": candidates, "original": original_scores(query, candidates)}
 
 
-def alternated_seconds(sides: dict[str, Callable[[], object]], pairs: int) -> dict[str, list[float]]:
-    """Seconds of each side in ``pairs`` rounds, the order rotating from round to round."""
+def alternated_seconds(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side in each of ``rounds`` rounds, the order rotating from round to round."""
     names = list(sides)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(pairs):
+    for round_ in range(rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             start = time.perf_counter()
             sides[name]()
@@ -126,7 +126,7 @@ def test_fol_engine(benchmark, workload, report):
             "engine": lambda: mutual_match_scores(query, candidates),
             "bare_products": lambda: bf16_products(query_bf16, candidates_bf16),
         },
-        PAIRS,
+        ROUNDS,
     )
     vs_original = ratio_summary(seconds["original"], seconds["engine"])
     vs_products = ratio_summary(seconds["engine"], seconds["bare_products"])
