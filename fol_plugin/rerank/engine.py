@@ -177,9 +177,9 @@ def _on_workers(work: Callable[[int, torch.Tensor], int], query_cells: int, cand
     -> its result, 0 for empty candidates.
 
     Each worker computes one candidate's product into ``buffer`` (room for query_cells x the
-    longest candidate in bf16) and scans it while it is still in cache; numba and torch's matmul
-    release the GIL. A buffer per worker, reused: fresh 20+ MB tensors per candidate cost as much
-    in page faults. One intra-op thread per worker: the workers are the parallelism (torch's
+    longest candidate in bf16), and :func:`mutual_match_scores` scans it there while it is still
+    in cache; numba and torch's matmul release the GIL. A buffer per worker, reused: fresh 20+ MB
+    tensors per candidate cost as much in page faults. One intra-op thread per worker: the workers are the parallelism (torch's
     setting is process-wide, and is restored when they finish).
     """
     results = [0] * len(candidates)
