@@ -3,12 +3,15 @@ fixtures), the host they ran on, one summary line per benchmark printed at the e
 (without ``-s``), and scratch folders removed when their module is done.
 
 A speed figure means nothing without the kind of CPU it was measured on: every benchmark puts
-:func:`describe_host` in its ``extra_info`` and its summary line names the host's kind.
+:func:`describe_host` in its ``extra_info`` and its summary line names the host's kind. Benchmarks
+that take a ``kind`` argument run once per kind this host can compute as: its own, natively, and
+each kind below it, emulated (:data:`fol_plugin.host.EMULATION_ENV`), in a process of its own
+(:func:`run_as_kind`); their lines say which.
 """
 from __future__ import annotations
 
+import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -19,26 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fol_plugin.host import EMULATION_ENV, detect_host, emulable_kinds
+
 from tests.conftest import parity_fixture, parity_torch_home  # noqa: F401
 
-# CPU flags that change what bf16, fp16 and int8 products cost (from /proc/cpuinfo).
-CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512_fp16")
 # A bf16 product big enough for oneDNN, run with its verbose log to read the ISA it picks.
 ONEDNN_PROBE = "import torch; a = torch.ones(256, 256, dtype=torch.bfloat16); a @ a"
 ONEDNN_ISA = re.compile(r"(?:brg_matmul|brgemm|gemm|jit)[:_]([a-z0-9_]+)")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _SUMMARY_LINES: list[str] = []
-
-
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), []
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-    present = set(flags.group(1).split()) if flags else set()
-    return (model.group(1).strip() if model else platform.machine()), [f for f in CPU_FLAGS if f in present]
 
 
 def _onednn_isa() -> str:
@@ -54,13 +47,46 @@ def _onednn_isa() -> str:
 def describe_host() -> dict:
     """The CPU's model, the flags that matter for reduced-precision products, oneDNN's ISA,
     torch's threads and version; ``kind`` sums them up for a summary line."""
-    model, flags = _cpu_model_and_flags()
+    host = detect_host()
     isa = _onednn_isa()
-    kind = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "no bf16 units"
     return {
-        "cpu": model, "flags": flags, "onednn_isa": isa, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-        "torch": torch.__version__, "kind": f"{kind} ({isa}, {torch.get_num_threads()} threads)",
+        "cpu": host.model, "flags": list(host.flags), "onednn_isa": isa, "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(), "torch": torch.__version__,
+        "kind": f"{host.describe()} ({isa}, {torch.get_num_threads()} threads)",
     }  # fmt: skip
+
+
+def kinds_here() -> list[str]:
+    """This host's own kind, then those it can emulate."""
+    host = detect_host()
+    return [host.kind, *emulable_kinds(host)]
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """A benchmark with a ``kind`` argument runs once per kind of :func:`kinds_here`."""
+    if "kind" in metafunc.fixturenames:
+        metafunc.parametrize("kind", kinds_here())
+
+
+def run_as_kind(kind: str, module: str, *args: str) -> dict:
+    """``python -m <module> <args>`` in a process that computes as ``kind`` (natively when it is
+    this host's own, else under :data:`EMULATION_ENV`) -> the JSON record it prints last, with
+    ``host`` (:func:`describe_host` there, ``emulated`` true or false) added."""
+    emulated = kind != detect_host().kind
+    environ = {**os.environ, **(EMULATION_ENV[kind] if emulated else {})}
+    finished = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=environ, capture_output=True, text=True
+    )
+    if finished.returncode:
+        raise RuntimeError(f"{module} {' '.join(args)} as {kind} failed:\n{finished.stderr[-4000:]}")
+    record = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert record["host"]["emulated"] == emulated, record["host"]  # the process computed as asked
+    return record
+
+
+def describe_process() -> dict:
+    """:func:`describe_host` of this process, for a record :func:`run_as_kind` reads."""
+    return {**describe_host(), "emulated": detect_host().emulated}
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +95,17 @@ def host() -> dict:
 
 
 @pytest.fixture
-def report(benchmark, host, request) -> Callable[[str], None]:
+def report(benchmark, host, request) -> Callable[..., None]:
     """``report(line)``: the benchmark's result in one line, printed at the end of the run with
-    the host's kind; the host goes to ``extra_info`` too."""
+    the host's kind; the host goes to ``extra_info`` too. ``report(line, measured_on)`` names the
+    host a :func:`run_as_kind` record was measured on instead."""
     benchmark.extra_info["host"] = host
 
-    def add(line: str) -> None:
+    def add(line: str, measured_on: dict | None = None) -> None:
+        measured_on = measured_on or host
+        benchmark.extra_info["host"] = measured_on
         benchmark.extra_info["summary"] = line
-        _SUMMARY_LINES.append(f"{request.node.name}: {line} [{host['kind']}]")
+        _SUMMARY_LINES.append(f"{request.node.name}: {line} [{measured_on['kind']}]")
 
     return add
 

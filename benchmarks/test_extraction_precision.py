@@ -8,11 +8,17 @@ decoding excluded), fp32 and the reduced precision timed in alternated pairs aft
 taken in turn as a query against the other 21: max |diff| of global descriptors, top-1 and
 top-10 agreement of the global predictions, and FoL re-ranking scores of each query's 10
 fp32 candidates computed from reduced-precision local features against fp32 ones.
+
+``test_bf16_speed_per_kind`` times bf16 against fp32 once per kind of CPU this host can compute
+as (its own natively, the kinds below it emulated: ``conftest.run_as_kind``), with the precision
+``--extraction_precision auto`` picks there and the warning a user who asks for bf16 sees.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -21,16 +27,19 @@ import torch
 
 from fol_plugin.data import load_image, preprocess
 from fol_plugin.features import ExtractionConfig
-from fol_plugin.features.extract import extraction_autocast
+from fol_plugin.features.extract import extraction_autocast, extraction_precision
+from fol_plugin.host import emulated_precision_warning
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import mutual_match_scores
 from tests.conftest import DATA
 
+from .conftest import describe_process, run_as_kind
 from .test_rerank_speed import FIXTURES
 
 IMAGE_SIZE = (322, 322)
 BATCH = 4
 PAIRS = 5
+KIND_PAIRS = 3  # per kind: an emulated bf16 batch takes 10-20 s
 CANDIDATES = 10
 
 
@@ -128,3 +137,45 @@ def test_reduced_precision_extraction(benchmark, model, images, precision, repor
         f"{info[f'{precision}_images_per_s']} vs {info['fp32_images_per_s']}), global min cosine "
         f"{info['global_min_cosine']:.6f}, re-rank scores equal {info['rerank_scores_equal']}"
     )
+
+
+def bf16_speed() -> dict:
+    """bf16 against fp32 on one batch, in this process (its kind is the environment's)."""
+    paths = sorted((DATA / "toy_dataset").glob("*/*.jpg"))[:BATCH]
+    batch = torch.cat([preprocess(load_image(path), IMAGE_SIZE, "original") for path in paths])
+    torch.manual_seed(0)
+    model = FoLModel("vitb").eval()  # random weights: the speed is the weights' shapes'
+    seconds(model, batch, "fp32"), seconds(model, batch, "bf16")  # warm-up
+    pairs = []
+    for pair in range(KIND_PAIRS):
+        order = ["fp32", "bf16"] if pair % 2 == 0 else ["bf16", "fp32"]
+        pairs.append(dict(zip(order, (seconds(model, batch, side) for side in order))))
+    ratios = [timed["fp32"] / timed["bf16"] for timed in pairs]
+    return {
+        "speedup_vs_fp32_median": round(statistics.median(ratios), 2),
+        "speedup_vs_fp32_range": [round(min(ratios), 2), round(max(ratios), 2)],
+        "images_per_s": {side: round(BATCH / statistics.median(t[side] for t in pairs), 2) for side in ("fp32", "bf16")},
+        "auto": extraction_precision(ExtractionConfig(precision="auto")),
+        "warning": emulated_precision_warning("bf16"),
+        "host": describe_process(),
+    }
+
+
+def test_bf16_speed_per_kind(benchmark, kind, report):
+    if not list((DATA / "toy_dataset").glob("*/*.jpg")):
+        pytest.skip("needs ../shared/data/toy_dataset")
+    record = benchmark.pedantic(run_as_kind, args=(kind, __name__), rounds=1)
+    benchmark.extra_info.update({key: value for key, value in record.items() if key != "host"})
+    rates = record["images_per_s"]
+    report(
+        f"bf16 extraction {record['speedup_vs_fp32_median']}x fp32's images/s (pairs "
+        f"{'-'.join(map(str, record['speedup_vs_fp32_range']))}; {rates['bf16']} vs {rates['fp32']}); auto picks "
+        f"{record['auto']}; asking for bf16 {'warns' if record['warning'] else 'does not warn'}",
+        record["host"],
+    )
+    slow = record["speedup_vs_fp32_median"] < 1
+    assert bool(record["warning"]) == slow and record["auto"] == ("fp32" if slow else "bf16")
+
+
+if __name__ == "__main__":
+    print(json.dumps(bf16_speed()))

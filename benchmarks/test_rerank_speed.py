@@ -1,25 +1,29 @@
 """Re-ranking speed: FoL's exact engine against the original algorithm and against its own bare
-bf16 products.
+screen products, on every kind of CPU this host can compute as.
 
 Run with ``python -m pytest benchmarks/test_rerank_speed.py`` (not part of the default test run;
-about three minutes on 2 CPU cores). One query against 100 candidates of ~3,400 cells, two
-workloads: noisy subsets of the shared reference images' real FoL local features, with noise of
-30% and of 5% of the features' spread (synthetic stand-ins when ../shared is absent).
+about four minutes per kind on 2 CPU cores). One query against 100 candidates of ~3,400 cells,
+two workloads: noisy subsets of the shared reference images' real FoL local features, with noise
+of 30% and of 5% of the features' spread (synthetic stand-ins when ../shared is absent).
 
-Three sides are timed: the original algorithm, following its code path (padding to 3600 cells,
-one batched product, arg-max both ways, the loop over candidates: ``tests/original_protocol.py``);
-``mutual_match_scores``; and ``engine.bf16_products``, the engine's bf16 products alone on the
-same candidates, workers and buffers (the floor of this design). All are warmed up, then timed in
-5 rounds, the order rotating from round to round. ``extra_info`` carries the medians of the
-per-round ratios ``original / engine`` and ``engine / bare products`` with their ranges, the
-seconds per query of each side, the number of scores identical to the original's (all of them)
-and the host (``conftest.describe_host``); the summary line says the same with the host's kind.
+Each kind (``conftest.kinds_here``: this host's own, natively, and each kind below it, emulated)
+runs in a process of its own (``python -m benchmarks.test_rerank_speed WORKLOAD``), where three
+sides are timed: the original algorithm, following its code path (padding to 3600 cells, one
+batched product, arg-max both ways, the loop over candidates: ``tests/original_protocol.py``);
+``mutual_match_scores`` with the kind's own screen product (:func:`fol_plugin.host.screen_product`);
+and ``engine.screen_products``, that screen's products alone on the same candidates, panels,
+workers and buffers (the floor of this design). All are warmed up, then timed in 5 rounds, the
+order rotating from round to round. ``extra_info`` carries the medians of the per-round ratios
+``original / engine`` and ``engine / bare products`` with their ranges, the seconds per query of
+each side, the number of scores identical to the original's (all of them), the screen product
+and the host; the summary line says the same with the kind, native or emulated.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +36,11 @@ import torch.nn.functional as F
 from fol_plugin.data import normalize
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import mutual_match_scores
-from fol_plugin.rerank.engine import bf16_products
+from fol_plugin.host import screen_product
+from fol_plugin.rerank.engine import SCREEN_DTYPES, screen_products
 from tests.original_protocol import original_scores
+
+from .conftest import describe_process, run_as_kind
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -65,7 +72,6 @@ def synthetic_local_features(generator: torch.Generator) -> list[torch.Tensor]:
     return [F.normalize(torch.randn(3400, 48, generator=generator) @ basis, dim=-1) for _ in range(3)]
 
 
-@pytest.fixture(scope="module")
 def features() -> tuple[str, list[torch.Tensor]]:
     """(where the features come from, the features)."""
     real = fixture_local_features()
@@ -74,21 +80,17 @@ def features() -> tuple[str, list[torch.Tensor]]:
     return "synthetic stand-ins", synthetic_local_features(torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", params=list(NOISE))
-def workload(request, features):
+def workload(noise: str) -> dict:
     """One query and 100 candidates of ~3,400 cells: noisy subsets of the features."""
-    source, cells = features
+    source, cells = features()
     generator = torch.Generator().manual_seed(0)
     candidates = []
     for k in range(NUM_CANDIDATES):
         base = cells[k % len(cells)]
         picks = torch.randperm(len(base), generator=generator)[: min(len(base), 3300 + k % 150)]
-        noise = NOISE[request.param] * base.std() * torch.randn(len(picks), base.shape[1], generator=generator)
-        candidates.append(F.normalize(base[picks] + noise, dim=-1))
-    query = cells[0]
-    original_scores(query, candidates)  # warm-up: the first run also pays its 5 GB tensor's page faults
-    name = f"{source} + {NOISE[request.param]:.0%} noise"
-    return {"name": name, "query": query, "candidates": candidates, "original": original_scores(query, candidates)}
+        spread = NOISE[noise] * base.std() * torch.randn(len(picks), base.shape[1], generator=generator)
+        candidates.append(F.normalize(base[picks] + spread, dim=-1))
+    return {"name": f"{source} + {NOISE[noise]:.0%} noise", "query": cells[0], "candidates": candidates}
 
 
 def alternated_seconds(sides: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -109,41 +111,54 @@ def ratio_summary(numerator: list[float], denominator: list[float]) -> tuple[flo
     return round(statistics.median(ratios), 2), round(min(ratios), 2), round(max(ratios), 2)
 
 
-def test_original_algorithm(benchmark, workload, report):
-    scores = benchmark.pedantic(original_scores, args=(workload["query"], workload["candidates"]), rounds=1)
-    report(f"{workload['name']}: {benchmark.stats.stats.median:.2f} s per query of {len(workload['candidates'])} candidates")
-    assert torch.equal(scores, workload["original"])
-
-
-def test_fol_engine(benchmark, workload, report):
-    query, candidates, original = workload["query"], workload["candidates"], workload["original"]
-    scores = benchmark.pedantic(mutual_match_scores, args=(query, candidates), rounds=3, warmup_rounds=1)
-    query_bf16, candidates_bf16 = query.bfloat16(), [candidate.bfloat16() for candidate in candidates]
-    bf16_products(query_bf16, candidates_bf16)  # warm-up
+def measure(noise: str) -> dict:
+    """The three sides on one workload, in this process (its kind is the environment's)."""
+    work = workload(noise)
+    query, candidates = work["query"], work["candidates"]
+    product = screen_product()
+    dtype = SCREEN_DTYPES[product]
+    query_screen, candidates_screen = query.to(dtype), [candidate.to(dtype) for candidate in candidates]
+    original = original_scores(query, candidates)  # warm-up: the first run also pays its 5 GB tensor's page faults
+    scores = mutual_match_scores(query, candidates)  # warm-up, and the scores compared
+    screen_products(query_screen, candidates_screen)  # warm-up
     seconds = alternated_seconds(
         {
             "original": lambda: original_scores(query, candidates),
             "engine": lambda: mutual_match_scores(query, candidates),
-            "bare_products": lambda: bf16_products(query_bf16, candidates_bf16),
+            "bare_products": lambda: screen_products(query_screen, candidates_screen),
         },
         ROUNDS,
     )
     vs_original = ratio_summary(seconds["original"], seconds["engine"])
     vs_products = ratio_summary(seconds["engine"], seconds["bare_products"])
-    identical = int((scores == original).sum())
-    benchmark.extra_info.update(
-        workload=workload["name"],
-        seconds_per_query={name: round(statistics.median(values), 3) for name, values in seconds.items()},
-        speedup_vs_original_median=vs_original[0],
-        speedup_vs_original_range=list(vs_original[1:]),
-        engine_over_bare_products_median=vs_products[0],
-        engine_over_bare_products_range=list(vs_products[1:]),
-        identical_scores=identical,
-    )
+    return {
+        "workload": work["name"],
+        "candidates": len(candidates),
+        "screen_product": product,
+        "seconds_per_query": {name: round(statistics.median(values), 3) for name, values in seconds.items()},
+        "speedup_vs_original_median": vs_original[0],
+        "speedup_vs_original_range": list(vs_original[1:]),
+        "engine_over_bare_products_median": vs_products[0],
+        "engine_over_bare_products_range": list(vs_products[1:]),
+        "identical_scores": int((scores == original).sum()),
+        "host": describe_process(),
+    }
+
+
+@pytest.mark.parametrize("noise", list(NOISE))
+def test_fol_engine(benchmark, kind, noise, report):
+    record = benchmark.pedantic(run_as_kind, args=(kind, __name__, noise), rounds=1)
+    benchmark.extra_info.update({key: value for key, value in record.items() if key != "host"})
     report(
-        f"{workload['name']}: {vs_original[0]}x the original ({vs_original[1]}-{vs_original[2]}), "
-        f"{vs_products[0]}x its bare bf16 products ({vs_products[1]}-{vs_products[2]}); "
-        f"{statistics.median(seconds['engine']):.3f} s per query of {len(candidates)} candidates; "
-        f"{identical}/{len(candidates)} scores identical"
+        f"{record['workload']}: {record['speedup_vs_original_median']}x the original "
+        f"({'-'.join(map(str, record['speedup_vs_original_range']))}), {record['engine_over_bare_products_median']}x its "
+        f"bare {record['screen_product']} products ({'-'.join(map(str, record['engine_over_bare_products_range']))}); "
+        f"{record['seconds_per_query']['engine']:.3f} s per query of {record['candidates']} candidates (original "
+        f"{record['seconds_per_query']['original']:.2f} s); {record['identical_scores']}/{record['candidates']} scores identical",
+        record["host"],
     )
-    assert torch.equal(scores, original)
+    assert record["identical_scores"] == record["candidates"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1])))

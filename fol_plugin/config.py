@@ -100,8 +100,8 @@ class ExtractionConfig:
     device: str = option("cpu", cli_default=None, **DEVICE)  # the command line resolves None
     precision: str = option(
         "fp32", flag="extraction_precision", choices=EXTRACTION_PRECISIONS, group=MODEL_GROUP,
-        help="'fp32' gives the published checkpoints' numbers; 'bf16'/'fp16' run the ViT under autocast (faster, see "
-        "docs/PRECISION.md)",
+        help="'fp32' gives the published checkpoints' numbers; 'bf16'/'fp16' run the ViT under autocast (faster where "
+        "the device computes them natively, see docs/PRECISION.md); 'auto': bf16 where native, else fp32",
     )  # fmt: skip
     progress: bool = internal(True)
     max_image_pixels: int | None = option(DEFAULT_MAX_IMAGE_PIXELS, **MAX_IMAGE_PIXELS)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fol_plugin import load_model, mutual_match_scores
+from fol_plugin.host import SCREEN_PRODUCTS
 from fol_plugin.rerank import mutual_matches
 
 from .conftest import REPO_ROOT, imagenet_input
@@ -34,9 +35,10 @@ def test_local_counts_and_descriptors_match_original(hub_features, parity_fixtur
     np.testing.assert_allclose(ours, expected["local_descriptors_first"], atol=1e-3, rtol=0)
 
 
-def test_rerank_scores_match_original(hub_features, parity_fixture):
+@pytest.mark.parametrize("product", SCREEN_PRODUCTS)
+def test_rerank_scores_match_original(hub_features, parity_fixture, product):
     local = hub_features.local_descriptors
-    scores = torch.stack([mutual_match_scores(query, local) for query in local])
+    scores = torch.stack([mutual_match_scores(query, local, product=product) for query in local])
     np.testing.assert_array_equal(scores.numpy(), parity_fixture["expected"]["rerank_scores"])
 
 

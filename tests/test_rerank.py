@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from fol_plugin import mutual_match_scores
 from fol_plugin.rerank import batched_match_scores, mutual_matches, reference_match_scores
 from fol_plugin.rerank import kernels
+from fol_plugin.host import PRODUCT_ENV, SCREEN_PRODUCTS
 from fol_plugin.rerank.engine import bf16_error_bound
+
+
+@pytest.fixture(autouse=True, params=SCREEN_PRODUCTS)
+def screen(request, monkeypatch) -> str:
+    """Every test here runs on each screen product the engine can use (bf16 and float32)."""
+    monkeypatch.setenv(PRODUCT_ENV, request.param)
+    return request.param
 
 
 def reference_score(query: np.ndarray, candidate: np.ndarray, threshold: float = 0.7) -> int:
@@ -201,7 +209,7 @@ def test_key_below_is_the_table_search():
 
     from fol_plugin.rerank.engine import KEY_VALUES
 
-    key_below = njit(lambda x: kernels._key_below(KEY_VALUES, x))
+    key_below = njit(lambda x: kernels._bf16_key_below(KEY_VALUES, x))
     finite = KEY_VALUES[np.isfinite(KEY_VALUES)]
     values = np.concatenate([
         np.random.default_rng(0).uniform(-2, 3, 20000), finite, np.nextafter(finite, np.inf), np.nextafter(finite, -np.inf),
@@ -209,6 +217,31 @@ def test_key_below_is_the_table_search():
     ])  # fmt: skip
     found = np.array([key_below(x) for x in values])
     assert (found == np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).all()
+
+
+def test_float32_key_below_is_the_bits_of_the_float32_just_below():
+    """For a float32 screen: the key found for x is a float32 below x whose successor is not."""
+    from numba import njit
+
+    key_below = njit(lambda x: kernels._float32_key_below(x))
+    rng = np.random.default_rng(0)
+    samples = rng.uniform(0, 2, 20000)
+    floats = rng.uniform(0, 2, 2000).astype(np.float32).astype(np.float64)  # exactly representable
+    values = np.concatenate([samples, floats, np.nextafter(floats, np.inf), [1e-46, 2.0**-149, 1.0, 3.5e38, np.inf]])
+    keys = np.array([key_below(x) for x in values], dtype=np.int32)
+    below, successor = keys.view(np.float32).astype(np.float64), (keys + 1).view(np.float32).astype(np.float64)
+    assert (below < values).all() and (successor >= values).all()
+    assert [key_below(x) for x in (0.0, -0.5, -np.inf)] == [-1, -1, -1]  # every negative key is -inf
+
+
+def test_an_unknown_screen_product_is_refused(monkeypatch):
+    from fol_plugin.host import HostSettingError
+
+    with pytest.raises(HostSettingError, match="screen product 'int4'; choose one of bf16, fp32"):
+        mutual_match_scores(torch.eye(2), [torch.eye(2)], product="int4")
+    monkeypatch.setenv(PRODUCT_ENV, "fp64")
+    with pytest.raises(HostSettingError, match="FOL_RERANK_PRODUCT='fp64'"):
+        mutual_match_scores(torch.eye(2), [torch.eye(2)])
 
 
 def test_the_mutual_check_collects_exactly_the_columns_a_block_reaches():

@@ -14,6 +14,7 @@ from ..data.datasets import ImageSet, find_positives, load_image_set
 from ..data.images import image_dimensions, network_size
 from ..config import EvalConfig
 from ..features import check_image_size
+from ..features.extract import warn_if_emulated
 from ..options import GLOBAL_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
         raise ValueError("evaluation needs FoL weights: --weights auto (the published checkpoint) or a .pth file")
     if config.global_dtype not in GLOBAL_DTYPES:
         raise ValueError(f"--global_dtype {config.global_dtype!r}; choose one of {GLOBAL_DTYPES}")
-    if config.extraction.precision == "fp16" and config.extraction.device.startswith("cpu"):
-        logger.warning("--extraction_precision fp16 is about 4x slower than fp32 on the CPU (no fp16 units); use bf16 there")
+    warn_if_emulated(config.extraction)
     database, query_sets = load_sets(config)
     if len(config.extraction.image_size) == 1:
         _log_size_rule(config.extraction.image_size, database.paths[0])

@@ -10,6 +10,7 @@ projected.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ import torch
 
 from ..checkpoint import load_model, weights_file
 from ..data.images import describe_image_size
-from ..features.extract import extraction_autocast, image_batches
+from ..features.extract import extraction_autocast, extraction_precision, image_batches
+from ..host import detect_host, screen_product
 from ..models import GLOBAL_DIM, FoLModel
 from ..rerank.engine import mutual_match_scores
 from ..retrieval import exact_search
@@ -43,6 +45,7 @@ class Costs:
     pair: float  # one FoL score (query x candidate)
     distance: float  # one query-database distance in the global search
     model_bytes: int  # the model's weights in memory
+    screen: str = "fp32"  # the product FoL's re-ranking screens with (fol_plugin.host.screen_product)
 
 
 def calibrate(config: EvalConfig, model: FoLModel, paths: list[str]) -> Costs:
@@ -76,7 +79,22 @@ def calibrate(config: EvalConfig, model: FoLModel, paths: list[str]) -> Costs:
     exact_search(database, queries, 10, progress=False)
     distance = (time.perf_counter() - began) / (SEARCH_CALIBRATION_ROWS * SEARCH_CALIBRATION_QUERIES)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Costs(image=image, pair=pair, distance=distance, model_bytes=model_bytes)
+    screen = screen_product() if torch.device(device).type == "cpu" else "fp32"
+    return Costs(image=image, pair=pair, distance=distance, model_bytes=model_bytes, screen=screen)
+
+
+def feedable_processes(device: str, processes: int) -> int:
+    """How many of ``processes`` the device can run at once: each its own GPU, but on the CPU
+    the calibration already used every core (torch's threads), so processes beyond
+    cores / threads share the same cores and gain nothing (2 processes on 2 cores measured 0.86x
+    the speed of one)."""
+    if torch.device(device).type != "cpu":
+        return processes
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(processes, cores // max(torch.get_num_threads(), 1)))
 
 
 def _synchronize(device: str) -> None:
@@ -111,10 +129,11 @@ def project(
         "candidates' local features (at most)": 0.0 if single_pass else candidates * costs.image,
         "re-ranking": reranked * top_k * costs.pair if config.rerank_topk else 0.0,
     }
-    seconds = {stage: value / processes for stage, value in seconds.items()}
+    seconds = {stage: value / feedable_processes(config.extraction.device, processes) for stage, value in seconds.items()}
     resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)
     return {
         "processes": processes,
+        "feedable_processes": feedable_processes(config.extraction.device, processes),
         "top_k": top_k,
         "seconds": seconds,
         "total_seconds": sum(seconds.values()),
@@ -142,11 +161,17 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
     lines = [
         f"Plan for {num_database} database images, {num_queries} queries, {projection['processes']} process(es) on "
         f"{extraction.device} ({config.backbone}, {describe_image_size(extraction.image_size)}, "
-        f"{extraction.precision} extraction, re-ranking top {projection['top_k']})",
-        f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score, "
-        f"{costs.distance * 1e9:.2f} ns per global distance",
-        "projected (measured costs x sizes / processes):",
+        f"{extraction_precision(extraction)} extraction, re-ranking top {projection['top_k']})",
+        f"measured here: {1 / costs.image:.2f} images/s, {costs.pair * 1e3:.1f} ms per FoL score ({costs.screen} "
+        f"screen products, {_device_kind(extraction.device)}), {costs.distance * 1e9:.2f} ns per global distance",
     ]
+    if projection["feedable_processes"] < projection["processes"]:
+        lines.append(
+            f"the calibration used all {torch.get_num_threads()} CPU threads: {projection['processes']} processes would "
+            f"share the same cores, so {projection['feedable_processes']} is projected (2 processes on 2 cores measured "
+            "0.86x the speed of one)"
+        )
+    lines.append("projected (measured costs x sizes / processes the device can feed):")
     rows = [(stage, duration(value)) for stage, value in projection["seconds"].items()]
     rows += [
         ("total", duration(projection["total_seconds"])),
@@ -156,6 +181,10 @@ def format_plan(config: EvalConfig, costs: Costs, projection: dict, num_database
     width = max(len(name) for name, _ in rows)
     lines += [f"  {name:<{width}}  {value:>10}" for name, value in rows]
     return "\n".join(lines)
+
+
+def _device_kind(device: str) -> str:
+    return f"CPU: {detect_host().describe()}" if torch.device(device).type == "cpu" else str(device)
 
 
 def duration(seconds: float) -> str:

@@ -20,6 +20,7 @@ from ..cache.run_cache import CACHE_FOLDER
 from ..checkpoint import weights_file
 from ..data.datasets import ImageSet
 from ..distributed import Processes
+from ..features.extract import extraction_precision
 from .config import EvalConfig, QuerySet
 from ..files import GB, MB
 from .resources import check_disk, project_resources
@@ -38,7 +39,7 @@ def cache_inputs(config: EvalConfig, database: ImageSet, query_sets: list[QueryS
         "weights": checkpoint_digest(weights),
         "image_size": list(config.extraction.image_size),
         "resize_mode": config.extraction.resize_mode,
-        "extraction_precision": config.extraction.precision,
+        "extraction_precision": extraction_precision(config.extraction),
         "database": listing(database),
         "queries": {query_set.key: listing(query_set.images) for query_set in query_sets},
     }

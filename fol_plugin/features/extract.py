@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..data import load_image, preprocess
 from ..data.images import network_size
 from ..data.loader import worker_loader
+from ..host import auto_extraction_precision, emulated_precision_warning
 from ..models import FoLModel, check_images
 from ..config import ExtractionConfig
 from .arrays import ResumableArray
@@ -77,11 +78,33 @@ def image_batches(
         yield from runs
 
 
+def extraction_precision(config: ExtractionConfig) -> str:
+    """The precision an extraction runs in: ``config.precision``, with ``auto`` resolved for its
+    device: on the CPU bf16 where bf16 is native and fp32 elsewhere
+    (:func:`fol_plugin.host.auto_extraction_precision`), on CUDA bf16 where supported, else fp16."""
+    if config.precision != "auto":
+        return config.precision
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return auto_extraction_precision() if device.type == "cpu" else "fp32"
+
+
+def warn_if_emulated(config: ExtractionConfig) -> None:
+    """One warning when a CPU extraction asks for a precision this CPU emulates, naming the
+    measured slow-down (:func:`fol_plugin.host.emulated_precision_warning`)."""
+    if torch.device(config.device).type == "cpu":
+        warning = emulated_precision_warning(extraction_precision(config))
+        if warning:
+            logger.warning(warning)
+
+
 @contextmanager
 def extraction_autocast(config: ExtractionConfig) -> Iterator[None]:
     """Autocast for a reduced extraction precision; nothing for fp32."""
     device_type = torch.device(config.device).type
-    with torch.autocast(device_type, AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32"):
+    precision = extraction_precision(config)
+    with torch.autocast(device_type, AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"):
         yield
 
 
@@ -129,7 +152,7 @@ def extract_global(
 def _normalised(descriptors: torch.Tensor, config: ExtractionConfig) -> torch.Tensor:
     """float32 rows of unit length: a reduced-precision pass is normalised again in float32."""
     descriptors = descriptors.float()
-    return descriptors if config.precision == "fp32" else torch.nn.functional.normalize(descriptors, dim=-1)
+    return descriptors if extraction_precision(config) == "fp32" else torch.nn.functional.normalize(descriptors, dim=-1)
 
 
 @torch.inference_mode()

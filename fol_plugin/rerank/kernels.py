@@ -1,10 +1,12 @@
-"""numba scans over a bf16 similarity matrix, for the fast exact matcher (:mod:`.engine`).
+"""numba scans over a screening similarity matrix, for the fast exact matcher (:mod:`.engine`).
 
-The matrix ``S~ = bf16(Q) bf16(D)^T`` [n, m] arrives as its raw bf16 bit patterns read as int16,
-the keys the scans compare. Among non-negative values the key order is the float order, and every
-negative value has a negative key, below them all (though negative keys are not in float order).
-The scans only decide on positive thresholds, so the keys serve as they are. Thresholds are keys
-too; :data:`NO_THRESHOLD` is above every key, :data:`KEY_MIN` at or below every key.
+The matrix ``S~ = Q~ D~^T`` [n, m] arrives as its raw bit patterns read as integers, the keys the
+scans compare: int16 for a bf16 product, int32 for a float32 one (:func:`.engine.screen_keys`).
+Among non-negative values the key order is the float order, and every negative value has a
+negative key, below them all (though negative keys are not in float order). The scans only
+decide on positive thresholds, so the keys serve as they are. Thresholds are keys too;
+:func:`_no_threshold` is above every key, :func:`_lowest_key` at or below every key. A bf16 key's
+value is read from a table (``key_values``); a float32 key's from its bits (the table is unused).
 
 One full pass (:func:`exact_row_best`) records the maxima of rows, columns and blocks of cells;
 the later scans read only the blocks whose maximum reaches their threshold. Exact similarities
@@ -20,13 +22,15 @@ from collections.abc import Callable
 import numba
 import numpy as np
 from llvmlite import ir
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
 
 from ..cache.fingerprint import user_cache_dir
 
-NO_THRESHOLD = 1 << 16
-KEY_MIN = -(1 << 15)
+KEY_MIN = -(1 << 15)  # bf16 keys (int16)
+NO_THRESHOLD = 1 << 16  # above every bf16 key (an int32 threshold)
+FLOAT32_KEY_MIN = -(1 << 31)  # float32 keys (int32)
+FLOAT32_NO_THRESHOLD = 1 << 32  # above every float32 key (an int64 threshold)
 KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
 ROW_BLOCK_CELLS = 64  # cells of a row per recorded block maximum
 COLUMN_BLOCK_ROWS = 16  # rows of a column per recorded block maximum
@@ -77,6 +81,74 @@ def _prefetch(typingctx, array, row, column):
     return numba.types.void(array, row, column), codegen
 
 
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bits of a float32 read as an int32 (LLVM's bitcast)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits`` (LLVM's bitcast)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _lowest_key(keys: np.ndarray):
+    """A key at or below every key of ``keys``' kind."""
+
+
+def _no_threshold(keys: np.ndarray):
+    """A threshold above every key of ``keys``' kind."""
+
+
+def _key_value(keys: np.ndarray, key_values: np.ndarray, key):
+    """The float value of ``key`` (-inf for every negative key), as float64."""
+
+
+def _key_below(keys: np.ndarray, key_values: np.ndarray, x: float):
+    """The largest key of ``keys``' kind whose value is below ``x``."""
+
+
+def _is_bf16(keys) -> bool:
+    return keys.dtype == types.int16
+
+
+@overload(_lowest_key, inline="always")
+def _lowest_key_kind(keys):
+    if _is_bf16(keys):
+        return lambda keys: np.int16(KEY_MIN)
+    return lambda keys: np.int32(FLOAT32_KEY_MIN)
+
+
+@overload(_no_threshold, inline="always")
+def _no_threshold_kind(keys):
+    if _is_bf16(keys):
+        return lambda keys: np.int32(NO_THRESHOLD)
+    return lambda keys: np.int64(FLOAT32_NO_THRESHOLD)
+
+
+@overload(_key_value, inline="always")
+def _key_value_kind(keys, key_values, key):
+    if _is_bf16(keys):
+        return lambda keys, key_values, key: key_values[key + KEY_OFFSET]
+    return lambda keys, key_values, key: np.float64(_float32_from_bits(np.int32(key))) if key >= 0 else -np.inf
+
+
+@overload(_key_below, inline="always")
+def _key_below_kind(keys, key_values, x):
+    if _is_bf16(keys):
+        return lambda keys, key_values, x: _bf16_key_below(key_values, x)
+    return lambda keys, key_values, x: _float32_key_below(x)
+
+
 @numba.njit(inline="always")
 def _dot(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
     """query[j] . candidate[i], float32 products accumulated in float64."""
@@ -87,16 +159,16 @@ def _dot(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
 
 
 @numba.njit(inline="always")
-def _scan_row(row: np.ndarray, row_block_max: np.ndarray, column_block_max_row: np.ndarray) -> np.int16:
+def _scan_row(row: np.ndarray, row_block_max: np.ndarray, column_block_max_row: np.ndarray) -> int:
     """Maximum key of one row; writes each ROW_BLOCK_CELLS block's maximum to ``row_block_max``
     and raises ``column_block_max_row`` (the running column maxima of the row's block of rows) to
     the row's keys."""
     m = row.shape[0]
     full_blocks = m // ROW_BLOCK_CELLS
-    best = np.int16(KEY_MIN)
+    best = _lowest_key(row)
     for c in range(row_block_max.shape[0]):
         start = c * ROW_BLOCK_CELLS
-        block_best = np.int16(KEY_MIN)
+        block_best = _lowest_key(row)
         if c < full_blocks:  # a fixed trip count vectorises
             for t in range(ROW_BLOCK_CELLS):
                 k = row[start + t]
@@ -113,7 +185,7 @@ def _scan_row(row: np.ndarray, row_block_max: np.ndarray, column_block_max_row: 
 
 
 @numba.njit(inline="always")
-def _first_reaching(row: np.ndarray, row_block_max: np.ndarray, target: np.int16) -> int:
+def _first_reaching(row: np.ndarray, row_block_max: np.ndarray, target: int) -> int:
     """Index of the first key of ``row`` equal to ``target``, its maximum, searching from the
     first ROW_BLOCK_CELLS block whose maximum (``row_block_max``) is the target."""
     index = 0
@@ -125,13 +197,13 @@ def _first_reaching(row: np.ndarray, row_block_max: np.ndarray, target: np.int16
 
 
 @numba.njit(inline="always")
-def _collect_reaching(row: np.ndarray, start: int, stop: int, floor: np.int16, cells: np.ndarray, count: int) -> int:
+def _collect_reaching(row: np.ndarray, start: int, stop: int, floor: int, cells: np.ndarray, count: int) -> int:
     """Appends to ``cells[count:]`` the indices in [start, stop) of keys at or above ``floor``,
     in increasing order -> the new count. A full block is tested SUB_BLOCK_CELLS cells at a time
     by their maximum first; cells are kept by counting them, with no branch to mispredict."""
     if stop - start == ROW_BLOCK_CELLS:
         for sub in range(start, stop, SUB_BLOCK_CELLS):
-            sub_best = np.int16(KEY_MIN)
+            sub_best = _lowest_key(row)
             for t in range(SUB_BLOCK_CELLS):  # a fixed trip count vectorises
                 sub_best = max(sub_best, row[sub + t])
             if sub_best >= floor:
@@ -151,8 +223,8 @@ SMALLEST_NORMAL = 2.0**-126
 
 
 @numba.njit(inline="always")
-def _key_below(key_values: np.ndarray, x: float) -> int:
-    """The largest key whose value is below ``x``: ``searchsorted(key_values, x) - 1 - KEY_OFFSET``,
+def _bf16_key_below(key_values: np.ndarray, x: float) -> int:
+    """The largest bf16 key whose value is below ``x``: ``searchsorted(key_values, x) - 1 - KEY_OFFSET``,
     from ``x``'s own exponent and mantissa and a step or two along the table (no binary search
     through its 512 KB)."""
     if not SMALLEST_NORMAL <= x < np.inf:  # zero, negative, subnormal, infinite or NaN: the plain search
@@ -169,6 +241,17 @@ def _key_below(key_values: np.ndarray, x: float) -> int:
     return key
 
 
+@numba.njit(inline="always")
+def _float32_key_below(x: float) -> int:
+    """The largest float32 key whose value is below ``x``: the bits of the float32 just below it."""
+    if not x > 0:  # every negative key has the value -inf; key 0 is +0.0
+        return -1
+    nearest = np.float32(x)
+    if np.float64(nearest) >= x:
+        nearest = np.nextafter(nearest, np.float32(-np.inf))
+    return _float32_bits(nearest)
+
+
 @_cached_njit(nogil=True, fastmath=GEMM_FASTMATH)
 def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.float32:
     """candidate[i] . query[j] as torch's float32 CPU matmul computes it: one fused multiply-add
@@ -182,53 +265,57 @@ def gemm_value(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> np.f
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
 def exact_row_best(
     keys: np.ndarray,
+    first_row: int,
+    last_row: int,
     key_values: np.ndarray,
     eps: float,
     delta: float,
     threshold: float,
     query: np.ndarray,
     candidate: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One pass: the maxima of rows and of blocks of cells, and, while each row is still in cache, the
-    float32 GEMM's arg-max of every row whose bf16 maximum exceeds ``threshold - eps - delta``
+    best_arg: np.ndarray,
+    best_exact: np.ndarray,
+    best_gemm: np.ndarray,
+    column_block_max: np.ndarray,
+) -> None:
+    """One pass over rows [first_row, last_row) (a panel the caller has just computed, so still in
+    cache): the maxima of rows and of blocks of cells, and, while each row is still in cache, the
+    float32 GEMM's arg-max of every row whose screen maximum exceeds ``threshold - eps - delta``
     (its first column on ties).
 
-    The exact value E of the row's first bf16 arg-max bounds the maximum from below, so only
-    cells at or above ``E - eps - 2 delta`` in bf16 can win; their exact values (float64 sums)
+    The exact value E of the row's first screen arg-max bounds the maximum from below, so only
+    cells at or above ``E - eps - 2 delta`` in the screen can win; their exact values (float64 sums)
     leave as contenders the cells within ``2 delta`` of the best. A lone contender is the arg-max;
     between several, :func:`gemm_value` decides.
 
     Args:
-        keys: [n, m] the bf16 product's keys.
-        key_values: [65536] float value of key k at k + KEY_OFFSET, non-decreasing.
-        eps: bound on |bf16 product - exact similarity|.
+        keys: [n, m] the screen product's keys (int16 for bf16, int32 for float32).
+        key_values: [65536] float value of bf16 key k at k + KEY_OFFSET, non-decreasing (unused
+            for float32 keys).
+        eps: bound on |screen product - exact similarity|.
         delta: bound on |float32 GEMM value - exact similarity|.
         threshold: positive, above ``3 eps``.
 
-    Returns:
-        best_arg [n] (-1 where the row cannot count), best_exact [n] (the arg-max's exact value;
-        -inf there), best_gemm [n] (its float32 GEMM value where contenders were compared, NaN
-        where it was alone), and column_block_max the maxima of blocks of ``COLUMN_BLOCK_ROWS``
-        rows of each column.
+    Writes the panel's rows of (from :func:`row_best_outputs`) best_arg [n] (-1 where the row
+    cannot count), best_exact [n] (the arg-max's exact value; -inf there), best_gemm [n] (its
+    float32 GEMM value where contenders were compared, NaN where it was alone), and raises
+    column_block_max [ceil(n / COLUMN_BLOCK_ROWS), m], the maxima of blocks of
+    ``COLUMN_BLOCK_ROWS`` rows of each column, to the panel's keys.
     """
-    n, m = keys.shape
+    m = keys.shape[1]
     num_blocks = (m + ROW_BLOCK_CELLS - 1) // ROW_BLOCK_CELLS
-    row_block_max = np.empty(num_blocks, np.int16)
-    column_block_max = np.full(((n + COLUMN_BLOCK_ROWS - 1) // COLUMN_BLOCK_ROWS, m), KEY_MIN, np.int16)
-    best_arg = np.full(n, -1, np.int64)
-    best_exact = np.full(n, -np.inf)
-    best_gemm = np.full(n, np.nan)
+    row_block_max = np.empty(num_blocks, keys.dtype)
     cells = np.empty(m, np.int64)
     exact = np.empty(m, np.float64)
-    for j in range(n):
+    for j in range(first_row, last_row):
         row = keys[j]
         best = _scan_row(row, row_block_max, column_block_max[j // COLUMN_BLOCK_ROWS])
-        if key_values[best + KEY_OFFSET] <= threshold - eps - delta:
+        if _key_value(keys, key_values, best) <= threshold - eps - delta:
             continue
         first = _first_reaching(row, row_block_max, best)
         first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
-        window = _key_below(key_values, first_exact - eps - 2 * delta)
+        window = _key_below(keys, key_values, first_exact - eps - 2 * delta)
         count = 0
         for c in range(num_blocks):
             if row_block_max[c] >= window:
@@ -253,7 +340,14 @@ def exact_row_best(
                     best_gemm[j] = value
                     best_arg[j] = cells[t]
                     best_exact[j] = exact[t]
-    return best_arg, best_exact, best_gemm, column_block_max
+
+
+def row_best_outputs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays :func:`exact_row_best` fills for ``keys`` [n, m], before any row is scanned:
+    best_arg [n] -1, best_exact [n] -inf, best_gemm [n] NaN and column_block_max the lowest key."""
+    n, m = keys.shape
+    column_block_max = np.full(((n + COLUMN_BLOCK_ROWS - 1) // COLUMN_BLOCK_ROWS, m), np.iinfo(keys.dtype).min, keys.dtype)
+    return np.full(n, -1, np.int64), np.full(n, -np.inf), np.full(n, np.nan), column_block_max
 
 
 @_cached_njit(nogil=True, fastmath=DOT_FASTMATH)
@@ -343,8 +437,8 @@ def count_unbeaten_anchors(
 
     Each claimed column keeps its strongest claimant in the GEMM, the first row on ties (the
     anchor): the only row the column's arg-max can be among the claimants. The pair is mutual
-    unless another row beats the anchor; only rows at or above ``exact - eps - 2 delta`` in bf16
-    can. They are looked for one block of ``COLUMN_BLOCK_ROWS`` rows at a time across all the
+    unless another row beats the anchor; only rows at or above ``exact - eps - 2 delta`` in the
+    screen can. They are looked for one block of ``COLUMN_BLOCK_ROWS`` rows at a time across all the
     columns (the block's maxima read in order, not a column's down the whole product); exact
     values settle every row farther than ``2 delta`` from the anchor, :func:`gemm_value` the rest.
     """
@@ -366,11 +460,11 @@ def count_unbeaten_anchors(
         value = _pair_gemm(gemms[t], query, j, candidate, i)
         if value > anchor_gemm[i]:
             anchor_row[i], anchor_exact[i], anchor_gemm[i] = j, exacts[t], value
-    col_threshold = np.full(m, NO_THRESHOLD, np.int32)
+    col_threshold = np.full(m, _no_threshold(keys))
     claimed = 0
     for i in range(m):
         if anchor_row[i] >= 0:
-            col_threshold[i] = _key_below(key_values, anchor_exact[i] - eps - 2 * delta)
+            col_threshold[i] = _key_below(keys, key_values, anchor_exact[i] - eps - 2 * delta)
             claimed += 1
     beaten = 0
     reached = np.empty(m, np.int64)
@@ -405,7 +499,7 @@ def count_unbeaten_anchors(
                     value = gemm_value(query, j, candidate, i)
                     if not (value > anchor_gemm[i] or (value == anchor_gemm[i] and j < anchor)):
                         continue
-                col_threshold[i] = NO_THRESHOLD  # beaten: no row can unbeat it
+                col_threshold[i] = _no_threshold(keys)  # beaten: no row can unbeat it
                 beaten += 1
                 break
     return claimed - beaten
