@@ -29,6 +29,7 @@ from .config import (
 )
 from .errors import USER_ERROR_TYPES, user_message
 from .flags import DefaultsFormatter, add_flags, build, flag_values
+from .text import printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -123,7 +124,8 @@ def visualize(args: argparse.Namespace) -> None:
     """``fol-vpr visualize``: write the figure and print the counts."""
     from .checkpoint import load_model, resolve_device
     from .features import check_image_size
-    from .visualization import draw_pair, match_pair
+    from .files import write_figure
+    from .visualization import PAIR_DPI, draw_pair, match_pair
 
     show = build(VisualizeConfig, args)
     check_image_size(show.image_size)
@@ -137,7 +139,7 @@ def visualize(args: argparse.Namespace) -> None:
     )
     figure = draw_pair(images, regions, result, (show.query.name, show.database.name), show.ransac_model)
     show.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(show.output, dpi=100)
+    write_figure(show.output, figure, dpi=PAIR_DPI)
     print(f"{len(result.matches)} matches, {int(result.inliers.sum())} RANSAC inliers: {show.output}")
 
 
@@ -373,12 +375,18 @@ COMMANDS = {
 }  # fmt: skip
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines with the control characters of file names shown, never sent to the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
     try:
         code = COMMANDS[args.command](args)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .flags import ImageSizeAction, fraction, internal, non_negative_int, option, positive_float, positive_int
+from .flags import (
+    ImageSizeAction, fraction, int_at_least, internal, non_negative_int, option, positive_float, positive_int,
+)  # fmt: skip
 from .options import (
     BACKBONES,
     DEFAULT_BATCH_SIZE,
@@ -154,7 +156,8 @@ class EvalConfig:
     extraction: ExtractionConfig = internal(factory=ExtractionConfig)
     recall_values: tuple[int, ...] = option(DEFAULT_RECALL_VALUES, help="the N of each recall@N", **RECALL_VALUES)
     positive_dist_threshold: float = option(
-        DEFAULT_POSITIVE_DISTANCE, type=float, group=DATA_GROUP, help="metres within which a database image is correct"
+        DEFAULT_POSITIVE_DISTANCE, type=positive_float, group=DATA_GROUP,
+        help="metres within which a database image is correct",
     )
     labelled: bool = option(
         True, flag="no_labels", invert=True, action="store_true", group=DATA_GROUP,
@@ -258,19 +261,26 @@ class TrainConfig:
     dinov2_weights: str | None = option(None, help="official DINOv2 checkpoint file for the ViT (the paper's start)")
     num_trainable_blocks: int = option(4, type=int, help="last ViT blocks trained; the others stay frozen")
     image_size: tuple[int, int] = option(DEFAULT_IMAGE_SIZE, **IMAGE_SIZE)
-    places_per_batch: int = option(60, type=int, help="P places of a batch")
-    images_per_place: int = option(IMAGES_PER_PLACE, type=int, help="K images of each place")
+    places_per_batch: int = option(
+        60, type=int_at_least(2, "the metric loss needs other places as negatives"), help="P places of a batch"
+    )
+    images_per_place: int = option(
+        IMAGES_PER_PLACE, type=int_at_least(2, "the metric loss needs positives of the same place"),
+        help="K images of each place",
+    )  # fmt: skip
     augment: bool = internal(False)  # kornia RandAugment (the original: none)
     normalize_images: bool = internal(False)  # ImageNet normalisation (the original trains on [0, 1])
     random_images: bool = internal(False)  # K random images per place each epoch (the original: the first K)
     shuffle_each_epoch: bool = internal(False)  # a new place order each epoch, the last partial batch dropped
     resize_mode: str = internal("bilinear_antialias")  # the original's training resize
-    epochs: int = option(8, type=int, help="epochs to train (it may grow with --resume)")
+    epochs: int = option(8, type=positive_int, help="epochs to train (it may grow with --resume)")
     lr: float = option(6e-5, type=float, help="AdamW's learning rate, decayed linearly to 0.1x over 10,000 steps")
     weight_decay: float = option(9.5e-9, type=float, help="AdamW's weight decay")
     lr_end_factor: float = internal(0.1)
     decay_iterations: int = internal(10_000)
-    accumulation_steps: int = option(1, type=int, help="batches per optimiser step (mining stays within a batch)")
+    accumulation_steps: int = option(
+        1, type=positive_int, help="batches per optimiser step (mining stays within a batch)"
+    )
     mixed_precision: bool = internal(True)  # autocast on CUDA (ignored on the CPU)
     seed: int = option(0, type=int, help="sampling, augmentation and initialisation")
     device: str | None = option(None, **DEVICE)

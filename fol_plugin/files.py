@@ -1,9 +1,12 @@
 """The file mechanics every command shares: durable atomic writes, the JSON form of a config, JSON
 records read with messages that name the file, and the size units.
 
-An atomic write goes to a temporary file beside the target (same file system), is flushed and
-fsynced, then renamed over the target and the folder fsynced: a reader sees the old file or the
-new one, never a part, and an interruption or a full disk leaves no temporary file behind.
+An atomic write goes to a temporary file created fresh beside the target (same file system; a
+random name opened with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a planted file or link there is
+never written through), is flushed and fsynced, then renamed over the target and the folder
+fsynced: a reader sees the old file or the new one, never a part, and an interruption or a full
+disk leaves no temporary file behind. A target that is a symbolic link, or anything but a regular
+file, is refused: a folder someone sent you cannot make a run write elsewhere.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import errno
 import io
 import json
 import os
+import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +37,14 @@ class DiskFullError(UserError, RuntimeError):
 
 class DamagedFileError(UserError, ValueError):
     """A record file of a run (JSON) cannot be read."""
+
+
+class UnsafeTargetError(UserError, ValueError):
+    """An output's path is a symbolic link or not a regular file: never written through."""
+
+
+# Flags of a fresh temporary file: created here and now, never an existing file or a link.
+FRESH_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def disk_full_message(where: os.PathLike | str, needed_bytes: float, advice: str) -> str:
@@ -74,9 +87,10 @@ def atomic_write(
             unchanged and no temporary file is left.
     """
     path = Path(path)
-    temporary = path.with_name(f"{path.name}{TEMPORARY_SUFFIX}")
+    check_target(path)
+    descriptor, temporary = _fresh_temporary(path)
     try:
-        with open(temporary, "wb") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -88,6 +102,37 @@ def atomic_write(
             raise DiskFullError(disk_full_message(path, written - free_bytes(path.parent), advice)) from error
         raise
     _fsync_folder(path.parent)
+
+
+def check_target(path: Path) -> None:
+    """Refuse an output path that is a symbolic link or exists as anything but a regular file.
+
+    Raises:
+        UnsafeTargetError: naming the path, what it is and the fix.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise UnsafeTargetError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); fol-plugin never writes an output through a link: "
+            "remove the link, or choose another output folder"
+        )
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UnsafeTargetError(f"{path} is {kind}, where an output file goes: remove or rename it, or choose another output folder")
+
+
+def _fresh_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` under a random name (``.<name>.<random>.tmp``), opened for
+    writing with :data:`FRESH_FILE_FLAGS` -> (its descriptor, its path)."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}")
+        try:
+            return os.open(temporary, FRESH_FILE_FLAGS, 0o666), temporary
+        except FileExistsError:  # a planted file of that name, or a collision: draw another
+            continue
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -129,8 +174,9 @@ def write_csv(
 
 
 def write_json(path: os.PathLike | str, record: Any, advice: str = "rerun the same command") -> None:
-    """``record`` as indented JSON, atomically."""
-    write_text(path, json.dumps(record, indent=2), advice)
+    """``record`` as indented JSON, atomically: strict JSON that every reader takes (a NaN or an
+    infinity is a bug here, never written as the bare ``NaN`` most readers refuse)."""
+    write_text(path, json.dumps(record, indent=2, allow_nan=False), advice)
 
 
 def save_torch(path: os.PathLike | str, obj: Any, advice: str = "rerun the same command") -> None:
@@ -138,6 +184,11 @@ def save_torch(path: os.PathLike | str, obj: Any, advice: str = "rerun the same 
     import torch
 
     atomic_write(path, lambda handle: torch.save(obj, handle), advice)
+
+
+def write_figure(path: os.PathLike | str, figure: Any, dpi: int, advice: str = "rerun the same command") -> None:
+    """A matplotlib ``figure`` to ``path`` in the format its suffix names, atomically."""
+    atomic_write(path, lambda handle: figure.savefig(handle, format=Path(path).suffix[1:], dpi=dpi), advice)
 
 
 def save_npy(path: os.PathLike | str, array: Any, advice: str = "rerun the same command") -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,9 +36,22 @@ def fraction(text: str) -> float:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive finite number")
     return value
+
+
+def int_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """A flag type for whole numbers of at least ``minimum`` (``why`` says what needs it)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}: {why}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in its message for unparsable text
+    return parse
 
 
 class ImageSizeAction(argparse.Action):

@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from .data import load_image, preprocess
+from .files import write_figure
 from .data.datasets import utm_from_name
-from .data.images import network_size
+from .data.images import checked_network_size
 from .matching import LocalFeatures, match, verify
 from .matching.features import in_image_pixels
 from .models import FoLModel
@@ -42,6 +43,7 @@ TITLE_CHARS = 28
 TITLE_FONT_SIZE = 11
 FRAME_WIDTH = 5
 GRID_DPI = 100
+PAIR_DPI = 100  # fol-vpr visualize's figure
 
 
 @dataclass
@@ -75,7 +77,9 @@ def match_pair(
     """
     images = [load_image(path, max_image_pixels) for path in paths]
     device = next(model.parameters()).device
-    sizes = [network_size(image_size, *image.shape[-2:]) for image in images]
+    sizes = [
+        checked_network_size(path, image_size, *image.shape[-2:], max_image_pixels) for path, image in zip(paths, images)
+    ]
     inputs = [preprocess(image, size, resize_mode).to(device) for image, size in zip(images, sizes)]
     if sizes[0] == sizes[1]:  # one batch of two
         batch = model.extract(torch.cat(inputs))
@@ -207,7 +211,7 @@ def save_prediction_grids(
                     spine.set_edgecolor(CORRECT_COLOUR if frame else WRONG_COLOUR)
                     spine.set_linewidth(FRAME_WIDTH)
         figure.suptitle(f"{title}: query {q}", fontsize=TITLE_FONT_SIZE + 2, x=0.0, ha="left")
-        figure.savefig(folder / f"{q:03d}.png", dpi=GRID_DPI)
+        write_figure(folder / f"{q:03d}.png", figure, dpi=GRID_DPI)
 
 
 def panel_labels(

@@ -271,3 +271,30 @@ def test_every_flag_is_a_field_of_a_configuration():
         flags = {max(a.option_strings, key=len) for a in parser._actions if a.option_strings} - {"--help", "--debug"}
         assert flags <= set(declared), (command, flags - set(declared))
         assert all(action.help for action in parser._actions if action.option_strings), command  # every flag says what it does
+
+
+@pytest.mark.parametrize(
+    "command, flag, value, message",
+    [
+        ("eval", "--positive_dist_threshold", "-1", "-1.0 must be a positive finite number"),
+        ("eval", "--positive_dist_threshold", "nan", "nan must be a positive finite number"),
+        ("eval", "--positive_dist_threshold", "inf", "inf must be a positive finite number"),
+        ("train", "--places_per_batch", "0", "0 must be at least 2: the metric loss needs other places as negatives"),
+        ("train", "--places_per_batch", "-2", "-2 must be at least 2"),
+        ("train", "--images_per_place", "1", "1 must be at least 2: the metric loss needs positives of the same place"),
+        ("train", "--accumulation_steps", "0", "0 must be a positive integer"),
+        ("train", "--epochs", "-1", "-1 must be a positive integer"),
+    ],
+)
+def test_numeric_flags_are_checked_where_they_are_declared(command, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        cli.build_parser().parse_args([command, flag, value])
+    assert exit_code.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_a_json_output_never_holds_nan(tmp_path):
+    from fol_plugin.files import write_json
+
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json(tmp_path / "recalls.json", {"R@1": float("nan")})
+    assert not list(tmp_path.iterdir())

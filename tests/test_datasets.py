@@ -60,3 +60,22 @@ def test_image_search_follows_directory_symlinks_without_looping(labelled_set, t
     assert len(found) == 18 and found[-1] == str(folder / "own.jpg")
     assert all(path.startswith(str(folder / "linked")) for path in found[:17])
     assert "symlink loop" in caplog.text
+
+
+def test_links_to_themselves_and_unreadable_folders_are_skipped_with_a_warning(labelled_set, tmp_path, caplog):
+    folder = tmp_path / "db"
+    shutil.copytree(labelled_set / "database", folder)
+    (folder / "selfloop").symlink_to("selfloop")
+    (folder / "selfloop.jpg").symlink_to("selfloop.jpg")
+    locked = folder / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    caplog.set_level("WARNING")
+    try:
+        found = list_images(folder)
+    finally:
+        locked.chmod(0o755)
+    assert found == sorted(str(path) for path in folder.glob("*.jpg") if not path.is_symlink())
+    assert "selfloop (Too many levels of symbolic links): skipping it" in caplog.text
+    if os.geteuid() != 0:  # root reads any folder
+        assert "locked (Permission denied): skipping it" in caplog.text

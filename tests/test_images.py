@@ -129,3 +129,29 @@ def test_image_modes_pillow_reads_are_converted_as_pillow_does(tmp_path, mode):
     expected = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255
     loaded = fol_plugin.load_image(path)
     assert loaded.shape == (3, 30, 40) and np.array_equal(loaded.permute(1, 2, 0).numpy(), expected)
+
+
+def test_a_strip_image_is_refused_before_it_becomes_a_huge_network_input(tmp_path):
+    """A 4000 x 1 PNG with one --image_size value would be a 126 x 504,000 input (4.4 GB)."""
+    from fol_plugin.features import ExtractionConfig
+    from fol_plugin.features.extract import ImageListDataset
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (4000, 1)).save(strip)
+    dataset = ImageListDataset([str(strip)], [0], ExtractionConfig(image_size=(126,)))
+    with pytest.raises(ImageTooLargeError, match=(
+        r"strip.png is 4000x1: --image_size 126 would make it a 504000x126 network input \(63,504,000 pixels\), "
+        r"beyond an aspect ratio of at most 16:1 from one --image_size value: crop or resize the image, or give --image_size H W"
+    )):  # fmt: skip
+        dataset[0]
+    assert ImageListDataset([str(strip)], [0], ExtractionConfig(image_size=(126, 126)))[0][0].shape == (3, 126, 126)
+
+
+def test_the_network_input_is_bounded_by_the_pixel_limit():
+    from fol_plugin.data.images import NETWORK_PIXEL_SHARE, checked_network_size
+
+    assert checked_network_size("a.jpg", (322,), 480, 640, 2**27) == network_size((322,), 480, 640)
+    with pytest.raises(ImageTooLargeError, match=rf"a.jpg is 640x480: --image_size 322 would make it a 434x322 .*--max_image_pixels / {NETWORK_PIXEL_SHARE} = 4,096 pixels"):
+        checked_network_size("a.jpg", (322,), 480, 640, 4096 * NETWORK_PIXEL_SHARE)
+    with pytest.raises(ImageTooLargeError, match="aspect ratio of at most 16:1"):  # no pixel limit: the ratio holds
+        checked_network_size("b.jpg", (126,), 1, 4000, None)

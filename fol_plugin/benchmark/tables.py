@@ -14,6 +14,7 @@ from ..data.images import describe_image_size
 from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
 from ..files import read_json, write_csv, write_json, write_text
+from ..text import latex_text, markdown_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
 
 BENCHMARK_FILE = "benchmark.json"
@@ -27,8 +28,6 @@ RESULTS_STEM = "results"
 RESULTS_FILES = tuple(f"{RESULTS_STEM}.{suffix}" for suffix in ("md", "tex", "csv", "json"))
 STAGES = ("global", "reranked")
 MISSING = "–"
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
 
 
 def _recall_fields(prefix: str, values: dict | tuple | None) -> dict:
@@ -221,24 +220,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "ms/query features / search / re-rank",
         "DB features (s)", "Peak RAM (MB)", "Status",
     ]  # fmt: skip
-    lines = [f"**{_title(meta)}**", "", f"Published: {published}.", "", "| " + " | ".join(header) + " |"]
+    lines = [f"**{markdown_text(_title(meta))}**", "", f"Published: {markdown_text(published)}.", "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * 11 + ["---"]) + "|")
     for row in rows:
         times = " / ".join(_number(row[f"ms_per_query_{s}"]) for s in ("features", "search", "rerank"))
         differences = " / ".join(_number(row[f"diff_{s}_R@1"], signed=True) for s in STAGES)
         aps = " / ".join(ap_text(row[f"{s}_ap"], row[f"{s}_ap_undefined"]) for s in STAGES)
         cells = [
-            row["dataset"], row["query_set"], _number(row["num_database"], 0), _number(row["num_queries"], 0),
+            markdown_text(row["dataset"]), markdown_text(row["query_set"]), _number(row["num_database"], 0),
+            _number(row["num_queries"], 0),
             _triple(row, "global"), _triple(row, "reranked"), _triple(row, "published_global"),
             _triple(row, "published_reranked"), differences, aps, times, _number(row["database_features_s"]),
-            _number(row["peak_memory_mb"], 0), row["status"].replace("|", "/"),
+            _number(row["peak_memory_mb"], 0), markdown_text(row["status"]),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _latex_text(text: str) -> str:
-    return "".join(LATEX_SPECIAL.get(character, character) for character in text)
 
 
 def latex(meta: dict, rows: list[dict]) -> str:
@@ -246,7 +242,7 @@ def latex(meta: dict, rows: list[dict]) -> str:
     FoL's tables where they appear there, the best R@1 of each row in bold (both when they tie),
     "--" where a dataset failed."""
     lines = [
-        f"% {_latex_text(_title(meta))}",
+        f"% {latex_text(_title(meta))}",
         r"\begin{tabular}{l" + "r" * 2 * len(PUBLISHED_RECALL_VALUES) + "}",
         r"\toprule",
         r" & \multicolumn{3}{c}{Global} & \multicolumn{3}{c}{Re-ranked} \\",
@@ -257,7 +253,7 @@ def latex(meta: dict, rows: list[dict]) -> str:
     for row in rows:
         firsts = [row[f"{stage}_R@1"] for stage in STAGES]
         best = max((v for v in firsts if v is not None), default=None)
-        cells = [_latex_text(row["published_as"] or row["query_set"])]
+        cells = [latex_text(row["published_as"] or row["query_set"])]
         for stage in STAGES:
             for n in PUBLISHED_RECALL_VALUES:
                 value = row[f"{stage}_R@{n}"]

@@ -93,7 +93,8 @@ def _check_inside(folder: Path, paths_file: Path, lines: list[str]) -> None:
 def _walk_images(folder: Path) -> list[str]:
     """Image files under ``folder`` as VPR-methods-evaluation's ``glob(recursive=True)`` finds
     them: directory symlinks followed, hidden names (``.*``, e.g. macOS ``._x.jpg``) skipped; a
-    link back to one of its own parent folders (a loop) is skipped with a warning."""
+    link back to one of its own parent folders (a loop), a link to itself and an entry that cannot
+    be read are skipped with a warning, as glob skips them."""
     found: list[str] = []
 
     def walk(directory: str, ancestors: frozenset[str]) -> None:
@@ -101,14 +102,27 @@ def _walk_images(folder: Path) -> list[str]:
         if real in ancestors:
             logger.warning("%s leads back to its parent %s: skipping it (a symlink loop)", directory, real)
             return
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    walk(entry.path, ancestors | {real})
-                elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(entry.path)
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError as error:
+            if not ancestors:  # the folder given itself
+                raise
+            logger.warning("cannot read %s (%s): skipping it", directory, error.strerror or error)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+                is_image = not is_dir and entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            except OSError as error:  # a link to itself (ELOOP), an entry gone or unreadable
+                logger.warning("cannot read %s (%s): skipping it", entry.path, error.strerror or error)
+                continue
+            if is_dir:
+                walk(entry.path, ancestors | {real})
+            elif is_image:
+                found.append(entry.path)
 
     walk(str(folder), frozenset())
     return found

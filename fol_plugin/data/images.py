@@ -30,6 +30,12 @@ _SIGNATURES = {b"\xff\xd8\xff": ".jpg", _PNG_SIGNATURE: ".png"}
 _KORNIA_SUFFIXES = {".jpg": (".jpg", ".jpeg"), ".png": (".png",)}
 _PNG_IHDR = struct.Struct(">8sI4sII")  # signature, chunk length, b"IHDR", width, height
 DECODED_BYTES_PER_PIXEL = 3 * 4  # [3, H, W] float32
+# A network input may hold --max_image_pixels / NETWORK_PIXEL_SHARE pixels (2048 x 2048 at the
+# default limit: 21,000 ViT tokens), and, from one --image_size value, a longer side at most
+# MAX_ASPECT_RATIO times its shorter: a 96-byte PNG of 4000 x 1 pixels would otherwise become a
+# 126 x 504,000 input (4.4 GB and a failed allocation).
+NETWORK_PIXEL_SHARE = 32
+MAX_ASPECT_RATIO = 16
 
 
 class ImageTooLargeError(UserError, ValueError):
@@ -155,6 +161,34 @@ def network_size(image_size: Sequence[int], height: int, width: int) -> tuple[in
     (short,) = image_size
     scaled = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
     return round_to_patch_multiple(scaled[0]), round_to_patch_multiple(scaled[1])
+
+
+def checked_network_size(
+    path: str | os.PathLike, image_size: Sequence[int], height: int, width: int, max_pixels: int | None
+) -> tuple[int, int]:
+    """:func:`network_size` of the image at ``path``, refused when the network input would exceed
+    ``max_pixels / NETWORK_PIXEL_SHARE`` pixels or, from one ``image_size`` value, an aspect ratio
+    of ``MAX_ASPECT_RATIO`` (None: no pixel limit, the ratio still holds).
+
+    Raises:
+        ImageTooLargeError: naming the file, its size, the input it would become and the fix.
+    """
+    new_height, new_width = network_size(image_size, height, width)
+    pixels = new_height * new_width
+    limit = None if max_pixels is None else max(max_pixels // NETWORK_PIXEL_SHARE, 1)
+    too_long = len(image_size) == 1 and max(new_height, new_width) > MAX_ASPECT_RATIO * min(new_height, new_width)
+    if too_long or (limit is not None and pixels > limit):
+        rule = (
+            f"an aspect ratio of at most {MAX_ASPECT_RATIO}:1 from one --image_size value"
+            if too_long
+            else f"at most --max_image_pixels / {NETWORK_PIXEL_SHARE} = {limit:,} pixels"
+        )
+        raise ImageTooLargeError(
+            f"image {path} is {width}x{height}: --image_size {' '.join(map(str, image_size))} would make it a "
+            f"{new_width}x{new_height} network input ({pixels:,} pixels), beyond {rule}: crop or resize the image, or "
+            "give --image_size H W for a fixed input size"
+        )
+    return new_height, new_width
 
 
 def describe_image_size(image_size: Sequence[int]) -> str:

@@ -124,6 +124,10 @@ def warn_shallow_predictions(config: EvalConfig, source: str, available: int, nu
 def prepare(config: EvalConfig) -> tuple[ImageSet, list[QuerySet]]:
     """Check the configuration and list the images, before anything is written."""
     check_image_size(config.extraction.image_size)
+    if not 0 < config.positive_dist_threshold < np.inf:
+        raise ValueError(
+            f"--positive_dist_threshold {config.positive_dist_threshold} must be a positive finite number of metres"
+        )
     if config.rerank_topk < 0:
         raise ValueError(f"--rerank_topk {config.rerank_topk} must be 0 (no re-ranking) or positive")
     if not 0 <= config.rerank_fraction <= 1:

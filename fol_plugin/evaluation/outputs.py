@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.datasets import ImageSet
-from ..files import json_safe, save_npy, write_csv, write_json
+from ..files import json_safe, save_npy, write_csv, write_json, write_text
 from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .inputs import PREDS_HEADERS
@@ -75,7 +75,7 @@ def write_preds_files(
         sections = [PREDS_HEADERS[0], query_paths[q] + "\n", PREDS_HEADERS[1], "\n".join(database_paths[i] for i in row) + "\n"]
         if positives is not None:
             sections += [PREDS_HEADERS[2], "\n".join(database_paths[i] for i in positives[q]) + "\n"]
-        (folder / f"{q:03d}.txt").write_text("\n".join(sections), encoding="utf-8", errors="surrogateescape")
+        write_text(folder / f"{q:03d}.txt", "\n".join(sections))
 
 
 def in_display_order(predictions: np.ndarray, global_predictions: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data import load_image, preprocess
-from ..data.images import network_size
+from ..data.images import checked_network_size, network_size
 from ..data.loader import worker_loader
 from ..host import auto_extraction_precision, emulated_precision_warning
 from ..models import FoLModel, check_images
@@ -38,7 +38,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
         index = int(self.indices[position])
         image = load_image(self.paths[index], self.config.max_image_pixels)
-        size = network_size(self.config.image_size, *image.shape[-2:])
+        size = checked_network_size(self.paths[index], self.config.image_size, *image.shape[-2:], self.config.max_image_pixels)
         return preprocess(image, size, self.config.resize_mode)[0], index
 
 

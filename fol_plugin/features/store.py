@@ -33,6 +33,7 @@ import torch
 
 from ..cache.integrity import COMMITS_SUFFIX, CommitLog, checksum, checksum_of_ranges, fsync_append, read_into
 from ..cache.lock import DirectoryLock
+from ..files import write_text
 from ..options import STORE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class LocalFeatureStore:
         if not meta_path.exists():
             if self.mode == "r":
                 raise FileNotFoundError(f"{self.folder} holds no local-feature store ({META_FILE} is missing)")
-            meta_path.write_text(json.dumps(meta))
+            write_text(meta_path, json.dumps(meta))
             return
         try:
             stored = json.loads(meta_path.read_text())

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..files import atomic_write, write_csv
+from ..files import write_csv, write_figure
 from ..config import TrainConfig
 from .run_folder import LOG, PLOT
 from .sharding import accumulation_divisors
+
+PLOT_DPI = 100
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -29,7 +31,7 @@ def write_log(output_dir: Path, rows: list[dict], advice: str) -> None:
     (``advice``: what to do if the disk fills up)."""
     fields = list(rows[0])
     write_csv(output_dir / LOG, fields, ([row.get(field, "") for field in fields] for row in rows), advice)
-    atomic_write(output_dir / PLOT, lambda handle: plot_losses(rows).savefig(handle, format="png", dpi=100), advice)
+    write_figure(output_dir / PLOT, plot_losses(rows), dpi=PLOT_DPI, advice=advice)
 
 
 def plot_losses(rows: list[dict]) -> matplotlib.figure.Figure:
