@@ -96,13 +96,20 @@ def unsafe_checkpoint_message(path: str | os.PathLike, error: BaseException) -> 
     )
 
 
+DOWNLOADED_FIX = "delete it and download it again"
+
+
 def read_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", option: str = "--weights (weights= from Python)"
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    option: str = "--weights (weights= from Python)",
+    fix: str = DOWNLOADED_FIX,
 ) -> object:
     """Read a checkpoint file with the weights-only unpickler, which cannot run code.
 
     Args:
         option: how the user named the file, for error messages (a CLI flag or an argument).
+        fix: what to do with a truncated or corrupt file (where it came from decides).
 
     Raises:
         CheckpointError: the file is missing, truncated or not a PyTorch checkpoint.
@@ -114,12 +121,11 @@ def read_checkpoint(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        fix = "it may be truncated or corrupt: delete it and download it again"
-        raise _unpickling_error(path, str(path), error, fix) from None
+        raise _unpickling_error(path, str(path), error, f"it may be truncated or corrupt: {fix}") from None
     except Exception as error:  # torch raises RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
-            "it may be truncated or corrupt: delete it and download it again"
+            f"it may be truncated or corrupt: {fix}"
         ) from error
 
 

@@ -124,6 +124,22 @@ def check_target(path: Path) -> None:
         raise UnsafeTargetError(f"{path} is {kind}, where an output file goes: remove or rename it, or choose another output folder")
 
 
+def open_in_place(path: os.PathLike | str, flags: int) -> int:
+    """``os.open(path, flags)`` for a file written where it lies (appended, updated, locked,
+    memory-mapped), never through a link: -> the descriptor.
+
+    Raises:
+        UnsafeTargetError: ``path`` is a symbolic link or not a regular file (:func:`check_target`).
+    """
+    check_target(Path(path))
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a link planted since the check
+            check_target(Path(path))
+        raise
+
+
 def _fresh_temporary(path: Path) -> tuple[int, Path]:
     """A new file beside ``path`` under a random name (``.<name>.<random>.tmp``), opened for
     writing with :data:`FRESH_FILE_FLAGS` -> (its descriptor, its path)."""

@@ -11,8 +11,9 @@ LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", 
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
 # C0 controls but newline and tab, DEL and the C1 controls: what a terminal acts on.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-# Characters Markdown (or the HTML it may contain) gives a meaning; a backslash shows them as text.
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+# Characters that change a Markdown table's structure or make a link or code span; a backslash
+# shows them as text (emphasis marks such as ``_`` are left: names like SF_XL stay as they are).
+MARKDOWN_SPECIAL = re.compile(r"([\\`\[\]|])")
 
 
 def printable(text: str) -> str:
@@ -22,8 +23,8 @@ def printable(text: str) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """``text`` as literal Markdown table-cell text: HTML escaped (no tag runs), Markdown's
-    specials and the cell delimiter ``|`` backslash-escaped, line breaks and controls shown."""
+    """``text`` as literal Markdown table-cell text: HTML escaped (no tag runs), the cell delimiter
+    ``|``, links' brackets and code spans' backticks backslash-escaped, line breaks and controls shown."""
     return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(printable(text).replace("\n", " "), quote=False))
 
 

@@ -298,3 +298,26 @@ def test_a_json_output_never_holds_nan(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
         write_json(tmp_path / "recalls.json", {"R@1": float("nan")})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "planted, refused",
+    [("recalls.json", True), ("queries/predictions.csv", True), (".fol-vpr.lock", True), ("cache/database_global.npy", False)],
+)
+def test_an_output_planted_as_a_link_is_refused_and_its_target_untouched(
+    labelled_set, tiny_weights, tmp_path, tiny_cli, caplog, planted, refused
+):
+    """A run folder someone sent: an output (a result, a cache file, the lock) is a link to a file
+    of yours. A cache without a record of finished work is cleared (the link with it), the rest refused."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("precious")
+    output = tmp_path / "out"
+    (output / planted).parent.mkdir(parents=True, exist_ok=True)
+    (output / planted).symlink_to(victim)
+    args = tiny_eval_args(labelled_set, output, tiny_weights)
+    if refused:
+        message = user_error(caplog, *args)
+        assert f"{planted} is a symbolic link (to {victim}); fol-plugin never writes an output through a link" in message
+    else:
+        assert cli_run(*args) == 0
+    assert victim.read_text() == "precious"

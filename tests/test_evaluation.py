@@ -15,6 +15,7 @@ from fol_plugin.data.datasets import find_positives, list_images, load_image_set
 from fol_plugin.evaluation import InsufficientDiskError, compute_recalls, pipeline, run_eval, run_rerank
 from fol_plugin.evaluation.inputs import read_preds_files
 from fol_plugin.evaluation.outputs import write_preds_files
+from fol_plugin.evaluation.timings import TIMINGS_FILE
 from fol_plugin.matching import ScorerConfig
 from fol_plugin.models import FoLModel
 from fol_plugin.rerank import order_by_scores
@@ -92,9 +93,14 @@ def test_an_interrupted_run_resumes_without_recomputing(labelled_set, tiny_weigh
     config = config_for(labelled_set, tmp_path / "resumed", tiny_weights, rerank_topk=rerank_topk)
     with pytest.raises(KeyboardInterrupt):
         run_eval(config)
+    interrupted = json.loads((tmp_path / "resumed" / "cache" / TIMINGS_FILE).read_text())
     calls.update(forward=0, extract=0, interrupt_after=1000)
     resumed = run_eval(config)
     assert resumed["query_sets"] == reference["query_sets"]
+    # Timings survive the resume: each stage's seconds are the two processes' sum, and say so.
+    assert reference["timings_runs"] == 1 and resumed["timings_runs"] == 2 == interrupted["runs"] + 1
+    for stage, seconds in interrupted["seconds"].items():
+        assert resumed["timings_s"][stage] > seconds
     for name in ("predictions_global.npy", "predictions_reranked.npy", "rerank_scores.npy"):
         assert (np.load(tmp_path / "resumed" / "queries" / name) == np.load(tmp_path / "reference" / "queries" / name)).all()
     # Only the 9 database images not done before go through the model again, and, with two

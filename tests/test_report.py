@@ -185,6 +185,14 @@ def test_large_query_sets_are_capped_changed_queries_first(full_run):
     assert 0 < len(shown_queries(path.read_text())) < len(QUERIES) and path.stat().st_size <= budget_mb * 1e6
 
 
+def test_a_size_budget_too_small_for_any_query_says_so(full_run, caplog):
+    caplog.set_level("WARNING")
+    page = write_report(full_run, ReportOptions(max_size_mb=0.001)).read_text()
+    assert not shown_queries(page)
+    assert "Showing 0 of 8 queries (--max_size_mb 0.001 cannot fit even one query: raise it to see them)" in page
+    assert "report.html is " in caplog.text and "KB, over --max_size_mb 0.001" in caplog.text
+
+
 def test_match_figures_use_the_runs_recorded_model(full_run):
     page = write_report(full_run, ReportOptions(matches=2)).read_text()
     figures = re.findall(r'<img class="m" alt="FoL matches of query (\d+)" src="data:image/jpeg;base64,', page)
@@ -418,3 +426,93 @@ def test_bad_report_inputs_are_named_with_the_fix(full_run, varied_set, tiny_wei
     with pytest.raises(ValueError, match="--predictions_dir gives predictions without them"):
         run_benchmark(config)
     assert not (tmp_path / "none").exists() and not (tmp_path / "bench").exists()
+
+
+def _rewrite_csv(path: Path, change) -> None:
+    """``change(header, rows)`` -> (header, rows), written back to ``path``."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = change(rows[0], rows[1:])
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *body])
+
+
+def _drop_column(name):
+    def change(header, rows):
+        keep = [i for i, column in enumerate(header) if column != name]
+        return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+    return change
+
+
+def _set_value(column, value):
+    def change(header, rows):
+        rows[3][header.index(column)] = value
+        return header, rows
+
+    return change
+
+
+def _json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _without(record: dict, key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _num_queries(record: dict, value) -> dict:
+    record["query_sets"]["queries"]["num_queries"] = value
+    return record
+
+
+DAMAGE = {
+    "csv cut short": ("queries/predictions.csv", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2 + 7]),
+                      "predictions.csv: row "),
+    "csv column removed": ("queries/predictions.csv", lambda p: _rewrite_csv(p, _drop_column("global_distance")),
+                           "predictions.csv: lacks the column(s) global_distance"),
+    "csv random bytes": ("queries/predictions.csv", lambda p: p.write_bytes(np.random.default_rng(0).bytes(3000)),
+                         "predictions.csv: "),
+    "csv empty": ("queries/predictions.csv", lambda p: p.write_text(""), "predictions.csv: lacks the column(s) query_index"),
+    "csv header only": ("queries/predictions.csv", lambda p: _rewrite_csv(p, lambda h, r: (h, [])),
+                        "predictions.csv: holds 0 queries, but recalls.json records 8"),
+    "csv rows repeated": ("queries/predictions.csv", lambda p: _rewrite_csv(p, lambda h, r: (h, r + r[:5])),
+                          "values are not 0 to "),
+    "csv one query lost": ("queries/predictions.csv", lambda p: _rewrite_csv(p, lambda h, r: (h, [x for x in r if x[0] != "7"])),
+                           "predictions.csv: holds 7 queries, but recalls.json records 8"),
+    "csv not a number": ("queries/predictions.csv", lambda p: _rewrite_csv(p, _set_value("database_index", "abc")),
+                         "predictions.csv: row 5: database_index 'abc' is not a whole number"),
+    "json query_sets removed": ("recalls.json", lambda p: _json(p, lambda r: _without(r, "query_sets")),
+                                "recalls.json: has no query_sets record"),
+    "json a list": ("recalls.json", lambda p: p.write_text("[]"), "recalls.json: holds a list, not the run's record"),
+    "json a string for a number": ("recalls.json", lambda p: _json(p, lambda r: _num_queries(r, "8")),
+                                   "recalls.json: query_sets.queries.num_queries is '8', not a count"),
+    "confidence empty arrays": (f"queries/{CONFIDENCE_FILE}",
+                                lambda p: _json(p, lambda r: {**r, "global": {"recall": [], "precision": []}}),
+                                "global needs two equally long, non-empty lists of numbers"),
+    "confidence a list": (f"queries/{CONFIDENCE_FILE}", lambda p: p.write_text("[]"), "holds a list, not the curves' points"),
+    "report.html a folder": (REPORT_FILE, lambda p: p.mkdir(), "report.html is a folder, where an output file goes"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_every_damaged_run_file_is_one_line_and_exit_code_2(full_run, tmp_path, caplog, case):
+    """Issue 29, 5: what the report reads is checked on read; no traceback for any damage."""
+    name, damage, message = DAMAGE[case]
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns(REPORT_FILE))
+    damage(run / name)
+    caplog.clear()
+    assert cli.main(["report", str(run)]) == 2
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and "Traceback" not in caplog.text
+    assert message in errors[0].getMessage()
+    if name != REPORT_FILE:
+        assert "rerun the command that made" in errors[0].getMessage()
+
+
+def test_a_file_given_as_the_run_folder_is_named_as_such(tmp_path):
+    weights = tmp_path / "FoL_base.pth"
+    weights.write_bytes(b"x")
+    with pytest.raises(RunFolderError, match="FoL_base.pth is a file, not a run folder"):
+        write_report(weights)

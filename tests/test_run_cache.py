@@ -14,9 +14,10 @@ import torch
 from fol_plugin.cache import CacheMismatchError, RunCache, RunLockedError
 from fol_plugin.checkpoint import CheckpointError
 from fol_plugin.evaluation import run_eval
+from fol_plugin.features import ExtractionConfig
 from fol_plugin.models import FoLModel
 
-from .conftest import REPO_ROOT, TINY_VIT, cli_run, config_for, kept_run, same_outputs, tiny_eval_args
+from .conftest import IMAGE_SIZE, REPO_ROOT, TINY_VIT, cli_run, config_for, kept_run, same_outputs, tiny_eval_args
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(labelled_set, tiny_weights, tmp_path, tiny_cli, caplog):
@@ -54,14 +55,34 @@ def test_new_weights_at_the_same_path_invalidate_the_cache(labelled_set, tiny_we
         run_eval(config_for(labelled_set, tmp_path / "run", weights))
 
 
-def test_a_replaced_image_invalidates_the_cache(labelled_set, tiny_weights, tmp_path):
+def test_a_replaced_image_invalidates_the_cache(labelled_set, tiny_weights, tmp_path, monkeypatch):
+    """Another command on changed images is refused; the cache is the user's to discard."""
     root = tmp_path / "data"
     shutil.copytree(labelled_set, root)
     kept_run(root, tiny_weights, tmp_path / "run")
     images = sorted((root / "database").iterdir())
     shutil.copyfile(images[1], images[3])  # same name, another photo
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--another-command"])
     with pytest.raises(CacheMismatchError, match=r"differs in database\.listing"):
         run_eval(config_for(root, tmp_path / "run", tiny_weights))
+
+
+def test_the_same_command_after_fixing_an_image_starts_afresh_with_a_warning(labelled_set, tiny_weights, tmp_path, caplog):
+    """Issue 29, 10: a run fails on an undecodable image; the user removes it and reruns the same
+    command: the cached rows are of the earlier images, so they go (said aloud) and the run finishes."""
+    root = tmp_path / "data"
+    shutil.copytree(labelled_set, root)
+    bad = root / "database" / "@0000100.00@0000000.00@17@T@zz_bad@.jpg"
+    bad.write_bytes(b"not an image")
+    one_at_a_time = ExtractionConfig(image_size=IMAGE_SIZE, batch_size=1, num_workers=0)
+    with pytest.raises(ValueError, match="cannot decode image"):
+        run_eval(config_for(root, tmp_path / "run", tiny_weights, extraction=one_at_a_time))
+    assert list((tmp_path / "run" / "cache").rglob("*.commits"))  # the failed run cached some work
+    bad.unlink()
+    caplog.set_level("WARNING")
+    summary = run_eval(config_for(root, tmp_path / "run", tiny_weights, extraction=one_at_a_time))
+    assert "The images changed since this command last ran" in caplog.text and "database.images: 18 -> 17" in caplog.text
+    assert summary["query_sets"]["queries"]["reranked"]["R@1"] is not None
 
 
 def test_a_run_that_computed_nothing_never_blocks_the_next(labelled_set, tiny_weights, tmp_path, reference_run):

@@ -16,7 +16,7 @@ TITLE_ESCAPE = "\x1b]0;pwned\x07\x1b[2J"
 
 def test_markdown_cells_show_markup_and_delimiters_as_text():
     assert markdown_text(TAG) == "x&lt;img src=x onerror=alert(31)&gt;.jpg"
-    assert markdown_text("a|b_c*d*[e](f)`g`") == r"a\|b\_c\*d\*\[e\](f)\`g\`"
+    assert markdown_text("a|b_c[e](javascript:f)`g`") == r"a\|b_c\[e\](javascript:f)\`g\`"
     assert markdown_text("two\nlines") == "two lines"
 
 

@@ -518,3 +518,16 @@ def test_losses_are_plotted_one_panel_each():
     assert [axis.get_legend() for axis in panels] == [None, None]
     low, high = panels[1].get_ylim()
     assert low < 8e-8 and 2.4e-7 < high < 1e-6  # its own scale, not squashed on the total's
+
+
+def test_a_corrupt_last_checkpoint_says_how_to_start_over(four_places, tmp_path, tiny_cli_model, caplog):
+    """fol-vpr train wrote last.pth: the fix for a damaged one is --overwrite, not a download."""
+    data, run = four_places, tmp_path / "run"
+    assert cli.main(train_arguments(data, run)) == 0
+    (run / LAST).write_bytes((run / LAST).read_bytes()[:1000])
+    assert cli.main(train_arguments(data, run, "--resume", "--epochs", "2")) == 2
+    message = last_error(caplog)
+    assert f"{run / LAST} is not a readable PyTorch checkpoint" in message
+    assert "fol-vpr train wrote it, so it cannot be downloaded again: rerun with --overwrite instead of --resume" in message
+    assert "download it again" not in message.replace("cannot be downloaded again", "")
+    assert cli.main(train_arguments(data, run, "--overwrite", "--epochs", "1")) == 0

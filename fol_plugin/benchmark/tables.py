@@ -13,6 +13,7 @@ from pathlib import Path
 from ..data.images import describe_image_size
 from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
+from ..evaluation.records import check_recalls, damaged
 from ..files import read_json, write_csv, write_json, write_text
 from ..text import latex_text, markdown_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
@@ -87,7 +88,23 @@ def read_record(output_dir: str | os.PathLike) -> dict | None:
     path = Path(output_dir) / BENCHMARK_FILE
     if not path.is_file():
         return None
-    return read_json(path, "delete it and rerun the fol-vpr benchmark command (its datasets then run again)")
+    fix = "delete it and rerun the fol-vpr benchmark command (its datasets then run again)"
+    record = read_json(path, fix)
+    datasets = record.get("datasets") if isinstance(record, dict) else None
+    if not isinstance(datasets, dict) or not all(isinstance(entry, dict) for entry in datasets.values()):
+        raise damaged(path, "has no record of its datasets", fix)
+    if not isinstance(record.get("config", {}), dict):
+        raise damaged(path, "config is not a record", fix)
+    order = record.get("order", list(datasets))
+    if not isinstance(order, list) or any(name not in datasets for name in order):
+        raise damaged(path, "order names datasets it has no record of", fix)
+    for name, entry in datasets.items():
+        counts, sets = entry.get("counts", {}), entry.get("query_sets", {})
+        if not (isinstance(counts, dict) and all(isinstance(v, int) and v >= 0 for v in counts.values())):
+            raise damaged(path, f"datasets.{name}.counts is not a record of counts", fix)
+        if not (isinstance(sets, dict) and all(isinstance(v, str) for v in sets.values())):
+            raise damaged(path, f"datasets.{name}.query_sets is not a record of query set names", fix)
+    return record
 
 
 def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
@@ -110,7 +127,8 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
         summary = {}
         recalls = output_dir / name / RECALLS_FILE
         if entry.get("status") == "done" and recalls.is_file():
-            summary = read_json(recalls, f"rerun the fol-vpr benchmark command of {output_dir}: it runs {name} again")
+            fix = f"rerun the fol-vpr benchmark command of {output_dir}: it runs {name} again"
+            summary = check_recalls(read_json(recalls, fix), recalls, fix, counts=False)
         timings = summary.get("timings_s", {})
         total_queries = sum(entry.get("counts", {}).get(q, 0) for q in entry.get("query_sets", {}))
         for query_set, key in entry.get("query_sets", {}).items():
@@ -137,6 +155,7 @@ def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                 "ms_per_query_search": _per_query_ms(timings, "global_search", total_queries),
                 "ms_per_query_rerank": _per_query_ms(timings, f"rerank_{key}", count),
                 "database_features_s": _database_seconds(timings),
+                "timings_runs": summary.get("timings_runs", 1),  # processes whose times were summed (resumed: > 1)
                 "peak_memory_mb": entry.get("peak_memory_mb"),
                 "peak_gpu_memory_mb": entry.get("peak_gpu_memory_mb"),
             }
@@ -179,6 +198,12 @@ def _number(value: float | None, digits: int = 1, signed: bool = False) -> str:
     if value is None:
         return MISSING
     return f"{value:+.{digits}f}" if signed else f"{value:,.{digits}f}"
+
+
+def _with_resumes(row: dict) -> str:
+    """The row's status, saying when its times are summed over the processes of a resumed run."""
+    runs = row.get("timings_runs") or 1
+    return row["status"] if runs == 1 else f"{row['status']} (times summed over {runs} processes: resumed)"
 
 
 def _title(meta: dict) -> str:
@@ -231,7 +256,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             _number(row["num_queries"], 0),
             _triple(row, "global"), _triple(row, "reranked"), _triple(row, "published_global"),
             _triple(row, "published_reranked"), differences, aps, times, _number(row["database_features_s"]),
-            _number(row["peak_memory_mb"], 0), markdown_text(row["status"]),
+            _number(row["peak_memory_mb"], 0), markdown_text(_with_resumes(row)),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ..files import DISK_FULL_ERRNOS, DiskFullError, atomic_write, disk_full_message, free_bytes  # cache re-exports DiskFullError
+from ..files import (  # cache re-exports DiskFullError
+    DISK_FULL_ERRNOS, DiskFullError, atomic_write, disk_full_message, free_bytes, open_in_place,
+)  # fmt: skip
 
 CHECKSUM_MASK = (1 << 63) - 1  # checksums are kept in int64 records
 COMMITS_SUFFIX = ".commits"  # every commit log's name ends so; a non-empty one means finished work
@@ -58,7 +60,7 @@ def checksum_of_ranges(ranges: list[tuple[int, int, int]], piece_bytes: int = 64
 
 def fsync_append(path: Path, chunks: list[np.ndarray | bytes]) -> None:
     """Append ``chunks`` to ``path`` and make them durable before returning."""
-    with open(path, "ab") as handle:
+    with os.fdopen(open_in_place(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as handle:
         for chunk in chunks:
             handle.write(np.ascontiguousarray(chunk).tobytes() if isinstance(chunk, np.ndarray) else chunk)
         handle.flush()
@@ -104,7 +106,7 @@ class CommitLog:
 def preallocate(path: Path, size: int) -> None:
     """Reserve ``size`` bytes of disk for ``path``, so that writes through a memory map cannot
     fail later (a full disk under a memory map is a SIGBUS, not an error)."""
-    with open(path, "r+b") as handle:
+    with os.fdopen(open_in_place(path, os.O_RDWR), "r+b") as handle:
         try:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as error:

@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import open_in_place
 
 
 class RunLockedError(UserError, RuntimeError):
@@ -66,7 +67,7 @@ class DirectoryLock:
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunLockedError` naming the process that holds it."""
         while True:
-            handle = open(self.path, "a+")
+            handle = os.fdopen(open_in_place(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "a+")
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

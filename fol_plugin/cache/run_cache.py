@@ -8,8 +8,11 @@ contents belong to this run.
   and mtime) and the command that made it. Files that depend on more carry it in their names
   (store precision; scorer, candidates and top-k of re-ranking scores).
 - Same fingerprint: resume. Another fingerprint and no computed work (say, a run that failed
-  before extracting anything): start afresh, silently. Another fingerprint with computed work:
-  refuse, saying what differs, how much work it holds, and the commands to reuse or discard it.
+  before extracting anything): start afresh, silently. The same command on changed image folders
+  (an undecodable image fixed or removed after a failed run, images added): the cached rows are of
+  other images, so start afresh with a warning saying how much is discarded and why. Another
+  fingerprint with computed work otherwise: refuse, saying what differs, how much work it holds,
+  and the commands to reuse or discard it.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".fol-vpr.lock"
 CACHE_FORMAT = 3  # bump when cached files change layout
 SHOWN_VALUE_CHARS = 40
+LISTING_KEYS = {"database", "queries"}  # fingerprint entries of the image folders' listings
 
 
 class CacheMismatchError(UserError, RuntimeError):
@@ -83,7 +87,12 @@ class RunCache:
             if work:
                 logger.info("Resuming from %s (%.1f MB of finished work)", self.folder, work / MB)
             return
-        if work:
+        same_command_new_images = (
+            stored is not None
+            and record.get("command") == command_line()
+            and {key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key)} <= LISTING_KEYS
+        )
+        if work and not same_command_new_images:
             if stored is None:
                 problem = problem or "is missing"
                 raise CacheMismatchError(
@@ -95,7 +104,13 @@ class RunCache:
                 f"{'; '.join(_differences(stored, fingerprint))}). To reuse them, rerun the command that made them: "
                 f"`{record.get('command', '?')}`; to discard them, `rm -rf {self.folder}` and rerun this command"
             )
-        if stored is not None or problem:
+        if work:
+            logger.warning(
+                "The images changed since this command last ran in %s (%s): its %.1f MB of cached results are of the "
+                "earlier images, so they are discarded and the run starts afresh",
+                self.output_dir, "; ".join(_differences(stored, fingerprint)), work / MB,
+            )
+        elif stored is not None or problem:
             logger.info("Starting %s afresh: it held no finished work", self.folder)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)

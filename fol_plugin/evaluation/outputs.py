@@ -16,6 +16,7 @@ from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
 from .inputs import PREDS_HEADERS
 from .recalls import compute_recalls
+from .timings import StageClock
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,13 @@ def _save_predictions_to_look_at(config: EvalConfig, folder: Path, database: Ima
         )
 
 
-def write_run_outputs(config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], timings: dict, extra: dict) -> dict:
+def write_run_outputs(
+    config: EvalConfig, database: ImageSet, query_sets: list[QuerySet], clock: StageClock, extra: dict
+) -> dict:
     """Predictions, CSV, preds files, figures and ``confidence.json`` per query set, and
     ``recalls.json`` (written last, atomically and durably); returns its summary."""
     output_dir = config.output_dir
-    summary = {"config": json_safe(config), "query_sets": {}, "timings_s": timings, **extra}
+    summary = {"config": json_safe(config), "query_sets": {}, **clock.summary(), **extra}
     for query_set in query_sets:
         folder = output_dir / query_set.key
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,6 @@ same driver on its part of the work and rank 0 writes the outputs (:mod:`fol_plu
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +32,10 @@ from .config import (
     warn_shallow_predictions,
 )
 from .outputs import keep_descriptors, write_run_outputs
+from .timings import StageClock
 from .workspace import open_workspace
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 3)
-    logger.info("%s: %.1f s", stage, timings[stage])
 
 
 def _candidate_ids(query_sets: list[QuerySet], top_k: int) -> np.ndarray:
@@ -102,16 +92,16 @@ def _rerank(
     query_sets: list[QuerySet],
     query_local: dict[str, FeatureStore],
     database_local: FeatureStore,
-    timings: dict[str, float],
+    clock: StageClock,
 ) -> dict:
     """The candidates' local features, then each query set re-ranked; returns extra summary fields."""
     candidates = _candidate_ids(query_sets, config.rerank_topk)
-    with _timed(timings, "features_database_local"):
+    with clock.stage("features_database_local"):
         stages.extract_local_part(
             config, processes, model, database_paths, candidates, database_local, "Database (local)"
         )
     for query_set in query_sets:
-        with _timed(timings, f"rerank_{query_set.key}"):
+        with clock.stage(f"rerank_{query_set.key}"):
             stages.rerank(config, processes, cache, query_set, query_local[query_set.key], database_local)
     if not isinstance(database_local, LocalFeatureStore):
         return {}
@@ -155,15 +145,15 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
     Returns:
         The summary written to ``recalls.json``; empty on the processes other than rank 0.
     """
-    timings: dict[str, float] = {}
     database, query_sets = prepare(config)
     k = num_predictions(config, len(database))
     with open_workspace(config, processes, database, query_sets, k, global_retrieval=True) as (cache, weights, inputs):
-        with _timed(timings, "load_model"):
+        clock = StageClock(cache if processes.is_main else None)
+        with clock.stage("load_model"):
             model = load_model(config.backbone, weights, config.extraction.device)
         query_global, query_local = {}, {}
         for query_set in query_sets:
-            with _timed(timings, f"features_{query_set.key}"):
+            with clock.stage(f"features_{query_set.key}"):
                 query_global[query_set.key], query_local[query_set.key] = _extract_queries(
                     config, processes, model, cache, query_set, True
                 )
@@ -175,26 +165,26 @@ def run_eval(config: EvalConfig, processes: Processes = SINGLE_PROCESS) -> dict:
         reranked = sum(num_reranked(len(query_set.images), config.rerank_fraction) for query_set in query_sets)
         single_pass = config.in_memory or reranked * min(config.rerank_topk, k) >= len(database)
         database_file = cache / _database_file(config)
-        with _timed(timings, "features_database_global"):
+        with clock.stage("features_database_global"):
             stages.extract_global_part(
                 config, processes, model, database.paths, database_file, database_local if single_pass else None,
                 "Database", config.global_dtype,
             )  # fmt: skip
-        with _timed(timings, "global_search"):
+        with clock.stage("global_search"):
             _search(config, processes, database_file, query_sets, query_global, k)
         extra = {}
         if config.rerank_topk:
             _select(config, query_sets)
             extra = _rerank(
-                config, processes, model, cache, database.paths, query_sets, query_local, database_local, timings
+                config, processes, model, cache, database.paths, query_sets, query_local, database_local, clock
             )
         if not processes.is_main:
             return {}
-        with _timed(timings, "outputs"):
+        with clock.stage("outputs"):
             if config.save_descriptors:
                 _keep_all_descriptors(config, cache, query_sets)
             return write_run_outputs(
-                config, database, query_sets, timings, {**extra, "processes": processes.world_size, "inputs": inputs}
+                config, database, query_sets, clock, {**extra, "processes": processes.world_size, "inputs": inputs}
             )
 
 
@@ -219,7 +209,6 @@ def run_rerank(
     """
     if config.rerank_topk <= 0:
         raise ValueError("fol-vpr rerank needs --rerank_topk > 0")
-    timings: dict[str, float] = {}
     database, query_sets = prepare(config)
     if len(predictions) != len(query_sets):
         raise ValueError(f"{len(predictions)} prediction arrays for {len(query_sets)} query folders")
@@ -238,17 +227,18 @@ def run_rerank(
     _select(config, query_sets)
     k = max(s.global_predictions.shape[1] for s in query_sets)
     with open_workspace(config, processes, database, query_sets, k, global_retrieval=False) as (cache, weights, inputs):
-        with _timed(timings, "load_model"):
+        clock = StageClock(cache if processes.is_main else None)
+        with clock.stage("load_model"):
             model = load_model(config.backbone, weights, config.extraction.device)
         query_local = {}
         for query_set in query_sets:
-            with _timed(timings, f"features_{query_set.key}"):
+            with clock.stage(f"features_{query_set.key}"):
                 query_local[query_set.key] = _extract_queries(config, processes, model, cache, query_set, False)[1]
         database_local = stages.open_local(config, processes, cache / "database_local", len(database))
-        _rerank(config, processes, model, cache, database.paths, query_sets, query_local, database_local, timings)
+        _rerank(config, processes, model, cache, database.paths, query_sets, query_local, database_local, clock)
         if not processes.is_main:
             return {}
-        with _timed(timings, "outputs"):
+        with clock.stage("outputs"):
             return write_run_outputs(
-                config, database, query_sets, timings, {"processes": processes.world_size, "inputs": inputs}
+                config, database, query_sets, clock, {"processes": processes.world_size, "inputs": inputs}
             )

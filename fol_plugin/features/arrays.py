@@ -28,6 +28,7 @@ from ..cache.integrity import (
     preallocate,
     read_into,
 )
+from ..files import check_target, open_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ResumableArray:
         for log in self._log_paths():
             log.unlink()  # records of an earlier file are void
         self._log.keep(0)
+        check_target(self.path)  # numpy opens the file itself: never through a link
         array = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
         preallocate(self.path, array.offset + array.nbytes)
         self._offset = array.offset
@@ -177,7 +179,7 @@ class ResumableArray:
                 "writer's"
             )
         row_bytes = values.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        descriptor = os.open(self.path, os.O_WRONLY)
+        descriptor = open_in_place(self.path, os.O_WRONLY)
         try:
             os.pwrite(descriptor, values.tobytes(), self._offset + start * row_bytes)
             os.fdatasync(descriptor)

@@ -6,14 +6,15 @@ of its results tables (:func:`fol_plugin.benchmark.tables.build_rows`, the publi
 beside)."""
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..benchmark.tables import BENCHMARK_FILE, build_rows, read_record
+from ..errors import UserError
 from ..evaluation.confidence import CONFIDENCE_FILE
 from ..evaluation.config import RECALLS_FILE
+from ..evaluation.records import check_confidence_points, check_recalls, read_prediction_rows
 from ..files import read_json
 
 MAX_SHOWN = 10  # predictions shown per stage and query
@@ -32,7 +33,7 @@ RUN_DIR_HELP = (
 )
 
 
-class RunFolderError(FileNotFoundError):
+class RunFolderError(UserError, FileNotFoundError):
     """A folder the report cannot be made from: not a finished run, or a run missing its files."""
 
 
@@ -116,6 +117,8 @@ def read_folder(folder: str | os.PathLike) -> RunData | BenchmarkData:
         return read_run(folder)
     if read_record(folder) is not None:
         return read_benchmark(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} is a file, not a run folder: {RUN_DIR_HELP}")
     if not folder.is_dir():
         raise RunFolderError(f"{folder} does not exist: {RUN_DIR_HELP}")
     raise RunFolderError(f"{folder} holds no {RECALLS_FILE} nor {BENCHMARK_FILE}: {RUN_DIR_HELP}")
@@ -123,7 +126,8 @@ def read_folder(folder: str | os.PathLike) -> RunData | BenchmarkData:
 
 def read_run(folder: Path) -> RunData:
     """The ``fol-vpr eval`` / ``rerank`` run in ``folder`` (which holds ``recalls.json``)."""
-    summary = read_json(folder / RECALLS_FILE, f"rerun the command that made {folder}")
+    fix = f"rerun the command that made {folder}"
+    summary = check_recalls(read_json(folder / RECALLS_FILE, fix), folder / RECALLS_FILE, fix)
     query_sets = []
     for key, results in summary["query_sets"].items():
         csv_path = folder / key / PREDICTIONS_FILE
@@ -134,28 +138,27 @@ def read_run(folder: Path) -> RunData:
             )
         selection = results.get("rerank_selection")
         selected = None if selection is None else set(selection["queries"])
-        queries = read_predictions(csv_path, results["rerank_topk_used"] > 0, selected)
+        queries = read_predictions(csv_path, results["num_queries"], results["rerank_topk_used"] > 0, selected, fix)
         points_path = folder / key / CONFIDENCE_FILE
-        points = read_json(points_path, f"rerun the command that made {folder}") if points_path.is_file() else None
+        points = check_confidence_points(read_json(points_path, fix), points_path, fix) if points_path.is_file() else None
         query_sets.append(QuerySetData(key, results, queries, points))
     return RunData(folder, summary, query_sets)
 
 
-def read_predictions(path: Path, reranked: bool, selected: set[int] | None) -> list[Query]:
-    """Every query of a ``predictions.csv``, with its first :data:`MAX_SHOWN` predictions in the
-    global order and (when ``reranked``) in the final order.
+def read_predictions(path: Path, num_queries: int, reranked: bool, selected: set[int] | None, fix: str) -> list[Query]:
+    """Every query of a ``predictions.csv`` (checked: :func:`~fol_plugin.evaluation.records.read_prediction_rows`),
+    with its first :data:`MAX_SHOWN` predictions in the global order and (when ``reranked``) in the final order.
 
     Args:
+        num_queries: the query set's queries, as ``recalls.json`` records them.
         reranked: whether the run re-ranked (the final order is then the re-ranked one).
         selected: the queries re-ranked under ``--rerank_fraction``; None: all.
+        fix: what to do when the file is damaged.
     """
-    rows: dict[int, list[dict]] = {}
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
-        for row in csv.DictReader(handle):
-            rows.setdefault(int(row["query_index"]), []).append(row)
+    rows = read_prediction_rows(path, num_queries, fix)
     queries = []
     for index, entries in sorted(rows.items()):
-        final = [_prediction(entry) for entry in sorted(entries, key=lambda entry: int(entry["rank"]))]
+        final = [_prediction(entry) for entry in sorted(entries, key=lambda entry: entry["rank"])]
         in_global_order = sorted(final, key=lambda prediction: prediction.global_rank)
         queries.append(Query(
             index=index,
@@ -168,12 +171,13 @@ def read_predictions(path: Path, reranked: bool, selected: set[int] | None) -> l
 
 
 def _prediction(entry: dict) -> Prediction:
+    """A checked row of ``predictions.csv`` (numbers parsed, empty values None)."""
     return Prediction(
-        database_index=int(entry["database_index"]),
+        database_index=entry["database_index"],
         path=entry["database_path"],
-        global_rank=int(entry["global_rank"]),
-        distance=float(entry["global_distance"]) if entry["global_distance"] else None,
-        score=float(entry["rerank_score"]) if entry["rerank_score"] else None,
+        global_rank=entry["global_rank"],
+        distance=entry["global_distance"],
+        score=entry["rerank_score"],
         positive=bool(int(entry["is_positive"])) if entry["is_positive"] else None,
     )
 

@@ -89,6 +89,11 @@ def write_report(run_dir: str | os.PathLike, options: ReportOptions | None = Non
             len(thumbnails.unreadable), thumbnails.unreadable[0],
         )
     path = Path(run_dir) / REPORT_FILE
+    if _size(page) > options.max_size_mb * MB:
+        logger.warning(
+            "%s is %.1f KB, over --max_size_mb %g: the page without any query takes that much; raise --max_size_mb to "
+            "show queries", path, _size(page) / 1e3, options.max_size_mb,
+        )
     write_text(path, page)
     return path
 
@@ -165,11 +170,12 @@ def _details(summary: str, record: dict) -> str:
     return f"<details><summary>{_text(summary)}</summary><table>{rows}</table></details>"
 
 
-def _timings(timings: dict) -> str:
+def _timings(timings: dict, runs: int) -> str:
     """Per-stage seconds, as ``recalls.json`` records them, and their total, in one row."""
     stages = [*timings, "total"]
     seconds = [f"{value:.2f}" for value in (*timings.values(), sum(timings.values()))]
-    return "<p><b>Per-stage timings (s)</b></p>" + _table(stages, [seconds])
+    resumed = f", summed over the {runs} processes of a resumed run" if runs > 1 else ""
+    return f"<p><b>Per-stage timings (s{resumed})</b></p>" + _table(stages, [seconds])
 
 
 def _describe(config: dict) -> str:
@@ -207,7 +213,7 @@ def _run_blocks(run: RunData, prefix: str, level: int) -> list[str | _Rows]:
     config = run.summary.get("config", {})
     blocks: list[str | _Rows] = [f'<p class="sub">{_text(_describe(config))} &middot; {_text(run.folder)}</p>']
     blocks.append(_recall_table(run))
-    blocks.append(_timings(run.summary.get("timings_s", {})))
+    blocks.append(_timings(run.summary.get("timings_s", {}), int(run.summary.get("timings_runs", 1))))
     blocks.append(_details("Configuration (recalls.json)", config))
     for query_set in run.query_sets:
         anchor = f"{prefix}{query_set.key}"
@@ -316,7 +322,9 @@ def _query_list(
         rows.append(row)
         cost += added
     note = f"Showing {len(rows)} of {len(queries)} queries"
-    if len(rows) < len(queries):
+    if queries and not rows and options.max_queries:
+        note += f" (--max_size_mb {options.max_size_mb:g} cannot fit even one query: raise it to see them)"
+    elif len(rows) < len(queries):
         note += (
             f" (changed ones first; at most --max_queries {options.max_queries} and --max_size_mb "
             f"{options.max_size_mb:g} in all)"

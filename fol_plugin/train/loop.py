@@ -232,7 +232,11 @@ def train(
     output_dir = Path(config.output_dir)
     last = check_run(config, places, resume, overwrite, processes)
     places_seen = places_record(places)
-    saved = read_checkpoint(last, "cpu", option="--resume") if resume else None
+    written_here = (
+        "fol-vpr train wrote it, so it cannot be downloaded again: rerun with --overwrite instead of --resume to start "
+        "the run afresh"
+    )
+    saved = read_checkpoint(last, "cpu", option="--resume", fix=written_here) if resume else None
     if saved is not None:
         check_resume_settings(config, places_seen, saved, last)
     device = torch.device(processes.device) if processes.distributed else resolve_device(config.device)
