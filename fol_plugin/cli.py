@@ -233,7 +233,7 @@ def evaluate(args: argparse.Namespace) -> None:
     for key, results in summary["query_sets"].items():
         for stage in ("global", "reranked"):
             if results[stage]:
-                print(f"{key} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
+                print(f"{printable(key)} {stage}: " + ", ".join(f"{name}: {value:.1f}" for name, value in results[stage].items()))
     print(f"Results in {config.output_dir}")
     _report_at_end(args, config.output_dir)
 

@@ -88,9 +88,9 @@ def atomic_write(
     """
     path = Path(path)
     check_target(path)
-    descriptor, temporary = _fresh_temporary(path)
+    handle, temporary = _fresh_temporary(path)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -140,13 +140,13 @@ def open_in_place(path: os.PathLike | str, flags: int) -> int:
         raise
 
 
-def _fresh_temporary(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path`` under a random name (``.<name>.<random>.tmp``), opened for
-    writing with :data:`FRESH_FILE_FLAGS` -> (its descriptor, its path)."""
+def _fresh_temporary(path: Path) -> tuple[IO[bytes], Path]:
+    """A new file beside ``path`` under a random name (``.<name>.<random>.tmp``), created with
+    :data:`FRESH_FILE_FLAGS` -> (the file, open for writing in binary, and its path)."""
     while True:
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}")
         try:
-            return os.open(temporary, FRESH_FILE_FLAGS, 0o666), temporary
+            return open(temporary, "wb", opener=lambda name, _: os.open(name, FRESH_FILE_FLAGS, 0o666)), temporary
         except FileExistsError:  # a planted file of that name, or a collision: draw another
             continue
 

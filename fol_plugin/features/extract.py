@@ -15,6 +15,7 @@ from ..data import load_image, preprocess
 from ..data.images import checked_network_size, network_size
 from ..data.loader import worker_loader
 from ..host import auto_extraction_precision, emulated_precision_warning
+from ..text import printable
 from ..models import FoLModel, check_images
 from ..config import ExtractionConfig
 from .arrays import ResumableArray
@@ -127,7 +128,8 @@ def extract_global(
     left = sum(len(rows) for rows in todo)
     if left < len(descriptors.rows):
         logger.info("%s: %d of %d images already computed", label, len(descriptors.rows) - left, len(descriptors.rows))
-    with tqdm(total=left, desc=label, unit="image", disable=not config.progress or not left) as bar, extraction_autocast(config):
+    bar = tqdm(total=left, desc=printable(label), unit="image", disable=not config.progress or not left)
+    with bar, extraction_autocast(config):
         for rows in todo:
             for images, indices in image_batches(paths, rows, config):
                 images = images.to(config.device)
@@ -170,7 +172,8 @@ def extract_local(
     logger.debug("%s: %d of %d images already stored", label, len(image_ids) - len(missing), len(image_ids))
     if len(missing) == 0:
         return
-    with extraction_autocast(config), tqdm(total=len(missing), desc=label, unit="image", disable=not config.progress) as bar:
+    bar = tqdm(total=len(missing), desc=printable(label), unit="image", disable=not config.progress)
+    with extraction_autocast(config), bar:
         for images, indices in image_batches(paths, missing, config):
             features = model.extract(images.to(config.device))
             local_features.add(indices.tolist(), features.local_descriptors, features.keypoints)
