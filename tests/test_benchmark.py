@@ -498,3 +498,22 @@ def test_an_undecodable_image_read_by_dataloader_workers_is_one_line(datasets_fo
     assert "\n" not in message and "Traceback" not in message and not failure.exc_info
     assert "Traceback" not in capfd.readouterr().err
     assert row["status"] == "failed: " + message.removeprefix("sped failed: ").removesuffix("; going on with the next dataset")
+
+
+def test_fixing_the_undecodable_image_lets_the_same_benchmark_finish_the_dataset(
+    finished, datasets_folder, tiny_weights, tmp_path, caplog
+):
+    """Issue 29, 10: sped failed on an undecodable image after caching some work; the user re-saves
+    the image and reruns the same command: the dataset finishes (the earlier images' work is dropped, said aloud)."""
+    output, _ = finished
+    datasets, rerun = tmp_path / "datasets", tmp_path / "bench"
+    shutil.copytree(datasets_folder / "sped", datasets / "sped")
+    shutil.copytree(output, rerun)
+    database = datasets / "sped" / "images" / "test" / "database"
+    broken = database / utm_name(0, 0, "zz_broken")
+    shutil.copyfile(sorted(database.glob("*.jpg"))[0], broken)  # re-saved as a real photo
+    assert list((rerun / "sped" / "cache").rglob("*.commits"))  # the failed run had cached work
+    caplog.set_level("WARNING")
+    rows = run_benchmark(BenchmarkConfig(datasets, ["sped"], rerun, tiny_options(tiny_weights), registry=MINI_REGISTRY))
+    assert row_of(rows, "sped")["status"] == "ok" and row_of(rows, "sped")["reranked_R@1"] is not None
+    assert "The images changed since this command last ran" in caplog.text

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.datasets import ImageSet
+from ..features.extract import extraction_precision
 from ..files import json_safe, save_npy, write_csv, write_json, write_text
 from .confidence import CONFIDENCE_FILE, assess, selection_record
 from .config import RECALLS_FILE, EvalConfig, QuerySet
@@ -126,7 +127,10 @@ def write_run_outputs(
     """Predictions, CSV, preds files, figures and ``confidence.json`` per query set, and
     ``recalls.json`` (written last, atomically and durably); returns its summary."""
     output_dir = config.output_dir
-    summary = {"config": json_safe(config), "query_sets": {}, **clock.summary(), **extra}
+    summary = {
+        "config": json_safe(config), "extraction_precision": extraction_precision(config.extraction), "query_sets": {},
+        **clock.summary(), **extra,
+    }  # fmt: skip
     for query_set in query_sets:
         folder = output_dir / query_set.key
         folder.mkdir(parents=True, exist_ok=True)
