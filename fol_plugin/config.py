@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .flags import (
-    ImageSizeAction, fraction, int_at_least, internal, non_negative_int, option, positive_float, positive_int,
+    ImageSizeAction, fraction, int_at_least, internal, non_negative_float, non_negative_int, option, positive_float,
+    positive_int,
 )  # fmt: skip
 from .options import (
     BACKBONES,
@@ -259,7 +260,7 @@ class TrainConfig:
         "(default: 'auto', or 'none' with --dinov2_weights)",
     )  # fmt: skip
     dinov2_weights: str | None = option(None, help="official DINOv2 checkpoint file for the ViT (the paper's start)")
-    num_trainable_blocks: int = option(4, type=int, help="last ViT blocks trained; the others stay frozen")
+    num_trainable_blocks: int = option(4, type=non_negative_int, help="last ViT blocks trained; the others stay frozen")
     image_size: tuple[int, int] = option(DEFAULT_IMAGE_SIZE, **IMAGE_SIZE)
     places_per_batch: int = option(
         60, type=int_at_least(2, "the metric loss needs other places as negatives"), help="P places of a batch"
@@ -274,8 +275,8 @@ class TrainConfig:
     shuffle_each_epoch: bool = internal(False)  # a new place order each epoch, the last partial batch dropped
     resize_mode: str = internal("bilinear_antialias")  # the original's training resize
     epochs: int = option(8, type=positive_int, help="epochs to train (it may grow with --resume)")
-    lr: float = option(6e-5, type=float, help="AdamW's learning rate, decayed linearly to 0.1x over 10,000 steps")
-    weight_decay: float = option(9.5e-9, type=float, help="AdamW's weight decay")
+    lr: float = option(6e-5, type=positive_float, help="AdamW's learning rate, decayed linearly to 0.1x over 10,000 steps")
+    weight_decay: float = option(9.5e-9, type=non_negative_float, help="AdamW's weight decay")
     lr_end_factor: float = internal(0.1)
     decay_iterations: int = internal(10_000)
     accumulation_steps: int = option(
@@ -365,7 +366,7 @@ class RunControl:
         "PROCESSES processes (default: this run's)",
     )  # fmt: skip
     dist_timeout: float = option(
-        DEFAULT_DIST_TIMEOUT_MIN, type=float, metavar="MINUTES", group=SCALE_GROUP,
+        DEFAULT_DIST_TIMEOUT_MIN, type=positive_float, metavar="MINUTES", group=SCALE_GROUP,
         help="under torchrun, how long a process waits for the slowest one",
     )  # fmt: skip
     log_dir: str | None = option(

@@ -41,6 +41,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive finite number")
+    return value
+
+
 def int_at_least(minimum: int, why: str) -> Callable[[str], int]:
     """A flag type for whole numbers of at least ``minimum`` (``why`` says what needs it)."""
 

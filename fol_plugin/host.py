@@ -58,8 +58,8 @@ MEASUREMENTS_FOLDER = "host"
 # libraries' instruction sets capped (oneDNN's bf16 and fp32 kernels, ATen's vectorised code, MKL's
 # float32 products) and numba's kernels compiled for a CPU of that kind. Measured on an AVX-512 BF16
 # host as AVX2: a bf16 product 8-9x slower than float32 (a real AVX2 host: 15-24x), float32
-# products and the original's re-ranking within the real AVX2 host's figures (2.1-2.6 s and
-# 7.2-8.6 s against 2.45 s and 8.29 s for 100 candidates, 2 workers).
+# products and the original's re-ranking within the real AVX2 host's figures (1.8-2.5 s and
+# 6.9-8.6 s against 2.45 s and 8.29 s for 100 candidates, 2 workers).
 EMULATION_ENV = {
     "AVX-512 BF16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "NUMBA_CPU_NAME": "cooperlake"},
     "AVX-512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "NUMBA_CPU_NAME": "skylake-avx512"},

@@ -284,6 +284,9 @@ def test_every_flag_is_a_field_of_a_configuration():
         ("train", "--images_per_place", "1", "1 must be at least 2: the metric loss needs positives of the same place"),
         ("train", "--accumulation_steps", "0", "0 must be a positive integer"),
         ("train", "--epochs", "-1", "-1 must be a positive integer"),
+        ("train", "--lr", "nan", "nan must be a positive finite number"),
+        ("train", "--weight_decay", "-0.001", "-0.001 must be 0 or a positive finite number"),
+        ("train", "--num_trainable_blocks", "-1", "-1 must be 0 or a positive integer"),
     ],
 )
 def test_numeric_flags_are_checked_where_they_are_declared(command, flag, value, message, capsys):
