@@ -517,3 +517,33 @@ def test_fixing_the_undecodable_image_lets_the_same_benchmark_finish_the_dataset
     rows = run_benchmark(BenchmarkConfig(datasets, ["sped"], rerun, tiny_options(tiny_weights), registry=MINI_REGISTRY))
     assert row_of(rows, "sped")["status"] == "ok" and row_of(rows, "sped")["reranked_R@1"] is not None
     assert "The images changed since this command last ran" in caplog.text
+
+
+def _edit_record(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "file, change, message",
+    [
+        ("benchmark.json", lambda r: r.pop("datasets"), "benchmark.json: has no record of its datasets"),
+        ("benchmark.json", lambda r: r["datasets"]["pitts30k"].update(peak_memory_mb="abc"),
+         "benchmark.json: datasets.pitts30k.peak_memory_mb is 'abc', not a number"),
+        ("benchmark.json", lambda r: r.update(order=["nowhere"]), "benchmark.json: order names datasets it has no record of"),
+        ("pitts30k/recalls.json", lambda r: r["query_sets"]["queries"].update(reranked={"R@1": "high"}),
+         "pitts30k/recalls.json: query_sets.queries.reranked is not a record of recalls"),
+        ("pitts30k/recalls.json", lambda r: r["query_sets"]["queries"].update(confidence={"global_ap": [1]}),
+         "pitts30k/recalls.json: query_sets.queries.confidence is not a record of APs"),
+    ],
+)
+def test_table_only_names_every_damaged_record(finished, tmp_path, caplog, file, change, message):
+    """Issue 29, 5: ``--table_only`` checks what it reads; one line, exit 2, no traceback."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished[0], copy)
+    _edit_record(copy / file, change)
+    caplog.clear()
+    assert cli.main(["benchmark", "--table_only", str(copy)]) == cli.USER_ERROR_EXIT
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and message in errors[0].getMessage()

@@ -104,6 +104,11 @@ def read_record(output_dir: str | os.PathLike) -> dict | None:
             raise damaged(path, f"datasets.{name}.counts is not a record of counts", fix)
         if not (isinstance(sets, dict) and all(isinstance(v, str) for v in sets.values())):
             raise damaged(path, f"datasets.{name}.query_sets is not a record of query set names", fix)
+        if not isinstance(entry.get("published_as", {}), dict):
+            raise damaged(path, f"datasets.{name}.published_as is not a record of names", fix)
+        for field in ("peak_memory_mb", "peak_gpu_memory_mb"):
+            if not (entry.get(field) is None or isinstance(entry[field], (int, float))):
+                raise damaged(path, f"datasets.{name}.{field} is {entry[field]!r}, not a number", fix)
     return record
 
 

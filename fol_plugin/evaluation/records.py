@@ -76,7 +76,14 @@ def check_recalls(summary: Any, path: Path, fix: str, counts: bool = True) -> di
                 path, f"{where}.{stage} is not a record of recalls (R@N: a number)", fix,
             )  # fmt: skip
         confidence = results.get("confidence")
-        _expect(confidence is None or isinstance(confidence, dict), path, f"{where}.confidence is not a record", fix)
+        _expect(
+            confidence is None or (
+                isinstance(confidence, dict)
+                and all(confidence.get(f"{stage}_ap") is None or _is_number(confidence[f"{stage}_ap"]) for stage in STAGES)
+                and isinstance(confidence.get("undefined", {}), dict)
+            ),
+            path, f"{where}.confidence is not a record of APs (a number or null each, and why undefined)", fix,
+        )  # fmt: skip
         selection = results.get("rerank_selection")
         _expect(
             selection is None or (isinstance(selection, dict) and isinstance(selection.get("queries"), list)
