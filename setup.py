@@ -27,7 +27,10 @@ setup(
         "pytorch-metric-learning>=2",
     ],
     entry_points={"console_scripts": ["fol-vpr = fol_plugin.cli:main"]},
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.17"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -20,6 +20,7 @@ from .config import (
     BenchmarkConfig,
     BenchmarkInputs,
     EvalConfig,
+    ExportConfig,
     ReportOptions,
     RerankInputs,
     RunControl,
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir", type=Path, metavar="RUN_DIR", help="the --output_dir of a finished eval, rerank or benchmark"
     )
     command("visualize", "FoL's regions and matches on two images, as one PNG", VisualizeConfig)
+    command("export", "FoL as an ONNX graph for one image size, for onnxruntime and other runtimes", ExportConfig)
     return parser
 
 
@@ -369,9 +371,26 @@ def _record_for_torchrun(error: BaseException) -> None:
         ErrorHandler().record_exception(error)
 
 
+def export(args: argparse.Namespace) -> None:
+    """``fol-vpr export``: the ONNX file, and how it was made."""
+    from .cache import checkpoint_digest
+    from .checkpoint import load_model, weights_file
+    from .export import export_onnx
+
+    # torch configures its loggers when imported: "torchvision is not installed", whose ops FoL never uses
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    config = build(ExportConfig, args)
+    weights = weights_file(config.backbone, config.weights)
+    model = load_model(config.backbone, weights, "cpu")
+    path = export_onnx(model, config.image_size, config.output, checkpoint_digest(weights))
+    height, width = config.image_size
+    print(f"{path}: FoL {config.backbone} for [B, 3, {height}, {width}] images ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 # Each command returns None or 0 (success), or its exit code.
 COMMANDS = {
     "eval": evaluate, "rerank": evaluate, "benchmark": benchmark, "train": fine_tune, "visualize": visualize, "report": report,
+    "export": export,
 }  # fmt: skip
 
 
@@ -388,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at every start
+    for exporter in ("onnxscript", "onnx_ir"):  # each graph rewrite of fol-vpr export, hundreds of lines
+        logging.getLogger(exporter).setLevel(logging.WARNING)
     try:
         code = COMMANDS[args.command](args)
     except USER_ERROR_TYPES as error:

@@ -416,6 +416,19 @@ class BenchmarkInputs:
 
 
 @dataclass
+class ExportConfig:
+    """``fol-vpr export``: FoL as one ONNX graph for one image size (:mod:`fol_plugin.export`)."""
+
+    output: Path = option(type=Path, required=True, help="the .onnx file written")
+    backbone: str = option("vitl", choices=BACKBONES, group=MODEL_GROUP, help="the published ViT of FoL")
+    weights: str | None = option("auto", group=MODEL_GROUP, help=WEIGHTS_HELP)
+    image_size: tuple[int, int] = option(
+        DEFAULT_IMAGE_SIZE, type=positive_int, nargs=2, metavar=("H", "W"), convert=tuple, group=MODEL_GROUP,
+        help="the one input size the graph takes (multiples of 14); any batch size",
+    )  # fmt: skip
+
+
+@dataclass
 class VisualizeConfig:
     """``fol-vpr visualize``: FoL's regions and matches on two images."""
 

@@ -213,17 +213,40 @@ def test_verify_and_visualize_give_the_same_inliers(tiny_model):
 # 11. README snippets run as written.
 
 
-def test_readme_python_snippets_run_as_written(parity_torch_home, monkeypatch, capsys):
+ONNX_FILE = "fol_vitb_322.onnx"  # what the README's fol-vpr export line writes
+
+
+def test_readme_python_snippets_run_as_written(parity_torch_home, monkeypatch, capsys, tmp_path):
     require(DATA / "match_pair")
     blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     monkeypatch.setenv("TORCH_HOME", str(parity_torch_home))
     monkeypatch.chdir(REPO_ROOT)
     namespace: dict = {}
     for block in blocks:
+        if ONNX_FILE in block:
+            _run_the_onnxruntime_snippet(block, tmp_path, monkeypatch)
+            continue
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     printed = capsys.readouterr().out
     assert "global similarity:" in printed and "FoL score:" in printed and "RANSAC inliers" in printed
+
+
+def _run_the_onnxruntime_snippet(block: str, folder: Path, monkeypatch) -> None:
+    """After the README's ``fol-vpr export`` line (the reference ViT-B weights), its onnxruntime
+    snippet gives ``model(images)``'s descriptors within 1e-5."""
+    pytest.importorskip("onnxruntime", reason='needs the [onnx] extra: pip install -e ".[onnx]"')
+    from fol_plugin.export import export_onnx
+
+    model = torch.hub.load(str(REPO_ROOT), "fol_vitb14", source="local", pretrained=True).eval()
+    export_onnx(model, (322, 322), folder / ONNX_FILE)
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    images = (torch.from_numpy(namespace["rgb"]) - torch.from_numpy(namespace["mean"])) / torch.from_numpy(namespace["std"])
+    with torch.inference_mode():
+        expected = model(images)
+    assert float((torch.from_numpy(namespace["global_descriptors"]) - expected).abs().max()) <= 1e-5
 
 
 # 12. Figures a person would rather look at.

@@ -1,7 +1,7 @@
 """Model pipeline: backbone (DINOv2 ViT) -> aggregator (global) -> local features (re-ranking)."""
 from .aggregator import GLOBAL_DIM, FoLAggregator
 from .backbone import PATCH_SIZE, VIT_CONFIGS, DINOv2Backbone, ViTConfig
-from .fol import FoLFeatures, FoLModel, check_images, nearest_valid_sizes
+from .fol import FoLFeatures, FoLModel, check_images, nearest_valid_sizes, select_features
 from .local_features import LOCAL_DIM
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "ViTConfig",
     "check_images",
     "nearest_valid_sizes",
+    "select_features",
 ]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import per_image
+
 NUM_CLUSTERS = 64
 CLUSTER_DIM = 128
 TOKEN_DIM = 256
@@ -108,7 +110,7 @@ class FoLAggregator(nn.Module):
         mask_guide = torch.where(region_cue >= MASK_GUIDE_THRESHOLD, region_cue, torch.zeros_like(region_cue))
         local = self.cluster_features(feature_map).flatten(2)  # [B, 128, N]
         scores = self.score(feature_map).flatten(2)  # [B, 64, N]
-        token = torch.cat([self.token_features(one) for one in class_token.split(1)])  # [B, 256], per image (see the docstring)
+        token = per_image(self.token_features, class_token)  # [B, 256], per image (see the docstring)
         assignment = log_optimal_transport(scores, 1 - mask_guide, SINKHORN_ITERATIONS).exp()[:, :-1]
         selection_score = clip_top_values(assignment.mean(dim=1)).softmax(dim=-1)
         clusters = F.normalize(local @ assignment.transpose(1, 2), p=2, dim=1)  # [B, 128, 64]

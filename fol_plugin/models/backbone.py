@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ViTConfig
 from ..options import PATCH_SIZE
+from .batching import per_image
 
 POS_INTERPOLATE_OFFSET = 0.1  # DINOv2's offset for the bicubic position-embedding resize
 LAYER_NORM_EPS = 1e-6
@@ -213,7 +214,7 @@ class DINOv2Backbone(nn.Module):
             x = block(x)
         last = vit.blocks[-1]
         # One image at a time, like the class token's layers: a batched [1, T] product rounds with the batch size.
-        region_cue = torch.cat([last.attn.class_attention(one) for one in last.norm1(x).split(1)])[:, :, 1:].sum(dim=1)
+        region_cue = per_image(last.attn.class_attention, last.norm1(x))[:, :, 1:].sum(dim=1)
         x = vit.norm(last(x))
         feature_map = x[:, 1:].reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return BackboneOutput(feature_map=feature_map, class_token=x[:, 0], region_cue=region_cue)

@@ -181,12 +181,32 @@ class FoLModel(nn.Module):
             images: [B, 3, H, W] ImageNet-normalised, H and W multiples of 14, more than 64 patches.
         """
         tokens, aggregated = self.encode(images)
-        _, _, h, w = tokens.feature_map.shape
-        patch_mask = select_patches(aggregated.selection_score, h, w)
-        descriptors, keypoints = gather_selected(self.dense_local_map(tokens.feature_map), patch_mask)
-        return FoLFeatures(
-            global_descriptors=aggregated.global_descriptor.float(),
-            local_descriptors=[d.float() for d in descriptors],
-            keypoints=keypoints,
-            region_scores=aggregated.selection_score.view(-1, h, w),
+        return select_features(
+            aggregated.global_descriptor, aggregated.selection_score, self.dense_local_map(tokens.feature_map)
         )
+
+    def exportable(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`extract` computes before its selection, as plain tensors (the ONNX graph's
+        outputs, :mod:`fol_plugin.export`): global descriptors [B, 8448] float32, selection scores
+        [B, h*w], the dense local map [B, 128, 4h - 3, 4w - 3]."""
+        tokens, aggregated = self.encode(images)
+        return aggregated.global_descriptor.float(), aggregated.selection_score, self.dense_local_map(tokens.feature_map)
+
+
+def select_features(global_descriptors: torch.Tensor, selection_scores: torch.Tensor, dense: torch.Tensor) -> FoLFeatures:
+    """FoL's test-time selection: the 225 best-scored patches' cells of the dense local map.
+
+    Args:
+        global_descriptors: [B, 8448].
+        selection_scores: [B, h*w].
+        dense: [B, 128, 4h - 3, 4w - 3] dense local map (not normalised).
+    """
+    h, w = ((size + 3) // 4 for size in dense.shape[-2:])  # the local grid is 4h - 3 cells high
+    patch_mask = select_patches(selection_scores, h, w)
+    descriptors, keypoints = gather_selected(dense, patch_mask)
+    return FoLFeatures(
+        global_descriptors=global_descriptors.float(),
+        local_descriptors=[d.float() for d in descriptors],
+        keypoints=keypoints,
+        region_scores=selection_scores.view(-1, h, w),
+    )
