@@ -160,5 +160,5 @@ def _checked_row(row: dict, path: Path, line: int, fix: str) -> dict:
 
 def _whole(row: dict, column: str, path: Path, line: int, fix: str) -> int:
     text = row.get(column)
-    _expect(text is not None and text.isdigit(), path, f"row {line}: {column} {text!r} is not a whole number", fix)
+    _expect(text is not None and text.isascii() and text.isdigit(), path, f"row {line}: {column} {text!r} is not a whole number", fix)
     return int(text)
