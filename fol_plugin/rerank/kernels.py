@@ -101,6 +101,10 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+# Functions of the keys' kind (int16 for bf16, int32 for float32), for the kernels only: numba
+# compiles each from its overload below, by the dtype of ``keys``; they have no Python body.
+
+
 def _lowest_key(keys: np.ndarray):
     """A key at or below every key of ``keys``' kind."""
 
