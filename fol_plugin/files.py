@@ -43,8 +43,10 @@ class UnsafeTargetError(UserError, ValueError):
     """An output's path is a symbolic link or not a regular file: never written through."""
 
 
+# Flags of every file fol-plugin writes: never through a link, never inherited by a child process.
+NO_FOLLOW_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # Flags of a fresh temporary file: created here and now, never an existing file or a link.
-FRESH_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+FRESH_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW_FLAGS
 
 
 def disk_full_message(where: os.PathLike | str, needed_bytes: float, advice: str) -> str:
@@ -133,7 +135,7 @@ def open_in_place(path: os.PathLike | str, flags: int) -> int:
     """
     check_target(Path(path))
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+        return os.open(path, flags | NO_FOLLOW_FLAGS, 0o666)
     except OSError as error:
         if error.errno == errno.ELOOP:  # a link planted since the check
             check_target(Path(path))

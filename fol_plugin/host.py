@@ -130,7 +130,9 @@ def _capped_kind(kind: str, environ: dict[str, str]) -> str:
     return kind
 
 
+@functools.lru_cache(maxsize=None)
 def _read_cpuinfo() -> tuple[str, tuple[str, ...]] | None:
+    """(model, relevant flags) of /proc/cpuinfo, read once per process (the engine asks per call)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

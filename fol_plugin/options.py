@@ -44,11 +44,15 @@ TRAIN_CITIES = (
 IMAGES_PER_PLACE = 4  # K images of each training place, as GSV-Cities
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity on Linux, the machine's elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """DataLoader workers that fit this machine: one per usable core, at most 4 (more than the
     cores makes torch warn, and decoding is rarely the bottleneck)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(MAX_DEFAULT_WORKERS, cores)
+    return min(MAX_DEFAULT_WORKERS, usable_cores())

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data.images import describe_image_size
 from ..evaluation.confidence import ap_text, stage_ap
 from ..evaluation.config import RECALLS_FILE
-from ..evaluation.records import check_recalls, damaged
+from ..evaluation.records import check_benchmark_record, check_recalls
 from ..files import read_json, write_csv, write_json, write_text
 from ..text import latex_text, markdown_text
 from .published import PUBLISHED, PUBLISHED_RECALL_VALUES, SOURCE, published_recalls
@@ -83,33 +83,14 @@ def read_record(output_dir: str | os.PathLike) -> dict | None:
     """``<output_dir>/benchmark.json``, or None when there is none.
 
     Raises:
-        DamagedFileError: it cannot be read, naming it and what to do.
+        DamagedFileError: it cannot be read as JSON, naming it and what to do.
+        DamagedRecordError: it lacks or mistypes what the tables read (:mod:`fol_plugin.evaluation.records`).
     """
     path = Path(output_dir) / BENCHMARK_FILE
     if not path.is_file():
         return None
     fix = "delete it and rerun the fol-vpr benchmark command (its datasets then run again)"
-    record = read_json(path, fix)
-    datasets = record.get("datasets") if isinstance(record, dict) else None
-    if not isinstance(datasets, dict) or not all(isinstance(entry, dict) for entry in datasets.values()):
-        raise damaged(path, "has no record of its datasets", fix)
-    if not isinstance(record.get("config", {}), dict):
-        raise damaged(path, "config is not a record", fix)
-    order = record.get("order", list(datasets))
-    if not isinstance(order, list) or any(name not in datasets for name in order):
-        raise damaged(path, "order names datasets it has no record of", fix)
-    for name, entry in datasets.items():
-        counts, sets = entry.get("counts", {}), entry.get("query_sets", {})
-        if not (isinstance(counts, dict) and all(isinstance(v, int) and v >= 0 for v in counts.values())):
-            raise damaged(path, f"datasets.{name}.counts is not a record of counts", fix)
-        if not (isinstance(sets, dict) and all(isinstance(v, str) for v in sets.values())):
-            raise damaged(path, f"datasets.{name}.query_sets is not a record of query set names", fix)
-        if not isinstance(entry.get("published_as", {}), dict):
-            raise damaged(path, f"datasets.{name}.published_as is not a record of names", fix)
-        for field in ("peak_memory_mb", "peak_gpu_memory_mb"):
-            if not (entry.get(field) is None or isinstance(entry[field], (int, float))):
-                raise damaged(path, f"datasets.{name}.{field} is {entry[field]!r}, not a number", fix)
-    return record
+    return check_benchmark_record(read_json(path, fix), path, fix)
 
 
 def build_rows(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:

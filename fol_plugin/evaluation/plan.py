@@ -10,7 +10,6 @@ projected.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ..data.images import describe_image_size
 from ..features.extract import extraction_autocast, extraction_precision, image_batches
 from ..host import detect_host, screen_product
 from ..models import GLOBAL_DIM, FoLModel
+from ..options import usable_cores
 from ..rerank.engine import mutual_match_scores
 from ..retrieval import exact_search
 from .config import EvalConfig, num_predictions, prepare
@@ -90,11 +90,7 @@ def feedable_processes(device: str, processes: int) -> int:
     the speed of one)."""
     if torch.device(device).type != "cpu":
         return processes
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(processes, cores // max(torch.get_num_threads(), 1)))
+    return max(1, min(processes, usable_cores() // max(torch.get_num_threads(), 1)))
 
 
 def _synchronize(device: str) -> None:
@@ -129,11 +125,12 @@ def project(
         "candidates' local features (at most)": 0.0 if single_pass else candidates * costs.image,
         "re-ranking": reranked * top_k * costs.pair if config.rerank_topk else 0.0,
     }
-    seconds = {stage: value / feedable_processes(config.extraction.device, processes) for stage, value in seconds.items()}
+    feedable = feedable_processes(config.extraction.device, processes)
+    seconds = {stage: value / feedable for stage, value in seconds.items()}
     resources = project_resources(config, num_database, num_queries, candidates, global_retrieval)
     return {
         "processes": processes,
-        "feedable_processes": feedable_processes(config.extraction.device, processes),
+        "feedable_processes": feedable,
         "top_k": top_k,
         "seconds": seconds,
         "total_seconds": sum(seconds.values()),

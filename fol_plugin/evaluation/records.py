@@ -1,6 +1,6 @@
-"""A finished run's records read back, checked: ``recalls.json``, ``confidence.json`` and
-``predictions.csv`` as the report and the benchmark tables read them, from a folder that may have
-been cut short, edited or sent by someone else.
+"""A finished run's records read back, checked: ``recalls.json``, ``confidence.json``,
+``predictions.csv`` and a benchmark's ``benchmark.json`` as the report and the benchmark tables
+read them, from a folder that may have been cut short, edited or sent by someone else.
 
 Each check raises :class:`DamagedRecordError`, one line naming the file, what is wrong in it and
 what to do (rerun the command that made it), never a traceback from deep inside the report.
@@ -91,6 +91,30 @@ def check_recalls(summary: Any, path: Path, fix: str, counts: bool = True) -> di
             path, f"{where}.rerank_selection does not list the queries re-ranked", fix,
         )  # fmt: skip
     return summary
+
+
+def check_benchmark_record(record: Any, path: Path, fix: str) -> dict:
+    """``benchmark.json`` as the tables and the report read it -> the same record: its datasets'
+    entries (counts, query set names, published names, peak memory) and their order."""
+    datasets = record.get("datasets") if isinstance(record, dict) else None
+    _expect(isinstance(datasets, dict) and all(isinstance(entry, dict) for entry in datasets.values()), path,
+            "has no record of its datasets", fix)  # fmt: skip
+    _expect(isinstance(record.get("config", {}), dict), path, "config is not a record", fix)
+    order = record.get("order", list(datasets))
+    _expect(isinstance(order, list) and all(name in datasets for name in order), path,
+            "order names datasets it has no record of", fix)  # fmt: skip
+    for name, entry in datasets.items():
+        where = f"datasets.{name}"
+        counts, sets = entry.get("counts", {}), entry.get("query_sets", {})
+        _expect(isinstance(counts, dict) and all(isinstance(v, int) and v >= 0 for v in counts.values()), path,
+                f"{where}.counts is not a record of counts", fix)  # fmt: skip
+        _expect(isinstance(sets, dict) and all(isinstance(v, str) for v in sets.values()), path,
+                f"{where}.query_sets is not a record of query set names", fix)  # fmt: skip
+        _expect(isinstance(entry.get("published_as", {}), dict), path, f"{where}.published_as is not a record of names", fix)
+        for field in ("peak_memory_mb", "peak_gpu_memory_mb"):
+            value = entry.get(field)
+            _expect(value is None or isinstance(value, (int, float)), path, f"{where}.{field} is {value!r}, not a number", fix)
+    return record
 
 
 def check_confidence_points(points: Any, path: Path, fix: str) -> dict:

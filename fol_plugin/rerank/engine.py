@@ -117,6 +117,12 @@ KEY_VALUES = _key_values()
 NO_KEY_VALUES = np.empty(0)  # float32 keys carry their values in their bits
 
 
+def _as_rows_and_columns(product: str, query: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the product's rows, its columns): the candidate's cells as rows where
+    :data:`CANDIDATE_ROWS` says so, else the query's."""
+    return (candidate, query) if CANDIDATE_ROWS[product] else (query, candidate)
+
+
 def _panels(rows: int, product: str) -> list[tuple[int, int]]:
     """[start, stop) row panels of a product of ``rows`` rows (:data:`PANEL_ROWS`)."""
     step = PANEL_ROWS[product] or max(rows, 1)
@@ -212,11 +218,10 @@ def mutual_match_scores(
         eps, delta = _bounds(query_stats, candidate_stats, query.shape[1], product)
         if threshold <= KEY_THRESHOLD_MARGIN * eps:  # the keys order positive values only
             return len(mutual_matches(query, candidate, threshold)[0])
-        similarity = buffer[: len(query) * len(candidate)].view(len(candidate), len(query))
-        if CANDIDATE_ROWS[product]:
-            return _count_exact(similarity, candidate_screen, query_screen, product, candidate, query, threshold, eps, delta)
-        similarity = similarity.view(len(query), len(candidate))
-        return _count_exact(similarity, query_screen, candidate_screen, product, query, candidate, threshold, eps, delta)
+        rows, columns = _as_rows_and_columns(product, query, candidate)
+        screens = _as_rows_and_columns(product, query_screen, candidate_screen)
+        similarity = buffer[: len(rows) * len(columns)].view(len(rows), len(columns))
+        return _count_exact(similarity, *screens, product, rows, columns, threshold, eps, delta)
 
     return torch.tensor(_on_workers(score, len(query), candidates, SCREEN_DTYPES[product]), dtype=torch.float32)
 
@@ -233,7 +238,7 @@ def screen_products(query: torch.Tensor, candidates: Sequence[torch.Tensor]) -> 
     product = next(name for name, dtype in SCREEN_DTYPES.items() if dtype == query.dtype)
 
     def multiply(index: int, buffer: torch.Tensor) -> int:
-        rows, columns = (candidates[index], query) if CANDIDATE_ROWS[product] else (query, candidates[index])
+        rows, columns = _as_rows_and_columns(product, query, candidates[index])
         similarity = buffer[: len(rows) * len(columns)].view(len(rows), len(columns))
         for start, stop in _panels(len(rows), product):
             _screen_into(similarity, rows, columns, start, stop)
@@ -263,6 +268,7 @@ def _on_workers(
     free_buffers: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
     for _ in range(workers):
         free_buffers.put(torch.empty(query_cells * largest, dtype=dtype))
+
     def run(index: int) -> int:
         buffer = free_buffers.get()
         try:
