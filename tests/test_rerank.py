@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from fol_plugin import mutual_match_scores
 from fol_plugin.rerank import batched_match_scores, mutual_matches, reference_match_scores
-from fol_plugin.rerank import kernels
 from fol_plugin.host import PRODUCT_ENV, SCREEN_PRODUCTS
+from fol_plugin.rerank import kernels, keys
 from fol_plugin.rerank.engine import bf16_error_bound
+from fol_plugin.rerank.keys import KEY_VALUES
 
 
 @pytest.fixture(autouse=True, params=SCREEN_PRODUCTS)
@@ -207,29 +208,27 @@ def test_key_below_is_the_table_search():
     through the key table, at every bf16 value, next to each and at the special values."""
     from numba import njit
 
-    from fol_plugin.rerank.engine import KEY_VALUES
-
-    key_below = njit(lambda x: kernels._bf16_key_below(KEY_VALUES, x))
+    key_below = njit(lambda x: keys._bf16_key_below(KEY_VALUES, x))
     finite = KEY_VALUES[np.isfinite(KEY_VALUES)]
     values = np.concatenate([
         np.random.default_rng(0).uniform(-2, 3, 20000), finite, np.nextafter(finite, np.inf), np.nextafter(finite, -np.inf),
         [0.0, -0.0, 1e-40, 2.0**-126, 3.4e38, 1e39, np.inf, -np.inf, np.nan],
     ])  # fmt: skip
     found = np.array([key_below(x) for x in values])
-    assert (found == np.searchsorted(KEY_VALUES, values) - 1 - kernels.KEY_OFFSET).all()
+    assert (found == np.searchsorted(KEY_VALUES, values) - 1 - keys.KEY_OFFSET).all()
 
 
 def test_float32_key_below_is_the_bits_of_the_float32_just_below():
     """For a float32 screen: the key found for x is a float32 below x whose successor is not."""
     from numba import njit
 
-    key_below = njit(lambda x: kernels._float32_key_below(x))
+    key_below = njit(lambda x: keys._float32_key_below(x))
     rng = np.random.default_rng(0)
     samples = rng.uniform(0, 2, 20000)
     floats = rng.uniform(0, 2, 2000).astype(np.float32).astype(np.float64)  # exactly representable
     values = np.concatenate([samples, floats, np.nextafter(floats, np.inf), [1e-46, 2.0**-149, 1.0, 3.5e38, np.inf]])
-    keys = np.array([key_below(x) for x in values], dtype=np.int32)
-    below, successor = keys.view(np.float32).astype(np.float64), (keys + 1).view(np.float32).astype(np.float64)
+    found = np.array([key_below(x) for x in values], dtype=np.int32)
+    below, successor = found.view(np.float32).astype(np.float64), (found + 1).view(np.float32).astype(np.float64)
     assert (below < values).all() and (successor >= values).all()
     assert [key_below(x) for x in (0.0, -0.5, -np.inf)] == [-1, -1, -1]  # every negative key is -inf
 
@@ -249,7 +248,7 @@ def test_the_mutual_check_collects_exactly_the_columns_a_block_reaches():
     one: a screen reached only at equality, one reached strictly, one not at all, and the rest
     past the last whole screen; then random cases of several widths against NumPy."""
     block_max = np.zeros(200, np.int16)
-    thresholds = np.full(200, kernels.NO_THRESHOLD, np.int32)
+    thresholds = np.full(200, keys.NO_THRESHOLD, np.int32)
     thresholds[[5, 70, 199]] = [0, -1, 0]
     reached = np.empty(200, np.int64)
     count = kernels._collect_reached(block_max, thresholds, reached)
@@ -258,6 +257,6 @@ def test_the_mutual_check_collects_exactly_the_columns_a_block_reaches():
     for m in (1, 63, 64, 65, 200):
         block_max = rng.integers(-(2**15), 2**15, m).astype(np.int16)
         thresholds = rng.integers(-(2**15), 2**15, m).astype(np.int32)
-        thresholds[rng.random(m) < 0.3] = kernels.NO_THRESHOLD
+        thresholds[rng.random(m) < 0.3] = keys.NO_THRESHOLD
         count = kernels._collect_reached(block_max, thresholds, reached)
         assert reached[:count].tolist() == np.flatnonzero(block_max >= thresholds).tolist()

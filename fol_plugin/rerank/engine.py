@@ -24,6 +24,7 @@ import torch
 
 from ..host import SCREEN_PRODUCTS, HostSettingError, screen_product
 from . import kernels
+from .keys import KEY_VALUES, NO_KEY_VALUES, screen_keys
 from .mutual import MATCH_THRESHOLD, as_descriptors, batched_match_scores, check_descriptors, mutual_matches
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
@@ -36,7 +37,6 @@ KEY_THRESHOLD_MARGIN = 3.0
 
 
 SCREEN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float32: torch.int32}  # a screen value's bits read as keys
 # Rows per panel of the screen product (None: the whole product at once). MKL's float32 product
 # in panels of 64-128 rows runs 26% faster than the whole [3400, 3400] product (36-37 against
 # 50 ms on one thread, AVX2 and AVX-512 alike; 64 rows 8% faster than 128 on two workers), and each
@@ -93,28 +93,6 @@ def bf16_error_bound(query: torch.Tensor, candidate: torch.Tensor) -> float:
     return _bounds(_rounding_stats(query.float()), _rounding_stats(candidate.float()), query.shape[1])[0]
 
 
-def screen_keys(similarity: torch.Tensor) -> np.ndarray:
-    """A screen product's bit patterns read as integers (int16 for bf16, int32 for float32):
-    the order keys of :mod:`.kernels`."""
-    return similarity.view(KEY_DTYPES[similarity.dtype]).numpy()
-
-
-POSITIVE_INFINITY_KEY = 0x7F80
-
-
-def _key_values() -> np.ndarray:
-    """Float value of every bf16 key [65536] (key k at k + KEY_OFFSET), non-decreasing: every
-    negative key takes -inf (only positive thresholds are compared) and the NaN patterns +inf."""
-    keys = np.arange(-kernels.KEY_OFFSET, kernels.KEY_OFFSET, dtype=np.int32)
-    values = np.full(len(keys), -np.inf)
-    positive = (keys >= 0) & (keys <= POSITIVE_INFINITY_KEY)
-    values[positive] = (keys[positive].astype(np.uint32) << 16).view(np.float32)
-    values[keys > POSITIVE_INFINITY_KEY] = np.inf
-    return values
-
-
-KEY_VALUES = _key_values()
-NO_KEY_VALUES = np.empty(0)  # float32 keys carry their values in their bits
 
 
 def _as_rows_and_columns(product: str, query: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,8 @@
 """numba scans over a screening similarity matrix, for the fast exact matcher (:mod:`.engine`).
 
 The matrix ``S~ = Q~ D~^T`` [n, m] arrives as its raw bit patterns read as integers, the keys the
-scans compare: int16 for a bf16 product, int32 for a float32 one (:func:`.engine.screen_keys`).
-Among non-negative values the key order is the float order, and every negative value has a
-negative key, below them all (though negative keys are not in float order). The scans only
-decide on positive thresholds, so the keys serve as they are. Thresholds are keys too;
-:func:`_no_threshold` is above every key, :func:`_lowest_key` at or below every key. A bf16 key's
-value is read from a table (``key_values``); a float32 key's from its bits (the table is unused).
+scans compare (int16 for a bf16 product, int32 for a float32 one): :mod:`.keys` says why they
+order as the values do, and gives the thresholds and values of each kind.
 
 One full pass (:func:`exact_row_best`) records the maxima of rows, columns and blocks of cells;
 the later scans read only the blocks whose maximum reaches their threshold. Exact similarities
@@ -16,22 +12,19 @@ scans release the GIL, so callers can run several in threads.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numba
+import xxhash
 import numpy as np
 from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..cache.fingerprint import user_cache_dir
+from .keys import key_below, key_value, lowest_key, no_threshold
 
-KEY_MIN = -(1 << 15)  # bf16 keys (int16)
-NO_THRESHOLD = 1 << 16  # above every bf16 key (an int32 threshold)
-FLOAT32_KEY_MIN = -(1 << 31)  # float32 keys (int32)
-FLOAT32_NO_THRESHOLD = 1 << 32  # above every float32 key (an int64 threshold)
-KEY_OFFSET = 1 << 15  # key k has its float value at key_values[k + KEY_OFFSET]
 ROW_BLOCK_CELLS = 64  # cells of a row per recorded block maximum
 COLUMN_BLOCK_ROWS = 16  # rows of a column per recorded block maximum
 SUB_BLOCK_CELLS = 16  # cells of a row block whose maximum is taken before testing them one by one
@@ -43,14 +36,28 @@ DOT_FASTMATH = {"reassoc", "contract"}
 GEMM_FASTMATH = {"contract"}
 
 
+def _sources_digest() -> str:
+    """xxh3 of the sources the cached kernels are compiled from: this module and :mod:`.keys`,
+    whose inlined functions numba's own cache check (this file's time stamp) does not see."""
+    digest = xxhash.xxh3_64()
+    here = Path(__file__)
+    for source in (here, here.with_name("keys.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+SOURCES_DIGEST = _sources_digest()
+
+
 def _cached_njit(**options) -> Callable:
-    """``numba.njit(cache=True)``, its compiled cache in ``<user cache>/numba`` instead of beside
-    the installed package (a ``NUMBA_CACHE_DIR`` of the user's own still wins). numba picks the
-    cache folder when it decorates, so the setting is changed for that moment only."""
+    """``numba.njit(cache=True)``, its compiled cache in ``<user cache>/numba/<sources digest>``
+    instead of beside the installed package (a ``NUMBA_CACHE_DIR`` of the user's own still wins),
+    so that a change of either source compiles afresh. numba picks the cache folder when it
+    decorates, so the setting is changed for that moment only."""
 
     def decorate(function: Callable) -> Callable:
         previous = numba.config.CACHE_DIR
-        numba.config.CACHE_DIR = previous or str(user_cache_dir() / "numba")
+        numba.config.CACHE_DIR = previous or str(user_cache_dir() / "numba" / SOURCES_DIGEST)
         try:
             return numba.njit(cache=True, **options)(function)
         finally:
@@ -81,78 +88,6 @@ def _prefetch(typingctx, array, row, column):
     return numba.types.void(array, row, column), codegen
 
 
-@intrinsic
-def _float32_bits(typingctx, value):
-    """The bits of a float32 read as an int32 (LLVM's bitcast)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bits are the int32 ``bits`` (LLVM's bitcast)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-# Functions of the keys' kind (int16 for bf16, int32 for float32), for the kernels only: numba
-# compiles each from its overload below, by the dtype of ``keys``; they have no Python body.
-
-
-def _lowest_key(keys: np.ndarray):
-    """A key at or below every key of ``keys``' kind."""
-
-
-def _no_threshold(keys: np.ndarray):
-    """A threshold above every key of ``keys``' kind."""
-
-
-def _key_value(keys: np.ndarray, key_values: np.ndarray, key):
-    """The float value of ``key`` (-inf for every negative key), as float64."""
-
-
-def _key_below(keys: np.ndarray, key_values: np.ndarray, x: float):
-    """The largest key of ``keys``' kind whose value is below ``x``."""
-
-
-def _is_bf16(keys) -> bool:
-    return keys.dtype == types.int16
-
-
-@overload(_lowest_key, inline="always")
-def _lowest_key_kind(keys):
-    if _is_bf16(keys):
-        return lambda keys: np.int16(KEY_MIN)
-    return lambda keys: np.int32(FLOAT32_KEY_MIN)
-
-
-@overload(_no_threshold, inline="always")
-def _no_threshold_kind(keys):
-    if _is_bf16(keys):
-        return lambda keys: np.int32(NO_THRESHOLD)
-    return lambda keys: np.int64(FLOAT32_NO_THRESHOLD)
-
-
-@overload(_key_value, inline="always")
-def _key_value_kind(keys, key_values, key):
-    if _is_bf16(keys):
-        return lambda keys, key_values, key: key_values[key + KEY_OFFSET]
-    return lambda keys, key_values, key: np.float64(_float32_from_bits(np.int32(key))) if key >= 0 else -np.inf
-
-
-@overload(_key_below, inline="always")
-def _key_below_kind(keys, key_values, x):
-    if _is_bf16(keys):
-        return lambda keys, key_values, x: _bf16_key_below(key_values, x)
-    return lambda keys, key_values, x: _float32_key_below(x)
-
-
 @numba.njit(inline="always")
 def _dot(query: np.ndarray, j: int, candidate: np.ndarray, i: int) -> float:
     """query[j] . candidate[i], float32 products accumulated in float64."""
@@ -169,10 +104,10 @@ def _scan_row(row: np.ndarray, row_block_max: np.ndarray, column_block_max_row: 
     the row's keys."""
     m = row.shape[0]
     full_blocks = m // ROW_BLOCK_CELLS
-    best = _lowest_key(row)
+    best = lowest_key(row)
     for c in range(row_block_max.shape[0]):
         start = c * ROW_BLOCK_CELLS
-        block_best = _lowest_key(row)
+        block_best = lowest_key(row)
         if c < full_blocks:  # a fixed trip count vectorises
             for t in range(ROW_BLOCK_CELLS):
                 k = row[start + t]
@@ -207,7 +142,7 @@ def _collect_reaching(row: np.ndarray, start: int, stop: int, floor: int, cells:
     by their maximum first; cells are kept by counting them, with no branch to mispredict."""
     if stop - start == ROW_BLOCK_CELLS:
         for sub in range(start, stop, SUB_BLOCK_CELLS):
-            sub_best = _lowest_key(row)
+            sub_best = lowest_key(row)
             for t in range(SUB_BLOCK_CELLS):  # a fixed trip count vectorises
                 sub_best = max(sub_best, row[sub + t])
             if sub_best >= floor:
@@ -220,40 +155,6 @@ def _collect_reaching(row: np.ndarray, start: int, stop: int, floor: int, cells:
             count += row[i] >= floor
     return count
 
-
-BF16_MANTISSA_STEPS = 128  # 7 stored mantissa bits
-BF16_EXPONENT_BIAS = 127
-SMALLEST_NORMAL = 2.0**-126
-
-
-@numba.njit(inline="always")
-def _bf16_key_below(key_values: np.ndarray, x: float) -> int:
-    """The largest bf16 key whose value is below ``x``: ``searchsorted(key_values, x) - 1 - KEY_OFFSET``,
-    from ``x``'s own exponent and mantissa and a step or two along the table (no binary search
-    through its 512 KB)."""
-    if not SMALLEST_NORMAL <= x < np.inf:  # zero, negative, subnormal, infinite or NaN: the plain search
-        return np.searchsorted(key_values, x) - 1 - KEY_OFFSET
-    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-    key = min(
-        (exponent - 1 + BF16_EXPONENT_BIAS) * BF16_MANTISSA_STEPS + int((2 * mantissa - 1) * BF16_MANTISSA_STEPS),
-        KEY_OFFSET - 2,
-    )
-    while key >= -KEY_OFFSET and key_values[key + KEY_OFFSET] >= x:
-        key -= 1
-    while key_values[key + 1 + KEY_OFFSET] < x:
-        key += 1
-    return key
-
-
-@numba.njit(inline="always")
-def _float32_key_below(x: float) -> int:
-    """The largest float32 key whose value is below ``x``: the bits of the float32 just below it."""
-    if not x > 0:  # every negative key has the value -inf; key 0 is +0.0
-        return -1
-    nearest = np.float32(x)
-    if np.float64(nearest) >= x:
-        nearest = np.nextafter(nearest, np.float32(-np.inf))
-    return _float32_bits(nearest)
 
 
 @_cached_njit(nogil=True, fastmath=GEMM_FASTMATH)
@@ -314,12 +215,12 @@ def exact_row_best(
     for j in range(first_row, last_row):
         row = keys[j]
         best = _scan_row(row, row_block_max, column_block_max[j // COLUMN_BLOCK_ROWS])
-        if _key_value(keys, key_values, best) <= threshold - eps - delta:
+        if key_value(keys, key_values, best) <= threshold - eps - delta:
             continue
         first = _first_reaching(row, row_block_max, best)
         first_exact = _dot(query, j, candidate, first)
         # Any key at or below the window's lower end keeps every cell of the window.
-        window = _key_below(keys, key_values, first_exact - eps - 2 * delta)
+        window = key_below(keys, key_values, first_exact - eps - 2 * delta)
         count = 0
         for c in range(num_blocks):
             if row_block_max[c] >= window:
@@ -464,11 +365,11 @@ def count_unbeaten_anchors(
         value = _pair_gemm(gemms[t], query, j, candidate, i)
         if value > anchor_gemm[i]:
             anchor_row[i], anchor_exact[i], anchor_gemm[i] = j, exacts[t], value
-    col_threshold = np.full(m, _no_threshold(keys))
+    col_threshold = np.full(m, no_threshold(keys))
     claimed = 0
     for i in range(m):
         if anchor_row[i] >= 0:
-            col_threshold[i] = _key_below(keys, key_values, anchor_exact[i] - eps - 2 * delta)
+            col_threshold[i] = key_below(keys, key_values, anchor_exact[i] - eps - 2 * delta)
             claimed += 1
     beaten = 0
     reached = np.empty(m, np.int64)
@@ -503,7 +404,7 @@ def count_unbeaten_anchors(
                     value = gemm_value(query, j, candidate, i)
                     if not (value > anchor_gemm[i] or (value == anchor_gemm[i] and j < anchor)):
                         continue
-                col_threshold[i] = _no_threshold(keys)  # beaten: no row can unbeat it
+                col_threshold[i] = no_threshold(keys)  # beaten: no row can unbeat it
                 beaten += 1
                 break
     return claimed - beaten
